@@ -1,0 +1,6 @@
+"""bi_torch: batch-invariant RMSNorm for PyTorch, a Triton kernel bitwise equal to bridge.reference."""
+
+from .module import RMSNorm
+from .ops import dtype_name, fused_add_rms_norm_, rms_norm, rms_norm_batch_invariant, torch_dtype
+
+__all__ = ["RMSNorm", "dtype_name", "fused_add_rms_norm_", "rms_norm", "rms_norm_batch_invariant", "torch_dtype"]

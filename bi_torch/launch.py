@@ -1,0 +1,92 @@
+"""Launching the Triton kernel: the compiled and interpreted copies, and the launch configuration.
+
+The configuration (rows per program, chunk size, warps) depends only on n and the number of
+rows; a row's bits never depend on it (NUMERICS.md, "batch invariance").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+from bridge.contract import eps_as_float32, next_power_of_two
+
+from . import triton_kernel
+
+# Rows up to this many elements (a power of two) are held in registers whole; longer rows are
+# summed in chunks of MAX_CHUNK and read twice.
+MAX_WHOLE_ROW = 16384
+MAX_CHUNK = 8192
+# Aim for about this many elements per program when rows are short.
+TARGET_BLOCK = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    rows: int
+    chunk: int
+    num_chunks: int
+    num_warps: int
+
+
+def launch_config(n: int, n_rows: int) -> LaunchConfig:
+    width = next_power_of_two(n)
+    if width > MAX_WHOLE_ROW:
+        return LaunchConfig(1, MAX_CHUNK, width // MAX_CHUNK, 16)
+    rows = max(1, min(16, TARGET_BLOCK // width, next_power_of_two(max(n_rows, 1))))
+    return LaunchConfig(rows, width, 1, max(1, min(16, rows * width // 512)))
+
+
+@functools.lru_cache(maxsize=None)
+def interpreted_kernels() -> ModuleType:
+    """triton_kernel.py loaded a second time with the Triton interpreter on, for CPU tensors."""
+    spec = importlib.util.spec_from_file_location("bi_torch._triton_kernel_interpreted", triton_kernel.__file__)
+    module = importlib.util.module_from_spec(spec)
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    return module
+
+
+def launch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None,
+    new_residual: torch.Tensor | None,
+    mode: str,
+    weight_offset: float,
+) -> None:
+    """Run the kernel on 2-D row views (last dimension contiguous). Inputs already validated."""
+    n_rows, n = x.shape
+    if n_rows == 0:
+        return
+    cfg = launch_config(n, n_rows)
+    kernels = triton_kernel if x.is_cuda else interpreted_kernels()
+    res = residual if residual is not None else x
+    new_res = new_residual if new_residual is not None else out
+    grid = (triton_cdiv(n_rows, cfg.rows),)
+    kernels.rms_norm_kernel[grid](
+        x, x.stride(0), res, res.stride(0), weight, out, out.stride(0), new_res, new_res.stride(0),
+        n_rows, n, float(n), eps_as_float32(eps), eps_as_float32(weight_offset),
+        HAS_RESIDUAL=residual is not None, HAS_OFFSET=weight_offset != 0, LLAMA=mode == "llama",
+        ROWS=cfg.rows, CHUNK=cfg.chunk, LOG2_CHUNK=cfg.chunk.bit_length() - 1,
+        NUM_CHUNKS=cfg.num_chunks, LOG2_NUM_CHUNKS=cfg.num_chunks.bit_length() - 1,
+        num_warps=cfg.num_warps, enable_fp_fusion=False,
+    )
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

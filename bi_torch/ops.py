@@ -1,0 +1,166 @@
+"""bi_torch's public functions: validation, then one `torch.library` custom op per variant.
+
+The custom ops give torch.compile(fullgraph=True) an opaque node with a fake implementation
+(no graph breaks) and keep CUDA-graph capture free of host synchronisation: validation reads
+only shapes, dtypes, strides and devices.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from bridge.contract import check_rms_norm_args
+
+from .launch import launch
+
+_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The contract's name for a torch dtype, else torch's own name (which the contract rejects)."""
+    return _NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {v: k for k, v in _NAMES.items()}[name]
+
+
+def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
+    """A (rows, n) view sharing t's memory: the last dimension contiguous, one stride between rows."""
+    n = t.shape[-1]
+    if t.dim() and n > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: the last dimension must be contiguous (stride 1); got strides {tuple(t.stride())}."
+                         f" Pass {name}.contiguous() to copy it.")
+    try:
+        return t.view(-1, n)
+    except RuntimeError:
+        raise ValueError(f"{name}: its rows cannot be addressed with a single row stride (shape {tuple(t.shape)},"
+                         f" strides {tuple(t.stride())}); pass {name}.contiguous() to copy it.") from None
+
+
+def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor], mode: str,
+              weight_offset: float, inplace: bool) -> None:
+    for name, t in (("x", x), ("weight", weight), ("residual", residual)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor; got {type(t).__name__}")
+    check_rms_norm_args(
+        x_shape=tuple(x.shape), x_dtype=dtype_name(x.dtype), weight_shape=tuple(weight.shape),
+        weight_dtype=dtype_name(weight.dtype), eps=eps,
+        residual_shape=None if residual is None else tuple(residual.shape),
+        residual_dtype=None if residual is None else dtype_name(residual.dtype),
+        mode=mode, weight_offset=weight_offset)
+    if x.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"x: expected a CUDA tensor (or a CPU tensor, run by the Triton interpreter); got {x.device}")
+    for name, t in (("weight", weight), ("residual", residual)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on {x.device} (x's device); got {t.device}")
+    if weight.dim() == 1 and weight.shape[0] > 1 and weight.stride(0) != 1:
+        raise ValueError(f"weight: must be contiguous; got stride {weight.stride(0)}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual)):
+        raise RuntimeError("bi_torch RMSNorm has no autograd support yet: a tensor requires grad. Run it under "
+                           "torch.no_grad() or torch.inference_mode(), or detach the inputs explicitly.")
+    if inplace and residual is not None:
+        if x.data_ptr() == residual.data_ptr() and x.numel():
+            raise ValueError("residual: must not share memory with x in the in-place call")
+    _rows(x, "x")
+    if residual is not None:
+        _rows(residual, "residual")
+
+
+@torch.library.custom_op("bi_norm::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, mode: str, weight_offset: float) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    launch(_rows(x, "x"), weight, out.view(-1, x.shape[-1]), eps, None, None, mode, weight_offset)
+    return out
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps, mode, weight_offset):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("bi_norm::add_rms_norm", mutates_args=())
+def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, mode: str,
+                     weight_offset: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[-1]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    new_residual = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
+    launch(_rows(x, "x"), weight, out.view(-1, n), eps, _rows(residual, "residual"), new_residual.view(-1, n),
+           mode, weight_offset)
+    return out, new_residual
+
+
+@_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps, mode, weight_offset):
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            torch.empty(residual.shape, dtype=residual.dtype, device=residual.device))
+
+
+@torch.library.custom_op("bi_norm::fused_add_rms_norm_", mutates_args=("x", "residual"))
+def _fused_add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, mode: str,
+                           weight_offset: float) -> None:
+    x_rows, r_rows = _rows(x, "x"), _rows(residual, "residual")
+    launch(x_rows, weight, x_rows, eps, r_rows, r_rows, mode, weight_offset)
+
+
+@_fused_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps, mode, weight_offset):
+    return None
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    residual: Optional[torch.Tensor] = None,
+    *,
+    mode: str = "llama",
+    weight_offset: float = 0.0,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Batch-invariant RMSNorm over the last dimension (NUMERICS.md); inputs are not modified.
+
+    Returns out, or (out, new_residual) when a residual (x's dtype or float32) is given.
+    CUDA tensors run the compiled kernel, CPU tensors the same kernel under Triton's interpreter.
+    """
+    _validate(x, weight, eps, residual, mode, weight_offset, inplace=False)
+    if residual is None:
+        return torch.ops.bi_norm.rms_norm(x, weight, float(eps), mode, float(weight_offset))
+    return torch.ops.bi_norm.add_rms_norm(x, residual, weight, float(eps), mode, float(weight_offset))
+
+
+def fused_add_rms_norm_(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    mode: str = "llama",
+    weight_offset: float = 0.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """In place, vLLM's convention: x <- normalized output, residual <- x + residual. Returns (x, residual).
+
+    All checks run before the kernel: on any error both tensors are left untouched.
+    """
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual: expected a torch.Tensor; got {type(residual).__name__}")
+    _validate(x, weight, eps, residual, mode, weight_offset, inplace=True)
+    torch.ops.bi_norm.fused_add_rms_norm_(x, residual, weight, float(eps), mode, float(weight_offset))
+    return x, residual
+
+
+def rms_norm_batch_invariant(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    residual: Optional[torch.Tensor] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Drop-in for vLLM's function of this name: mode "fp32" (x*inv*w in float32, as its Triton path).
+
+    Without residual returns a new tensor; with one it updates input and residual in place and
+    returns (input, residual), as vLLM's fused_add_rms_norm path does, but batch invariant.
+    """
+    if residual is None:
+        return rms_norm(input, weight, eps, mode="fp32")
+    return fused_add_rms_norm_(input, residual, weight, eps, mode="fp32")

@@ -1,0 +1,120 @@
+"""The Triton kernel: NUMERICS.md contract v1, one program per block of ROWS rows.
+
+Mirrors bi_jax/pallas_kernel.py line for line. Every rounding step of the contract is one
+float32 operation here: IEEE division and square root (div_rn, sqrt_rn), and the launcher
+disables FMA contraction (enable_fp_fusion=False), so v*v + ... never fuses.
+
+This file is loaded twice by bi_torch/launch.py: once compiled for CUDA tensors and once
+under the Triton interpreter for CPU tensors. So it calls only Triton builtins and its own
+jit functions (tl.sum and friends are jit functions of the compiled library and cannot run
+inside an interpreted kernel), and it rounds to bfloat16 on the bit pattern because the
+interpreter's float32 -> bfloat16 conversion truncates.
+"""
+
+import triton
+import triton.language as tl
+
+from bridge.contract import CANONICAL_NAN_BITS
+
+NAN_F32: tl.constexpr = tl.constexpr(CANONICAL_NAN_BITS["float32"])
+NAN_BF16: tl.constexpr = tl.constexpr(CANONICAL_NAN_BITS["bfloat16"])
+NAN_F16: tl.constexpr = tl.constexpr(CANONICAL_NAN_BITS["float16"])
+
+
+@triton.jit
+def encode(y, DTYPE: tl.constexpr):
+    """Step 6, rnD: round float32 to DTYPE to nearest even, every NaN as DTYPE's canonical NaN."""
+    is_nan = y != y
+    if DTYPE == tl.bfloat16:
+        b = y.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        out = tl.where(is_nan, NAN_BF16, b).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    elif DTYPE == tl.float16:
+        b = y.to(tl.float16).to(tl.uint16, bitcast=True)
+        out = tl.where(is_nan, NAN_F16, b).to(tl.uint16).to(tl.float16, bitcast=True)
+    else:
+        b = y.to(tl.uint32, bitcast=True)
+        out = tl.where(is_nan, NAN_F32, b).to(tl.float32, bitcast=True)
+    return out
+
+
+@triton.jit
+def pairwise_sum(q, ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr):
+    """Step 3 on a (ROWS, WIDTH) block, WIDTH a power of two: q = q[0::2] + q[1::2] to one column."""
+    for level in tl.static_range(LOG2_WIDTH):
+        even, odd = tl.split(tl.reshape(q, (ROWS, WIDTH >> (level + 1), 2)))
+        q = even + odd
+    return tl.reshape(q, (ROWS,))
+
+
+@triton.jit
+def load_z(x_ptr, x_stride, r_ptr, r_stride, new_r_ptr, new_r_stride, rows, cols, mask,
+           HAS_RESIDUAL: tl.constexpr):
+    """Step 1: v = f32(z), z = rnR(x + residual) stored as the new residual (or z = x)."""
+    v = tl.load(x_ptr + rows * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        res = tl.load(r_ptr + rows * r_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        z = encode(v + res, new_r_ptr.dtype.element_ty)
+        tl.store(new_r_ptr + rows * new_r_stride + cols, z, mask=mask)
+        v = z.to(tl.float32)
+    return v
+
+
+@triton.jit
+def scale_store(v, inv, w_ptr, weight_offset, out_ptr, out_stride, rows, cols, mask, n_cols,
+                HAS_OFFSET: tl.constexpr, LLAMA: tl.constexpr):
+    """Steps 5 and 6: out = rnD(rn(v * inv) [rounded to D in llama mode] * w)."""
+    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    if HAS_OFFSET:
+        w = w + weight_offset
+    normed = v * inv
+    if LLAMA:
+        normed = encode(normed, out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + rows * out_stride + cols, encode(normed * w, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rms_norm_kernel(
+    x_ptr, x_stride, r_ptr, r_stride, w_ptr, out_ptr, out_stride, new_r_ptr, new_r_stride,
+    n_rows, n_cols, n_cols_f32, eps, weight_offset,
+    HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, LLAMA: tl.constexpr,
+    ROWS: tl.constexpr, CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr, LOG2_NUM_CHUNKS: tl.constexpr,
+):
+    # int64 row offsets: rows * stride can pass 2**31 elements.
+    rows = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
+    row_mask = rows < n_rows
+    cols = tl.arange(0, CHUNK)[None, :]
+    if NUM_CHUNKS == 1:
+        # The whole row stays in registers: one read of x (and residual), one write per output.
+        mask = row_mask & (cols < n_cols)
+        v = load_z(x_ptr, x_stride, r_ptr, r_stride, new_r_ptr, new_r_stride, rows, cols, mask, HAS_RESIDUAL)
+        s = pairwise_sum(v * v, ROWS, CHUNK, LOG2_CHUNK)
+    else:
+        # Long rows: sum aligned chunks (each a subtree of the row's tree), then the chunk sums.
+        chunk_ids = tl.arange(0, NUM_CHUNKS)[None, :]
+        sums = tl.full((ROWS, NUM_CHUNKS), 0.0, tl.float32)
+        for c in tl.range(0, NUM_CHUNKS):
+            ccols = c * CHUNK + cols
+            mask = row_mask & (ccols < n_cols)
+            v = load_z(x_ptr, x_stride, r_ptr, r_stride, new_r_ptr, new_r_stride, rows, ccols, mask, HAS_RESIDUAL)
+            sums = tl.where(chunk_ids == c, pairwise_sum(v * v, ROWS, CHUNK, LOG2_CHUNK)[:, None], sums)
+        s = pairwise_sum(sums, ROWS, NUM_CHUNKS, LOG2_NUM_CHUNKS)
+        # The second pass re-reads the new residual this program's other threads wrote.
+        tl.debug_barrier()
+    # Step 4: each an IEEE float32 operation.
+    mean = tl.div_rn(s, tl.full((ROWS,), n_cols_f32, tl.float32))
+    r = tl.sqrt_rn(mean + eps)
+    inv = tl.div_rn(tl.full((ROWS,), 1.0, tl.float32), r)[:, None]
+    if NUM_CHUNKS == 1:
+        scale_store(v, inv, w_ptr, weight_offset, out_ptr, out_stride, rows, cols, mask, n_cols, HAS_OFFSET, LLAMA)
+    else:
+        for c in tl.range(0, NUM_CHUNKS):
+            ccols = c * CHUNK + cols
+            mask = row_mask & (ccols < n_cols)
+            if HAS_RESIDUAL:
+                v = tl.load(new_r_ptr + rows * new_r_stride + ccols, mask=mask, other=0.0).to(tl.float32)
+            else:
+                v = tl.load(x_ptr + rows * x_stride + ccols, mask=mask, other=0.0).to(tl.float32)
+            scale_store(v, inv, w_ptr, weight_offset, out_ptr, out_stride, rows, ccols, mask, n_cols, HAS_OFFSET,
+                        LLAMA)

@@ -1,0 +1,7 @@
+"""bi-norm's framework-neutral core: the numerics contract, its numpy reference, the golden
+corpus and the parity tooling. Importing it never imports torch or jax."""
+
+from .contract import CANONICAL_NAN_BITS, CONTRACT_VERSION, DTYPES, MODES, check_rms_norm_args
+from .reference import rms_norm
+
+__all__ = ["CANONICAL_NAN_BITS", "CONTRACT_VERSION", "DTYPES", "MODES", "check_rms_norm_args", "rms_norm"]

@@ -1,0 +1,74 @@
+"""The `bi-norm` command: verify (the main job), golden (the corpus)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from . import golden
+from .backends import BACKENDS
+from .contract import CONTRACT_VERSION, DTYPES
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bi-norm", description="Batch-invariant RMSNorm: parity tooling.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("verify", help="run the golden corpus and an invariance sweep through every backend")
+    v.add_argument("--backend", action="append", choices=[b.name for b in BACKENDS],
+                   help="only this backend (repeatable); default: all, unavailable ones listed with the reason")
+    v.add_argument("--dtype", action="append", choices=DTYPES, help="only this dtype (repeatable)")
+    v.add_argument("--quick", action="store_true", help=f"rows up to n={1025} and a short invariance sweep")
+    v.add_argument("--json", action="store_true", help="print a JSON report instead of the table")
+    v.add_argument("--corpus", type=Path, default=golden.DEFAULT_DIR, help="golden corpus directory")
+
+    g = sub.add_parser("golden", help="regenerate or check the golden corpus from the reference")
+    action = g.add_mutually_exclusive_group(required=True)
+    action.add_argument("--regenerate", action="store_true", help="write the corpus and its manifest")
+    action.add_argument("--check", action="store_true", help="exit 1 unless regeneration gives identical bytes")
+    g.add_argument("--dir", type=Path, default=golden.DEFAULT_DIR, help="corpus directory")
+    return parser
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import format_table, terminal_progress, verify
+
+    reports = verify(args.backend, args.dtype, args.quick, args.corpus, progress=terminal_progress())
+    failed = [r for r in reports if r.status in ("mismatch", "error") or (args.backend and r.status == "unavailable")]
+    if args.json:
+        doc = {"contract_version": CONTRACT_VERSION, "ok": not failed, "backends": [dataclasses.asdict(r) for r in reports]}
+        print(json.dumps(doc, indent=2))
+    else:
+        print(format_table(reports))
+        print("OK: every available backend matches the golden corpus bit for bit." if not failed
+              else f"FAILED: {', '.join(r.backend for r in failed)}")
+    return 1 if failed else 0
+
+
+def _golden(args: argparse.Namespace) -> int:
+    if args.regenerate:
+        count = golden.regenerate(args.dir)
+        print(f"wrote {count} cases and {golden.MANIFEST} to {args.dir}")
+        return 0
+    problems = golden.check_regeneration(args.dir)
+    for name in problems:
+        print(f"differs from regeneration: {name}")
+    print("golden corpus reproduces bit for bit" if not problems else f"{len(problems)} file(s) differ")
+    return 1 if problems else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)  # argparse exits with status 2 on misuse
+    try:
+        return {"verify": _verify, "golden": _golden}[args.command](args)
+    except FileNotFoundError as e:
+        print(f"bi-norm: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Numerics contract v1: the constants and argument rules every backend shares.
+
+NUMERICS.md is the prose; this module holds the few values that the reference and both kernels
+must agree on, and the one argument check that every public entry point runs. It never imports
+torch or jax: frameworks pass shapes as tuples and dtypes by name.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+CONTRACT_VERSION = 1
+
+DTYPES = ("float32", "bfloat16", "float16")
+MODES = ("llama", "fp32")
+
+# Every NaN a backend writes is the canonical quiet NaN of the output dtype (sign 0, quiet bit,
+# zero payload), so bitwise comparison needs no NaN exception: GPUs make 0x7fffffff, x86 0xffc00000.
+CANONICAL_NAN_BITS = {"float32": 0x7FC00000, "bfloat16": 0x7FC0, "float16": 0x7E00}
+
+
+def next_power_of_two(n: int) -> int:
+    """Smallest power of two >= n (the width of the zero-padded pairwise tree)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def eps_as_float32(eps: float) -> float:
+    """eps rounded to float32 (round to nearest even), as a Python float."""
+    import numpy as np
+
+    return float(np.float32(eps))
+
+
+def check_rms_norm_args(
+    *,
+    x_shape: Sequence[int],
+    x_dtype: str,
+    weight_shape: Sequence[int],
+    weight_dtype: str,
+    eps: object,
+    residual_shape: Optional[Sequence[int]] = None,
+    residual_dtype: Optional[str] = None,
+    mode: object = "llama",
+    weight_offset: object = 0.0,
+) -> None:
+    """Raise TypeError/ValueError naming the argument if the call is outside contract v1.
+
+    Runs before any kernel touches memory. Dtypes are names ("float32", "bfloat16", "float16").
+    """
+    x_shape, weight_shape = tuple(x_shape), tuple(weight_shape)
+    if x_dtype not in DTYPES:
+        raise TypeError(f"x: dtype must be one of {', '.join(DTYPES)}; got {x_dtype}")
+    if len(x_shape) < 1:
+        raise ValueError(f"x: expected shape (..., n) with at least one dimension; got {x_shape}")
+    n = x_shape[-1]
+    if n < 1:
+        raise ValueError(f"x: the last dimension n must be >= 1; got shape {x_shape}")
+    if weight_shape != (n,):
+        raise ValueError(f"weight: expected shape ({n},) to match x's last dimension; got {weight_shape}")
+    if weight_dtype != x_dtype:
+        raise TypeError(f"weight: expected dtype {x_dtype} (x's dtype); got {weight_dtype}")
+    if residual_shape is not None:
+        if tuple(residual_shape) != x_shape:
+            raise ValueError(f"residual: expected shape {x_shape} (x's shape); got {tuple(residual_shape)}")
+        if residual_dtype not in (x_dtype, "float32"):
+            raise TypeError(f"residual: expected dtype {x_dtype} (x's dtype) or float32; got {residual_dtype}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps: expected a Python float; got {type(eps).__name__}")
+    if not math.isfinite(eps) or eps <= 0 or eps_as_float32(eps) <= 0 or not math.isfinite(eps_as_float32(eps)):
+        raise ValueError(f"eps: expected a finite float > 0 that stays > 0 in float32; got {eps!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}; got {mode!r}")
+    if isinstance(weight_offset, bool) or not isinstance(weight_offset, (int, float)):
+        raise TypeError(f"weight_offset: expected a Python float; got {type(weight_offset).__name__}")
+    if not math.isfinite(float(weight_offset)) or not math.isfinite(eps_as_float32(weight_offset)):
+        raise ValueError(f"weight_offset: expected a finite float (finite in float32); got {weight_offset!r}")

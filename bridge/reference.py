@@ -1,0 +1,98 @@
+"""The numerics contract v1 in plain float32 numpy: the only source of expected bits.
+
+Read it next to NUMERICS.md; each numbered step there is one block here. numpy's float32
+arithmetic rounds every operation to nearest even and never fuses a multiply with an add,
+which is exactly what the contract asks of every backend.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import ml_dtypes
+import numpy as np
+
+from .contract import CANONICAL_NAN_BITS, check_rms_norm_args, next_power_of_two
+
+_NUMPY_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
+_BITS_DTYPES = {"float32": np.uint32, "bfloat16": np.uint16, "float16": np.uint16}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """The contract's name for a numpy dtype ("float32", "bfloat16", "float16"), else str(dtype)."""
+    return np.dtype(dtype).name
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    """The raw bit patterns of a float array as unsigned integers of the same width."""
+    return np.ascontiguousarray(a).view(_BITS_DTYPES[dtype_name(a.dtype)])
+
+
+def encode(y: np.ndarray, dtype_name_: str) -> np.ndarray:
+    """rnD: round float32 to D (nearest even), every NaN as D's canonical quiet NaN (step 6)."""
+    out = y.astype(_NUMPY_DTYPES[dtype_name_])
+    out_bits = bits(out)
+    out_bits[np.isnan(y)] = CANONICAL_NAN_BITS[dtype_name_]
+    return out_bits.view(out.dtype)
+
+
+def pairwise_sum(q: np.ndarray) -> np.ndarray:
+    """Step 3: zero-pad the last axis to a power of two, then q = q[0::2] + q[1::2] to one element."""
+    n = q.shape[-1]
+    pad = next_power_of_two(n) - n
+    q = np.concatenate([q, np.zeros(q.shape[:-1] + (pad,), np.float32)], axis=-1)
+    while q.shape[-1] > 1:
+        q = q[..., 0::2] + q[..., 1::2]
+    return q[..., 0]
+
+
+def rms_norm(
+    x: np.ndarray,
+    weight: np.ndarray,
+    eps: float = 1e-6,
+    residual: Optional[np.ndarray] = None,
+    *,
+    mode: str = "llama",
+    weight_offset: float = 0.0,
+) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+    """RMSNorm of x over its last axis per NUMERICS.md; (out, new_residual) when residual is given."""
+    check_rms_norm_args(
+        x_shape=x.shape,
+        x_dtype=dtype_name(x.dtype),
+        weight_shape=weight.shape,
+        weight_dtype=dtype_name(weight.dtype),
+        eps=eps,
+        residual_shape=None if residual is None else residual.shape,
+        residual_dtype=None if residual is None else dtype_name(residual.dtype),
+        mode=mode,
+        weight_offset=weight_offset,
+    )
+    d = dtype_name(x.dtype)
+    f32 = np.float32
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+        # 1. residual add, rounded to the residual's dtype; z is also the new residual.
+        if residual is not None:
+            new_residual = encode(x.astype(f32) + residual.astype(f32), dtype_name(residual.dtype))
+            v = new_residual.astype(f32)
+        else:
+            v = x.astype(f32)
+        # 2. squares, 3. pairwise tree sum.
+        s = pairwise_sum(v * v)
+        # 4. mean, root, inverse: each one IEEE float32 operation.
+        mean = s / f32(x.shape[-1])
+        r = np.sqrt(mean + f32(eps))
+        inv = f32(1.0) / r
+        # 5. effective weight: the offset is added only when it is non-zero.
+        w = weight.astype(f32)
+        if weight_offset != 0:
+            w = w + f32(weight_offset)
+        # 6. scale and round to x's dtype.
+        normed = v * inv[..., None]
+        if mode == "llama":
+            normed = encode(normed, d).astype(f32)
+        out = encode(normed * w, d)
+    return out if residual is None else (out, new_residual)
