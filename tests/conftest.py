@@ -1,0 +1,34 @@
+"""Shared fixtures: the golden corpus, and the `gpu` marker's skip rule."""
+
+from __future__ import annotations
+
+import os
+
+# Several host devices for the JAX sharding tests; must be set before jax is imported.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+import pytest
+
+from bridge import golden
+
+
+@pytest.fixture(scope="session")
+def corpus():
+    return golden.load_corpus()
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
