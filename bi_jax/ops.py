@@ -1,0 +1,172 @@
+"""bi_jax's public function: validation at trace time, then one pallas_call over row blocks.
+
+Rows are independent, so a batch sharded over its leading axes runs the kernel on each shard's
+rows (custom_partitioning, no gather), and jax.vmap batches the pallas_call itself: either
+way each row's bits equal a single-device, unbatched run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.experimental.pallas import triton as plgpu
+from jax.sharding import NamedSharding, PartitionSpec
+
+from bridge.contract import check_rms_norm_args, eps_as_float32, next_power_of_two
+
+from .pallas_kernel import rms_norm_kernel
+
+# Rows up to this many elements (a power of two) are held in registers whole; longer rows are
+# summed in chunks of MAX_CHUNK and read twice.
+MAX_WHOLE_ROW = 16384
+MAX_CHUNK = 8192
+TARGET_BLOCK = 4096
+# Pallas-Triton indexes with int32.
+MAX_ELEMENTS = 2**31 - 1
+
+_NAMES = {jnp.dtype(jnp.float32): "float32", jnp.dtype(jnp.bfloat16): "bfloat16", jnp.dtype(jnp.float16): "float16"}
+
+
+def dtype_name(dtype) -> str:
+    """The contract's name for a JAX dtype, else its own name (which the contract rejects)."""
+    return _NAMES.get(jnp.dtype(dtype), jnp.dtype(dtype).name)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    rows: int
+    chunk: int
+    num_chunks: int
+    num_warps: int
+
+
+def launch_config(n: int, n_rows: int) -> LaunchConfig:
+    width = next_power_of_two(n)
+    if width > MAX_WHOLE_ROW:
+        return LaunchConfig(1, MAX_CHUNK, width // MAX_CHUNK, 16)
+    rows = max(1, min(16, TARGET_BLOCK // width, next_power_of_two(max(n_rows, 1))))
+    return LaunchConfig(rows, width, 1, max(1, min(16, rows * width // 512)))
+
+
+def default_interpret() -> bool:
+    """Interpret mode unless JAX's default backend is a GPU."""
+    return jax.default_backend() != "gpu"
+
+
+def _rows_call(x2, weight, residual2, *, eps, mode, weight_offset, interpret):
+    """The pallas_call on (rows, n) arrays; returns out, or (out, new_residual)."""
+    n_rows, n = x2.shape
+    if n_rows == 0:
+        out = jnp.empty(x2.shape, x2.dtype)
+        return out if residual2 is None else (out, jnp.empty(residual2.shape, residual2.dtype))
+    cfg = launch_config(n, n_rows)
+    has_residual = residual2 is not None
+    kernel = functools.partial(
+        rms_norm_kernel, n_rows=n_rows, n_cols=n, eps=eps_as_float32(eps), weight_offset=eps_as_float32(weight_offset),
+        has_residual=has_residual, llama=mode == "llama", rows_per_program=cfg.rows, chunk=cfg.chunk,
+        num_chunks=cfg.num_chunks, interpret=interpret)
+    flat = (n_rows * n,)
+    out_shape = [jax.ShapeDtypeStruct(flat, x2.dtype)]
+    if has_residual:
+        out_shape.append(jax.ShapeDtypeStruct(flat, residual2.dtype))
+        args = (x2.reshape(flat), residual2.reshape(flat), weight)
+        body = kernel
+    else:
+        args = (x2.reshape(flat), weight)
+        body = lambda x_ref, w_ref, out_ref: kernel(x_ref, None, w_ref, out_ref, None)  # noqa: E731
+    results = pl.pallas_call(
+        body,
+        out_shape=out_shape,
+        grid=(pl.cdiv(n_rows, cfg.rows),),
+        # The new residual may reuse the residual's buffer when the caller donates it.
+        input_output_aliases={1: 1} if has_residual else {},
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+        interpret=interpret,
+        name="bi_norm_rms_norm",
+    )(*args)
+    out = results[0].reshape(x2.shape)
+    return out if not has_residual else (out, results[1].reshape(x2.shape))
+
+
+def _sharded(fn, n_inputs: int):
+    """Wrap fn(x2, weight[, residual2]) so a batch sharded over rows runs per shard, without a gather."""
+    wrapped = custom_partitioning(fn)
+
+    def row_spec(sharding):
+        spec = tuple(sharding.spec) if isinstance(sharding, NamedSharding) else ()
+        return PartitionSpec(spec[0] if spec else None, None)
+
+    def infer(mesh, arg_shapes, result_shape):
+        spec = row_spec(arg_shapes[0].sharding)
+        n_out = len(result_shape) if isinstance(result_shape, (tuple, list)) else 1
+        out = NamedSharding(mesh, spec)
+        return out if n_out == 1 else tuple(out for _ in range(n_out))
+
+    def partition(mesh, arg_shapes, result_shape):
+        spec = row_spec(arg_shapes[0].sharding)
+        row_sharding, replicated = NamedSharding(mesh, spec), NamedSharding(mesh, PartitionSpec(None))
+        arg_shardings = (row_sharding, replicated) + (row_sharding,) * (n_inputs - 2)
+        n_out = len(result_shape) if isinstance(result_shape, (tuple, list)) else 1
+        out = row_sharding if n_out == 1 else tuple(row_sharding for _ in range(n_out))
+        return mesh, fn, out, arg_shardings
+
+    rule = "r n, n -> r n" if n_inputs == 2 else "r n, n, r n -> r n, r n"
+    wrapped.def_partition(infer_sharding_from_operands=infer, partition=partition, sharding_rule=rule)
+    return wrapped
+
+
+@functools.lru_cache(maxsize=None)
+def _partitioned(eps: float, mode: str, weight_offset: float, interpret: bool, has_residual: bool):
+    if has_residual:
+        def fn(x2, weight, residual2):
+            return _rows_call(x2, weight, residual2, eps=eps, mode=mode, weight_offset=weight_offset,
+                              interpret=interpret)
+        return _sharded(fn, 3)
+
+    def fn(x2, weight):
+        return _rows_call(x2, weight, None, eps=eps, mode=mode, weight_offset=weight_offset, interpret=interpret)
+    return _sharded(fn, 2)
+
+
+def rms_norm(
+    x: jax.Array,
+    weight: jax.Array,
+    eps: float = 1e-6,
+    residual: Optional[jax.Array] = None,
+    *,
+    mode: str = "llama",
+    weight_offset: float = 0.0,
+    interpret: Optional[bool] = None,
+) -> Union[jax.Array, Tuple[jax.Array, jax.Array]]:
+    """Batch-invariant RMSNorm over the last axis (NUMERICS.md).
+
+    Returns out, or (out, new_residual) when a residual (x's dtype or float32) is given. Donate the
+    residual (jax.jit donate_argnums) to have the new residual written into its buffer.
+    interpret=None picks the compiled GPU kernel when JAX's default backend is a GPU, else interpret mode.
+    """
+    for name, a in (("x", x), ("weight", weight), ("residual", residual)):
+        if a is not None and not hasattr(a, "shape"):
+            raise TypeError(f"{name}: expected a jax.Array; got {type(a).__name__}")
+    check_rms_norm_args(
+        x_shape=x.shape, x_dtype=dtype_name(x.dtype), weight_shape=weight.shape, weight_dtype=dtype_name(weight.dtype),
+        eps=eps, residual_shape=None if residual is None else residual.shape,
+        residual_dtype=None if residual is None else dtype_name(residual.dtype),
+        mode=mode, weight_offset=weight_offset)
+    n = x.shape[-1]
+    n_rows = x.size // n
+    if n_rows * n > MAX_ELEMENTS:
+        raise ValueError(f"x: at most {MAX_ELEMENTS} elements per call (Pallas-Triton indexes with int32); "
+                         f"got shape {x.shape}. Split the batch.")
+    interpret = default_interpret() if interpret is None else bool(interpret)
+    fn = _partitioned(float(eps), mode, float(weight_offset), interpret, residual is not None)
+    x2 = jnp.asarray(x).reshape(n_rows, n)
+    if residual is None:
+        return fn(x2, jnp.asarray(weight)).reshape(x.shape)
+    out, new_residual = fn(x2, jnp.asarray(weight), jnp.asarray(residual).reshape(n_rows, n))
+    return out.reshape(x.shape), new_residual.reshape(x.shape)

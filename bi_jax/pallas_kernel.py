@@ -1,0 +1,159 @@
+"""The Pallas kernel: NUMERICS.md contract v1, one program per block of ROWS rows.
+
+Mirrors bi_torch/triton_kernel.py line for line. Pallas on GPU lowers `/`, jnp.sqrt and
+lax.rsqrt to approximate instructions and lets ptxas fuse a plain mul into a following add,
+so the exact steps go through `ExactOps`: PTX div.rn / sqrt.rn / mul.rn inline assembly on GPU,
+and in interpret mode (XLA on CPU) plain jnp ops behind optimization barriers, with a
+slice-based tree, because XLA's CPU simplifier rewrites 1/sqrt into rsqrt, x / const into
+x * (1/const), and reorders reshape-based reductions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from bridge.contract import CANONICAL_NAN_BITS
+
+NAN_F32 = CANONICAL_NAN_BITS["float32"]
+NAN_BF16 = CANONICAL_NAN_BITS["bfloat16"]
+NAN_F16 = CANONICAL_NAN_BITS["float16"]
+
+
+def _ptx(asm: str, *args: jax.Array) -> jax.Array:
+    """One float32 PTX instruction applied elementwise (on a tensor: 0-d scalars do not lower)."""
+    constraints = ",".join(["=r"] + ["r"] * len(args))
+    (out,) = plgpu.elementwise_inline_asm(asm, args=list(args), constraints=constraints, pack=1,
+                                          result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.float32)])
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactOps:
+    """The contract's IEEE float32 operations, one lowering for the GPU and one for interpret mode."""
+
+    interpret: bool
+
+    def square(self, v: jax.Array) -> jax.Array:
+        if self.interpret:
+            # XLA's CPU backend always lets LLVM fuse a multiply into the add that consumes it
+            # (FPOpFusion::Fast, no flag turns it off); a data-dependent select in between keeps
+            # v * v a rounding of its own. Both branches are NaN exactly when v is.
+            return jnp.where(v == v, v * v, v)
+        return _ptx("mul.rn.f32 $0, $1, $1;", v)
+
+    def div(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        # Barriers on both sides: XLA would turn a / const into a * (1/const), and v * (1/r) into v / r.
+        if self.interpret:
+            return lax.optimization_barrier(a / lax.optimization_barrier(b))
+        return _ptx("div.rn.f32 $0, $1, $2;", a, b)
+
+    def sqrt(self, a: jax.Array) -> jax.Array:
+        return lax.optimization_barrier(jnp.sqrt(a)) if self.interpret else _ptx("sqrt.rn.f32 $0, $1;", a)
+
+    def pairwise_sum(self, q: jax.Array, rows: int, width: int) -> jax.Array:
+        """Step 3 on a (rows, width) block, width a power of two: q = q[0::2] + q[1::2] to one column."""
+        while width > 1:
+            width //= 2
+            if self.interpret:
+                q = q[:, 0::2] + q[:, 1::2]
+            else:  # Pallas-Triton cannot lower value slicing; a 2-element sum is one add
+                q = q.reshape(rows, width, 2).sum(-1)
+        return q.reshape(rows)
+
+    def barrier(self) -> None:
+        if not self.interpret:  # one program is one thread in interpret mode
+            plgpu.debug_barrier()
+
+
+def encode(y: jax.Array, dtype) -> jax.Array:
+    """Step 6, rnD: round float32 to dtype to nearest even, every NaN as dtype's canonical NaN."""
+    is_nan = y != y
+    if dtype == jnp.bfloat16:
+        b = lax.bitcast_convert_type(y, jnp.uint32)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        out = lax.bitcast_convert_type(jnp.where(is_nan, NAN_BF16, b).astype(jnp.uint16), jnp.bfloat16)
+    elif dtype == jnp.float16:
+        b = lax.bitcast_convert_type(y.astype(jnp.float16), jnp.uint16)
+        out = lax.bitcast_convert_type(jnp.where(is_nan, NAN_F16, b).astype(jnp.uint16), jnp.float16)
+    else:
+        b = lax.bitcast_convert_type(y, jnp.uint32)
+        out = lax.bitcast_convert_type(jnp.where(is_nan, NAN_F32, b), jnp.float32)
+    return out
+
+
+def load_z(x_ref, r_ref, new_r_ref, offsets, mask, has_residual: bool) -> jax.Array:
+    """Step 1: v = f32(z), z = rnR(x + residual) stored as the new residual (or z = x)."""
+    v = plgpu.load(x_ref.at[offsets], mask=mask, other=0.0).astype(jnp.float32)
+    if has_residual:
+        res = plgpu.load(r_ref.at[offsets], mask=mask, other=0.0).astype(jnp.float32)
+        z = encode(v + res, new_r_ref.dtype)
+        plgpu.store(new_r_ref.at[offsets], z, mask=mask)
+        v = z.astype(jnp.float32)
+    return v
+
+
+def scale_store(v, inv, w_ref, weight_offset: float, out_ref, offsets, cols, mask, n_cols: int,
+                llama: bool) -> None:
+    """Steps 5 and 6: out = rnD(rn(v * inv) [rounded to D in llama mode] * w)."""
+    w = plgpu.load(w_ref.at[cols], mask=cols < n_cols, other=0.0).astype(jnp.float32)
+    if weight_offset != 0:
+        w = w + jnp.float32(weight_offset)
+    normed = v * inv
+    if llama:
+        normed = encode(normed, out_ref.dtype).astype(jnp.float32)
+    plgpu.store(out_ref.at[offsets], encode(normed * w, out_ref.dtype), mask=mask)
+
+
+def rms_norm_kernel(
+    x_ref, r_ref, w_ref, out_ref, new_r_ref, *,
+    n_rows: int, n_cols: int, eps: float, weight_offset: float,
+    has_residual: bool, llama: bool, rows_per_program: int, chunk: int, num_chunks: int, interpret: bool,
+):
+    ops, R = ExactOps(interpret), rows_per_program
+    # Rows are contiguous (stride n_cols); offsets are int32, so the wrapper bounds rows * n below 2**31.
+    rows = (pl.program_id(0) * R + jnp.arange(R, dtype=jnp.int32))[:, None]
+    row_mask = rows < n_rows
+    cols = jnp.arange(chunk, dtype=jnp.int32)[None, :]
+    if num_chunks == 1:
+        # The whole row stays in registers: one read of x (and residual), one write per output.
+        mask = row_mask & (cols < n_cols)
+        offsets = rows * n_cols + cols
+        v = load_z(x_ref, r_ref, new_r_ref, offsets, mask, has_residual)
+        s = ops.pairwise_sum(ops.square(v), R, chunk)
+    else:
+        # Long rows: sum aligned chunks (each a subtree of the row's tree), then the chunk sums.
+        chunk_ids = jnp.arange(num_chunks, dtype=jnp.int32)[None, :]
+
+        def chunk_sum(c, sums):
+            ccols = c * chunk + cols
+            mask = row_mask & (ccols < n_cols)
+            v = load_z(x_ref, r_ref, new_r_ref, rows * n_cols + ccols, mask, has_residual)
+            return jnp.where(chunk_ids == c, ops.pairwise_sum(ops.square(v), R, chunk)[:, None], sums)
+
+        sums = lax.fori_loop(0, num_chunks, chunk_sum, jnp.zeros((R, num_chunks), jnp.float32))
+        s = ops.pairwise_sum(sums, R, num_chunks)
+        # The second pass re-reads the new residual this program's other threads wrote.
+        ops.barrier()
+    # Step 4: each an IEEE float32 operation.
+    mean = ops.div(s, jnp.full((R,), float(n_cols), jnp.float32))
+    r = ops.sqrt(mean + jnp.float32(eps))
+    inv = ops.div(jnp.full((R,), 1.0, jnp.float32), r)[:, None]
+    if num_chunks == 1:
+        scale_store(v, inv, w_ref, weight_offset, out_ref, offsets, cols, mask, n_cols, llama)
+    else:
+        def chunk_scale(c, carry):
+            ccols = c * chunk + cols
+            mask = row_mask & (ccols < n_cols)
+            offsets = rows * n_cols + ccols
+            src = new_r_ref if has_residual else x_ref
+            v = plgpu.load(src.at[offsets], mask=mask, other=0.0).astype(jnp.float32)
+            scale_store(v, inv, w_ref, weight_offset, out_ref, offsets, ccols, mask, n_cols, llama)
+            return carry
+
+        lax.fori_loop(0, num_chunks, chunk_scale, 0)
