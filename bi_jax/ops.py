@@ -13,12 +13,13 @@ from typing import Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
+from jax import custom_batching, lax
 from jax.experimental import pallas as pl
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bridge.contract import check_rms_norm_args, eps_as_float32, next_power_of_two
+from bridge.contract import check_rms_norm_args, as_float32, next_power_of_two
 
 from .pallas_kernel import rms_norm_kernel
 
@@ -68,7 +69,7 @@ def _rows_call(x2, weight, residual2, *, eps, mode, weight_offset, interpret):
     cfg = launch_config(n, n_rows)
     has_residual = residual2 is not None
     kernel = functools.partial(
-        rms_norm_kernel, n_rows=n_rows, n_cols=n, eps=eps_as_float32(eps), weight_offset=eps_as_float32(weight_offset),
+        rms_norm_kernel, n_rows=n_rows, n_cols=n, eps=as_float32(eps), weight_offset=as_float32(weight_offset),
         has_residual=has_residual, llama=mode == "llama", rows_per_program=cfg.rows, chunk=cfg.chunk,
         num_chunks=cfg.num_chunks, interpret=interpret)
     flat = (n_rows * n,)
@@ -121,17 +122,43 @@ def _sharded(fn, n_inputs: int):
     return wrapped
 
 
+def _batched(fn):
+    """Wrap fn(x2, weight[, residual2]) for jax.vmap: a batch of row blocks is just more rows.
+
+    With an unbatched weight the batch is folded into the rows and run in one call, whose rows'
+    bits equal the unbatched ones by construction; a batched weight maps over the batch.
+    """
+    wrapped = custom_batching.custom_vmap(fn)
+
+    @wrapped.def_vmap
+    def rule(axis_size, in_batched, x2, weight, *residual2):
+        if in_batched[1]:
+            args = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                    for a, b in zip((x2, weight) + residual2, in_batched)]
+            result = lax.map(lambda a: wrapped(*a), tuple(args))
+        else:
+            rows = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                    for a, b in zip((x2,) + residual2, in_batched[:1] + in_batched[2:])]
+            flat = [a.reshape(-1, a.shape[-1]) for a in rows]
+            result = wrapped(flat[0], weight, *flat[1:])
+            result = jax.tree.map(lambda r: r.reshape((axis_size,) + x2.shape[-2:]), result)
+        return result, jax.tree.map(lambda _: True, result)
+
+    return wrapped
+
+
 @functools.lru_cache(maxsize=None)
-def _partitioned(eps: float, mode: str, weight_offset: float, interpret: bool, has_residual: bool):
+def _rows_fn(eps: float, mode: str, weight_offset: float, interpret: bool, has_residual: bool):
+    """The kernel on (rows, n) arrays, partitioned over sharded rows and batched under vmap."""
     if has_residual:
         def fn(x2, weight, residual2):
             return _rows_call(x2, weight, residual2, eps=eps, mode=mode, weight_offset=weight_offset,
                               interpret=interpret)
-        return _sharded(fn, 3)
+        return _batched(_sharded(fn, 3))
 
     def fn(x2, weight):
         return _rows_call(x2, weight, None, eps=eps, mode=mode, weight_offset=weight_offset, interpret=interpret)
-    return _sharded(fn, 2)
+    return _batched(_sharded(fn, 2))
 
 
 def rms_norm(
@@ -164,7 +191,7 @@ def rms_norm(
         raise ValueError(f"x: at most {MAX_ELEMENTS} elements per call (Pallas-Triton indexes with int32); "
                          f"got shape {x.shape}. Split the batch.")
     interpret = default_interpret() if interpret is None else bool(interpret)
-    fn = _partitioned(float(eps), mode, float(weight_offset), interpret, residual is not None)
+    fn = _rows_fn(float(eps), mode, float(weight_offset), interpret, residual is not None)
     x2 = jnp.asarray(x).reshape(n_rows, n)
     if residual is None:
         return fn(x2, jnp.asarray(weight)).reshape(x.shape)

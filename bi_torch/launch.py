@@ -14,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from bridge.contract import eps_as_float32, next_power_of_two
+from bridge.contract import as_float32, next_power_of_two
 
 from . import triton_kernel
 
@@ -80,8 +80,8 @@ def launch(
     grid = (triton_cdiv(n_rows, cfg.rows),)
     kernels.rms_norm_kernel[grid](
         x, x.stride(0), res, res.stride(0), weight, out, out.stride(0), new_res, new_res.stride(0),
-        n_rows, n, float(n), eps_as_float32(eps), eps_as_float32(weight_offset),
-        HAS_RESIDUAL=residual is not None, HAS_OFFSET=weight_offset != 0, LLAMA=mode == "llama",
+        n_rows, n, float(n), as_float32(eps), as_float32(weight_offset),
+        HAS_RESIDUAL=residual is not None, HAS_OFFSET=as_float32(weight_offset) != 0, LLAMA=mode == "llama",
         ROWS=cfg.rows, CHUNK=cfg.chunk, LOG2_CHUNK=cfg.chunk.bit_length() - 1,
         NUM_CHUNKS=cfg.num_chunks, LOG2_NUM_CHUNKS=cfg.num_chunks.bit_length() - 1,
         num_warps=cfg.num_warps, enable_fp_fusion=False,

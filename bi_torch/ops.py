@@ -30,7 +30,9 @@ def torch_dtype(name: str) -> torch.dtype:
 def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
     """A (rows, n) view sharing t's memory: the last dimension contiguous, one stride between rows."""
     n = t.shape[-1]
-    if t.dim() and n > 1 and t.stride(-1) != 1:
+    if t.numel() == 0:
+        return t.new_empty((0, n))
+    if n > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name}: the last dimension must be contiguous (stride 1); got strides {tuple(t.stride())}."
                          f" Pass {name}.contiguous() to copy it.")
     try:
@@ -38,6 +40,19 @@ def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
     except RuntimeError:
         raise ValueError(f"{name}: its rows cannot be addressed with a single row stride (shape {tuple(t.shape)},"
                          f" strides {tuple(t.stride())}); pass {name}.contiguous() to copy it.") from None
+
+
+def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory ranges two (rows, n) views can touch intersect."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+
+    def span(t: torch.Tensor):
+        last = (t.shape[0] - 1) * t.stride(0) + t.shape[1]
+        return t.data_ptr(), t.data_ptr() + last * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor], mode: str,
@@ -61,52 +76,58 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optio
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual)):
         raise RuntimeError("bi_torch RMSNorm has no autograd support yet: a tensor requires grad. Run it under "
                            "torch.no_grad() or torch.inference_mode(), or detach the inputs explicitly.")
-    if inplace and residual is not None:
-        if x.data_ptr() == residual.data_ptr() and x.numel():
-            raise ValueError("residual: must not share memory with x in the in-place call")
-    _rows(x, "x")
+    x_rows = _rows(x, "x")
     if residual is not None:
-        _rows(residual, "residual")
+        r_rows = _rows(residual, "residual")
+    if inplace and residual is not None:
+        for name, rows in (("x", x_rows), ("residual", r_rows)):
+            if rows.shape[0] > 1 and rows.stride(0) < rows.shape[1]:
+                raise ValueError(f"{name}: rows overlap in memory (row stride {rows.stride(0)} < n); "
+                                 f"the in-place call cannot write them")
+        if _spans_overlap(x_rows, r_rows):
+            raise ValueError("residual: must not share memory with x in the in-place call")
 
 
 @torch.library.custom_op("bi_norm::rms_norm", mutates_args=())
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, mode: str, weight_offset: float) -> torch.Tensor:
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, norm_mode: str,
+                 weight_offset: float) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    launch(_rows(x, "x"), weight, out.view(-1, x.shape[-1]), eps, None, None, mode, weight_offset)
+    launch(_rows(x, "x"), weight, out.view(-1, x.shape[-1]), eps, None, None, norm_mode, weight_offset)
     return out
 
 
 @_rms_norm_op.register_fake
-def _(x, weight, eps, mode, weight_offset):
+def _(x, weight, eps, norm_mode, weight_offset):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 @torch.library.custom_op("bi_norm::add_rms_norm", mutates_args=())
-def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, mode: str,
+def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, norm_mode: str,
                      weight_offset: float) -> Tuple[torch.Tensor, torch.Tensor]:
     n = x.shape[-1]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     new_residual = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
     launch(_rows(x, "x"), weight, out.view(-1, n), eps, _rows(residual, "residual"), new_residual.view(-1, n),
-           mode, weight_offset)
+           norm_mode, weight_offset)
     return out, new_residual
 
 
 @_add_rms_norm_op.register_fake
-def _(x, residual, weight, eps, mode, weight_offset):
+def _(x, residual, weight, eps, norm_mode, weight_offset):
     return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
             torch.empty(residual.shape, dtype=residual.dtype, device=residual.device))
 
 
 @torch.library.custom_op("bi_norm::fused_add_rms_norm_", mutates_args=("x", "residual"))
-def _fused_add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, mode: str,
-                           weight_offset: float) -> None:
+def _fused_add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                           norm_mode: str, weight_offset: float) -> None:
+    # The schema says norm_mode: torch.compile's functionalization passes a `mode` of its own.
     x_rows, r_rows = _rows(x, "x"), _rows(residual, "residual")
-    launch(x_rows, weight, x_rows, eps, r_rows, r_rows, mode, weight_offset)
+    launch(x_rows, weight, x_rows, eps, r_rows, r_rows, norm_mode, weight_offset)
 
 
 @_fused_add_rms_norm_op.register_fake
-def _(x, residual, weight, eps, mode, weight_offset):
+def _(x, residual, weight, eps, norm_mode, weight_offset):
     return None
 
 

@@ -12,6 +12,7 @@ from typing import List, Optional
 from . import golden
 from .backends import BACKENDS
 from .contract import CONTRACT_VERSION, DTYPES
+from .verify import QUICK_MAX_N, format_table, terminal_progress, verify
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--backend", action="append", choices=[b.name for b in BACKENDS],
                    help="only this backend (repeatable); default: all, unavailable ones listed with the reason")
     v.add_argument("--dtype", action="append", choices=DTYPES, help="only this dtype (repeatable)")
-    v.add_argument("--quick", action="store_true", help=f"rows up to n={1025} and a short invariance sweep")
+    v.add_argument("--quick", action="store_true", help=f"rows up to n={QUICK_MAX_N} and a short invariance sweep")
     v.add_argument("--json", action="store_true", help="print a JSON report instead of the table")
     v.add_argument("--corpus", type=Path, default=golden.DEFAULT_DIR, help="golden corpus directory")
 
@@ -35,8 +36,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .verify import format_table, terminal_progress, verify
-
     reports = verify(args.backend, args.dtype, args.quick, args.corpus, progress=terminal_progress())
     failed = [r for r in reports if r.status in ("mismatch", "error") or (args.backend and r.status == "unavailable")]
     if args.json:

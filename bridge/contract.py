@@ -25,11 +25,12 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def eps_as_float32(eps: float) -> float:
-    """eps rounded to float32 (round to nearest even), as a Python float."""
+def as_float32(value: float) -> float:
+    """A Python float rounded to float32 (nearest even), as a Python float; inf if it overflows."""
     import numpy as np
 
-    return float(np.float32(eps))
+    with np.errstate(over="ignore"):
+        return float(np.float32(value))
 
 
 def check_rms_norm_args(
@@ -67,11 +68,11 @@ def check_rms_norm_args(
             raise TypeError(f"residual: expected dtype {x_dtype} (x's dtype) or float32; got {residual_dtype}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps: expected a Python float; got {type(eps).__name__}")
-    if not math.isfinite(eps) or eps <= 0 or eps_as_float32(eps) <= 0 or not math.isfinite(eps_as_float32(eps)):
+    if not math.isfinite(eps) or eps <= 0 or as_float32(eps) <= 0 or not math.isfinite(as_float32(eps)):
         raise ValueError(f"eps: expected a finite float > 0 that stays > 0 in float32; got {eps!r}")
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}; got {mode!r}")
     if isinstance(weight_offset, bool) or not isinstance(weight_offset, (int, float)):
         raise TypeError(f"weight_offset: expected a Python float; got {type(weight_offset).__name__}")
-    if not math.isfinite(float(weight_offset)) or not math.isfinite(eps_as_float32(weight_offset)):
+    if not math.isfinite(float(weight_offset)) or not math.isfinite(as_float32(weight_offset)):
         raise ValueError(f"weight_offset: expected a finite float (finite in float32); got {weight_offset!r}")

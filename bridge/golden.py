@@ -205,12 +205,14 @@ def regenerate(directory: Path = DEFAULT_DIR) -> int:
 
 def check_regeneration(directory: Path = DEFAULT_DIR) -> List[str]:
     """Regenerate in memory and list every file whose bytes differ from the checked-in corpus."""
-    problems, entries = [], []
+    problems, entries, names = [], [], set()
     for file_name, data, entry in render():
         entries.append(entry)
+        names.add(file_name)
         path = directory / file_name
         if not path.exists() or path.read_bytes() != data:
             problems.append(file_name)
+    problems += sorted(p.name for p in directory.glob("*.npz") if p.name not in names)
     manifest = directory / MANIFEST
     if not manifest.exists() or manifest.read_bytes() != _manifest_bytes(entries):
         problems.append(MANIFEST)

@@ -34,7 +34,8 @@ def bits(a: np.ndarray) -> np.ndarray:
 
 def encode(y: np.ndarray, dtype_name_: str) -> np.ndarray:
     """rnD: round float32 to D (nearest even), every NaN as D's canonical quiet NaN (step 6)."""
-    out = y.astype(_NUMPY_DTYPES[dtype_name_])
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = y.astype(_NUMPY_DTYPES[dtype_name_])
     out_bits = bits(out)
     out_bits[np.isnan(y)] = CANONICAL_NAN_BITS[dtype_name_]
     return out_bits.view(out.dtype)
@@ -86,9 +87,9 @@ def rms_norm(
         mean = s / f32(x.shape[-1])
         r = np.sqrt(mean + f32(eps))
         inv = f32(1.0) / r
-        # 5. effective weight: the offset is added only when it is non-zero.
+        # 5. effective weight: the offset is added only when it is non-zero in float32.
         w = weight.astype(f32)
-        if weight_offset != 0:
+        if f32(weight_offset) != 0:
             w = w + f32(weight_offset)
         # 6. scale and round to x's dtype.
         normed = v * inv[..., None]

@@ -142,17 +142,20 @@ def verify(
     return [run_backend(by_name[n], cases, invariance_cases, batches, progress or (lambda *a: None)) for n in names]
 
 
-def terminal_progress(stream=sys.stderr) -> Progress:
-    """A one-line progress bar on a terminal; silent when the stream is not one (CI logs)."""
+def terminal_progress(stream=None) -> Progress:
+    """A one-line progress bar on a terminal; on a log, a line per quarter of each backend's work."""
     def show(backend: str, done: int, total: int) -> None:
-        if not stream.isatty():
+        out = stream or sys.stderr
+        if not out.isatty():
+            if done == total or (4 * done) // total != (4 * (done - 1)) // total:
+                out.write(f"{backend}: {done}/{total}\n")
             return
         width = 30
         filled = width * done // max(total, 1)
-        stream.write(f"\r{backend:<18} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        out.write(f"\r{backend:<18} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
         if done == total:
-            stream.write("\r" + " " * (width + 40) + "\r")
-        stream.flush()
+            out.write("\r" + " " * (width + 40) + "\r")
+        out.flush()
     return show
 
 

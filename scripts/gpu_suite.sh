@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU suite in one call (for the lent H100/H200): environment, `bi-norm verify` on every
+# backend, the GPU-marked tests, then the benchmark; a short table last. Logs go to $OUT if set.
+# Usage: bash scripts/gpu_suite.sh [verify|tests|bench]...   (default: all three)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch and JAX share the GPU in one process
+out="${OUT:-/tmp/bi-norm-gpu}"; mkdir -p "$out"
+steps=("${@:-verify tests bench}"); steps=(${steps[*]})
+py=python3
+status=0
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$py -c "import sys, torch, triton, jax; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'jax', jax.__version__, jax.devices())"
+
+for step in "${steps[@]}"; do
+  case "$step" in
+    verify)
+      $py -m bridge.cli verify 2>&1 | tee "$out/verify.txt" || status=1 ;;
+    tests)
+      $py -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu-tests.txt" | tail -n 40 || status=1 ;;
+    bench)
+      if [ -f bridge/bench.py ]; then
+        $py -m bridge.cli bench --out "$out" 2>&1 | tee "$out/bench.txt" || status=1
+      fi ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
+
+echo "==== summary ===="
+[ -f "$out/verify.txt" ] && tail -n 8 "$out/verify.txt"
+[ -f "$out/gpu-tests.txt" ] && tail -n 3 "$out/gpu-tests.txt"
+[ -f "$out/bench-table.txt" ] && cat "$out/bench-table.txt"
+exit $status
