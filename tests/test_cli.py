@@ -15,12 +15,6 @@ import pytest
 from bridge import golden
 from bridge.cli import main
 
-# bridge.verify.terminal_progress binds sys.stderr as a default argument when the module is first
-# imported; imported lazily inside a capsys test, it would keep that test's (later closed) stream
-# and every later verify would fail with "I/O operation on closed file". Importing it here, at
-# collection, binds pytest's session-wide stream instead. Drop once it reads sys.stderr per call.
-import bridge.verify  # noqa: E402,F401
-
 REPORT_KEYS = {"backend", "status", "cases", "checks", "mismatches", "invariance_checks", "invariance_mismatches",
                "first_mismatch"}
 # A case that --quick still runs (n <= 1025) and the invariance sweep uses (n = 128, residual none).
