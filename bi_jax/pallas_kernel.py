@@ -98,12 +98,16 @@ def load_z(x_ref, r_ref, new_r_ref, offsets, mask, has_residual: bool) -> jax.Ar
     return v
 
 
-def scale_store(v, inv, w_ref, weight_offset: float, out_ref, offsets, cols, mask, n_cols: int,
-                llama: bool) -> None:
-    """Steps 5 and 6: out = rnD(rn(v * inv) [rounded to D in llama mode] * w)."""
+def load_weight(w_ref, cols, n_cols: int, weight_offset: float) -> jax.Array:
+    """Step 5: w = f32(weight), plus the offset when it is non-zero."""
     w = plgpu.load(w_ref.at[cols], mask=cols < n_cols, other=0.0).astype(jnp.float32)
     if weight_offset != 0:
         w = w + jnp.float32(weight_offset)
+    return w
+
+
+def scale_store(v, inv, w, out_ref, offsets, mask, llama: bool) -> None:
+    """Step 6: out = rnD(rn(v * inv) [rounded to D in llama mode] * w)."""
     normed = v * inv
     if llama:
         normed = encode(normed, out_ref.dtype).astype(jnp.float32)
@@ -125,6 +129,7 @@ def rms_norm_kernel(
         mask = row_mask & (cols < n_cols)
         offsets = rows * n_cols + cols
         v = load_z(x_ref, r_ref, new_r_ref, offsets, mask, has_residual)
+        w = load_weight(w_ref, cols, n_cols, weight_offset)  # issued before the reduction
         s = ops.pairwise_sum(ops.square(v), R, chunk)
     else:
         # Long rows: sum aligned chunks (each a subtree of the row's tree), then the chunk sums.
@@ -145,7 +150,7 @@ def rms_norm_kernel(
     r = ops.sqrt(mean + jnp.float32(eps))
     inv = ops.div(jnp.full((R,), 1.0, jnp.float32), r)[:, None]
     if num_chunks == 1:
-        scale_store(v, inv, w_ref, weight_offset, out_ref, offsets, cols, mask, n_cols, llama)
+        scale_store(v, inv, w, out_ref, offsets, mask, llama)
     else:
         def chunk_scale(c, carry):
             ccols = c * chunk + cols
@@ -153,7 +158,8 @@ def rms_norm_kernel(
             offsets = rows * n_cols + ccols
             src = new_r_ref if has_residual else x_ref
             v = plgpu.load(src.at[offsets], mask=mask, other=0.0).astype(jnp.float32)
-            scale_store(v, inv, w_ref, weight_offset, out_ref, offsets, ccols, mask, n_cols, llama)
+            w = load_weight(w_ref, ccols, n_cols, weight_offset)
+            scale_store(v, inv, w, out_ref, offsets, mask, llama)
             return carry
 
         lax.fori_loop(0, num_chunks, chunk_scale, 0)

@@ -6,12 +6,14 @@ rows; a row's bits never depend on it (NUMERICS.md, "batch invariance").
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
 import os
 from types import ModuleType
 
+import numpy as np
 import torch
 
 from bridge.contract import as_float32, next_power_of_two
@@ -77,16 +79,13 @@ def launch(
     kernels = triton_kernel if x.is_cuda else interpreted_kernels()
     res = residual if residual is not None else x
     new_res = new_residual if new_residual is not None else out
-    grid = (triton_cdiv(n_rows, cfg.rows),)
-    kernels.rms_norm_kernel[grid](
-        x, x.stride(0), res, res.stride(0), weight, out, out.stride(0), new_res, new_res.stride(0),
-        n_rows, n, float(n), as_float32(eps), as_float32(weight_offset),
-        HAS_RESIDUAL=residual is not None, HAS_OFFSET=as_float32(weight_offset) != 0, LLAMA=mode == "llama",
-        ROWS=cfg.rows, CHUNK=cfg.chunk, LOG2_CHUNK=cfg.chunk.bit_length() - 1,
-        NUM_CHUNKS=cfg.num_chunks, LOG2_NUM_CHUNKS=cfg.num_chunks.bit_length() - 1,
-        num_warps=cfg.num_warps, enable_fp_fusion=False,
-    )
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+    # The interpreter runs on numpy, which warns on the inf/NaN arithmetic the contract defines.
+    with contextlib.nullcontext() if x.is_cuda else np.errstate(all="ignore"):
+        kernels.rms_norm_kernel[(-(-n_rows // cfg.rows),)](
+            x, x.stride(0), res, res.stride(0), weight, out, out.stride(0), new_res, new_res.stride(0),
+            n_rows, n, float(n), as_float32(eps), as_float32(weight_offset),
+            HAS_RESIDUAL=residual is not None, HAS_OFFSET=as_float32(weight_offset) != 0, LLAMA=mode == "llama",
+            ROWS=cfg.rows, CHUNK=cfg.chunk, LOG2_CHUNK=cfg.chunk.bit_length() - 1,
+            NUM_CHUNKS=cfg.num_chunks, LOG2_NUM_CHUNKS=cfg.num_chunks.bit_length() - 1,
+            num_warps=cfg.num_warps, enable_fp_fusion=False,
+        )

@@ -61,12 +61,17 @@ def load_z(x_ptr, x_stride, r_ptr, r_stride, new_r_ptr, new_r_stride, rows, cols
 
 
 @triton.jit
-def scale_store(v, inv, w_ptr, weight_offset, out_ptr, out_stride, rows, cols, mask, n_cols,
-                HAS_OFFSET: tl.constexpr, LLAMA: tl.constexpr):
-    """Steps 5 and 6: out = rnD(rn(v * inv) [rounded to D in llama mode] * w)."""
+def load_weight(w_ptr, cols, n_cols, weight_offset, HAS_OFFSET: tl.constexpr):
+    """Step 5: w = f32(weight), plus the offset when it is non-zero."""
     w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     if HAS_OFFSET:
         w = w + weight_offset
+    return w
+
+
+@triton.jit
+def scale_store(v, inv, w, out_ptr, out_stride, rows, cols, mask, LLAMA: tl.constexpr):
+    """Step 6: out = rnD(rn(v * inv) [rounded to D in llama mode] * w)."""
     normed = v * inv
     if LLAMA:
         normed = encode(normed, out_ptr.dtype.element_ty).to(tl.float32)
@@ -89,6 +94,7 @@ def rms_norm_kernel(
         # The whole row stays in registers: one read of x (and residual), one write per output.
         mask = row_mask & (cols < n_cols)
         v = load_z(x_ptr, x_stride, r_ptr, r_stride, new_r_ptr, new_r_stride, rows, cols, mask, HAS_RESIDUAL)
+        w = load_weight(w_ptr, cols, n_cols, weight_offset, HAS_OFFSET)  # issued before the reduction
         s = pairwise_sum(v * v, ROWS, CHUNK, LOG2_CHUNK)
     else:
         # Long rows: sum aligned chunks (each a subtree of the row's tree), then the chunk sums.
@@ -107,7 +113,7 @@ def rms_norm_kernel(
     r = tl.sqrt_rn(mean + eps)
     inv = tl.div_rn(tl.full((ROWS,), 1.0, tl.float32), r)[:, None]
     if NUM_CHUNKS == 1:
-        scale_store(v, inv, w_ptr, weight_offset, out_ptr, out_stride, rows, cols, mask, n_cols, HAS_OFFSET, LLAMA)
+        scale_store(v, inv, w, out_ptr, out_stride, rows, cols, mask, LLAMA)
     else:
         for c in tl.range(0, NUM_CHUNKS):
             ccols = c * CHUNK + cols
@@ -116,5 +122,5 @@ def rms_norm_kernel(
                 v = tl.load(new_r_ptr + rows * new_r_stride + ccols, mask=mask, other=0.0).to(tl.float32)
             else:
                 v = tl.load(x_ptr + rows * x_stride + ccols, mask=mask, other=0.0).to(tl.float32)
-            scale_store(v, inv, w_ptr, weight_offset, out_ptr, out_stride, rows, ccols, mask, n_cols, HAS_OFFSET,
-                        LLAMA)
+            w = load_weight(w_ptr, ccols, n_cols, weight_offset, HAS_OFFSET)
+            scale_store(v, inv, w, out_ptr, out_stride, rows, ccols, mask, LLAMA)
