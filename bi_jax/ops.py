@@ -85,8 +85,11 @@ def _rows_call(x2, weight, residual2, *, eps, mode, weight_offset, interpret):
         body,
         out_shape=out_shape,
         grid=(pl.cdiv(n_rows, cfg.rows),),
-        # The new residual may reuse the residual's buffer when the caller donates it.
-        input_output_aliases={1: 1} if has_residual else {},
+        # The residual's buffer is reused for an output of its dtype, so a donated (or dead) residual
+        # costs no allocation and no copy. With the residual in x's dtype that is `out`, the output
+        # jax.jit pairs a donated residual with (its first output of that type); safe, as every
+        # residual element is read before the reduction's barrier, ahead of any store to out.
+        input_output_aliases={} if not has_residual else {1: 0 if residual2.dtype == x2.dtype else 1},
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         interpret=interpret,
         name="bi_norm_rms_norm",
@@ -191,9 +194,17 @@ def rms_norm(
         raise ValueError(f"x: at most {MAX_ELEMENTS} elements per call (Pallas-Triton indexes with int32); "
                          f"got shape {x.shape}. Split the batch.")
     interpret = default_interpret() if interpret is None else bool(interpret)
-    fn = _rows_fn(float(eps), mode, float(weight_offset), interpret, residual is not None)
-    x2 = jnp.asarray(x).reshape(n_rows, n)
+    return _apply(x, weight, residual, eps=float(eps), mode=mode, weight_offset=float(weight_offset),
+                  interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "mode", "weight_offset", "interpret"))
+def _apply(x, weight, residual, *, eps, mode, weight_offset, interpret):
+    """Jitted so eager calls hit a compile cache; inlined into the caller's jit otherwise."""
+    n = x.shape[-1]
+    fn = _rows_fn(eps, mode, weight_offset, interpret, residual is not None)
+    x2 = x.reshape(-1, n)
     if residual is None:
-        return fn(x2, jnp.asarray(weight)).reshape(x.shape)
-    out, new_residual = fn(x2, jnp.asarray(weight), jnp.asarray(residual).reshape(n_rows, n))
+        return fn(x2, weight).reshape(x.shape)
+    out, new_residual = fn(x2, weight, residual.reshape(-1, n))
     return out.reshape(x.shape), new_residual.reshape(x.shape)
