@@ -177,7 +177,9 @@ def rms_norm(
     """Batch-invariant RMSNorm over the last axis (NUMERICS.md).
 
     Returns out, or (out, new_residual) when a residual (x's dtype or float32) is given. Donate the
-    residual (jax.jit donate_argnums) to have the new residual written into its buffer.
+    residual (jax.jit donate_argnums) and one output takes over its buffer, with no copy: `out`
+    when the residual has x's dtype (jit pairs a donated buffer with its first matching output),
+    the new residual when it is float32 and x is not.
     interpret=None picks the compiled GPU kernel when JAX's default backend is a GPU, else interpret mode.
     """
     for name, a in (("x", x), ("weight", weight), ("residual", residual)):

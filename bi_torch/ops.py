@@ -42,17 +42,20 @@ def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
                          f" strides {tuple(t.stride())}); pass {name}.contiguous() to copy it.") from None
 
 
-def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the memory ranges two (rows, n) views can touch intersect."""
+def _rows_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two (rows, n) views share a byte: exact for equal row strides, else by address span."""
     if a.numel() == 0 or b.numel() == 0:
         return False
-
-    def span(t: torch.Tensor):
-        last = (t.shape[0] - 1) * t.stride(0) + t.shape[1]
-        return t.data_ptr(), t.data_ptr() + last * t.element_size()
-
-    (a0, a1), (b0, b1) = span(a), span(b)
-    return a0 < b1 and b0 < a1
+    a_len, b_len = a.shape[1] * a.element_size(), b.shape[1] * b.element_size()
+    a_stride, b_stride = a.stride(0) * a.element_size(), b.stride(0) * b.element_size()
+    delta = b.data_ptr() - a.data_ptr()  # b's row j starts delta + (j - i) * stride after a's row i
+    if a_stride == b_stride and a.shape[0] == b.shape[0] and a_stride > 0:
+        # Rows i of a and j of b overlap iff -b_len < delta + k * stride < a_len for k = j - i.
+        lo, hi = -(-(-b_len - delta + 1) // a_stride), (a_len - delta - 1) // a_stride
+        return max(lo, 1 - a.shape[0]) <= min(hi, a.shape[0] - 1)
+    a_end = a.data_ptr() + (a.shape[0] - 1) * a_stride + a_len
+    b_end = b.data_ptr() + (b.shape[0] - 1) * b_stride + b_len
+    return a.data_ptr() < b_end and b.data_ptr() < a_end
 
 
 def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor], mode: str,
@@ -84,7 +87,8 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optio
             if rows.shape[0] > 1 and rows.stride(0) < rows.shape[1]:
                 raise ValueError(f"{name}: rows overlap in memory (row stride {rows.stride(0)} < n); "
                                  f"the in-place call cannot write them")
-        if _spans_overlap(x_rows, r_rows):
+        # Addresses are not traceable; under torch.compile the check runs in eager calls only.
+        if not torch.compiler.is_compiling() and _rows_overlap(x_rows, r_rows):
             raise ValueError("residual: must not share memory with x in the in-place call")
 
 

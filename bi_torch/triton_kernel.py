@@ -7,8 +7,8 @@ disables FMA contraction (enable_fp_fusion=False), so v*v + ... never fuses.
 This file is loaded twice by bi_torch/launch.py: once compiled for CUDA tensors and once
 under the Triton interpreter for CPU tensors. So it calls only Triton builtins and its own
 jit functions (tl.sum and friends are jit functions of the compiled library and cannot run
-inside an interpreted kernel), and it rounds to bfloat16 on the bit pattern because the
-interpreter's float32 -> bfloat16 conversion truncates.
+inside an interpreted kernel; tl.reduce is a builtin), and it rounds to bfloat16 on the bit
+pattern because the interpreter's float32 -> bfloat16 conversion truncates.
 """
 
 import triton
@@ -40,10 +40,15 @@ def encode(y, DTYPE: tl.constexpr):
 
 @triton.jit
 def pairwise_sum(q, ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr):
-    """Step 3 on a (ROWS, WIDTH) block, WIDTH a power of two: q = q[0::2] + q[1::2] to one column."""
+    """Step 3 on a (ROWS, WIDTH) block, WIDTH a power of two: q = q[0::2] + q[1::2] to one column.
+
+    Each level is a reduction over an axis of 2, i.e. one add: exact whatever the reduction order.
+    A reduction (unlike tl.split) anchors the layout, so Triton 3.6 keeps the row spread over the
+    threads instead of replicating it in every thread; _sum_combine is the combiner the
+    interpreter recognises and runs as a numpy sum.
+    """
     for level in tl.static_range(LOG2_WIDTH):
-        even, odd = tl.split(tl.reshape(q, (ROWS, WIDTH >> (level + 1), 2)))
-        q = even + odd
+        q = tl.reduce(tl.reshape(q, (ROWS, WIDTH >> (level + 1), 2)), 2, tl.standard._sum_combine)
     return tl.reshape(q, (ROWS,))
 
 

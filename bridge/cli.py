@@ -1,4 +1,4 @@
-"""The `bi-norm` command: verify (the main job), golden (the corpus)."""
+"""The `bi-norm` command: verify (the main job), golden (the corpus), bench (GPU timings)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import List, Optional
 from . import golden
 from .backends import BACKENDS
 from .contract import CONTRACT_VERSION, DTYPES
-from .verify import QUICK_MAX_N, format_table, terminal_progress, verify
+from .verify import CROSS_FRAMEWORK, QUICK_MAX_N, format_table, terminal_progress, verify
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     v = sub.add_parser("verify", help="run the golden corpus and an invariance sweep through every backend")
-    v.add_argument("--backend", action="append", choices=[b.name for b in BACKENDS],
+    v.add_argument("--backend", action="append", choices=[b.name for b in BACKENDS] + [CROSS_FRAMEWORK],
                    help="only this backend (repeatable); default: all, unavailable ones listed with the reason")
     v.add_argument("--dtype", action="append", choices=DTYPES, help="only this dtype (repeatable)")
     v.add_argument("--quick", action="store_true", help=f"rows up to n={QUICK_MAX_N} and a short invariance sweep")
@@ -32,6 +32,19 @@ def _parser() -> argparse.ArgumentParser:
     action.add_argument("--regenerate", action="store_true", help="write the corpus and its manifest")
     action.add_argument("--check", action="store_true", help="exit 1 unless regeneration gives identical bytes")
     g.add_argument("--dir", type=Path, default=golden.DEFAULT_DIR, help="corpus directory")
+
+    b = sub.add_parser("bench", help="time both kernels against peers and a copy on a GPU (BENCHMARKS.md)")
+    shapes = b.add_mutually_exclusive_group()
+    shapes.add_argument("--quick", action="store_true", help="a handful of shapes")
+    shapes.add_argument("--shapes", help='TOKENSxHIDDEN list, e.g. "1x4096,4096x8192"')
+    b.add_argument("--dtype", action="append", choices=("bfloat16", "float32"), help="only this dtype (repeatable)")
+    residual = b.add_mutually_exclusive_group()
+    residual.add_argument("--no-residual", action="store_true", help="only the variant without a residual")
+    residual.add_argument("--residual-only", action="store_true", help="only the fused residual-add variant")
+    b.add_argument("--peers", help="comma-separated peers to time (default: all; our kernels and the copy always)")
+    b.add_argument("--out", type=Path, default=Path("bench-out"), help="where bench.csv, bench-table.txt, "
+                   "bench.png go")
+    b.add_argument("--dry-run", action="store_true", help="no GPU: a synthetic result through the report writer")
     return parser
 
 
@@ -60,10 +73,16 @@ def _golden(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench  # lazily: it needs torch and jax (on a GPU) once it measures
+
+    return bench.run(args)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)  # argparse exits with status 2 on misuse
     try:
-        return {"verify": _verify, "golden": _golden}[args.command](args)
+        return {"verify": _verify, "golden": _golden, "bench": _bench}[args.command](args)
     except FileNotFoundError as e:
         print(f"bi-norm: {e}", file=sys.stderr)
         return 2

@@ -25,12 +25,20 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+# Magnitudes from here on round to infinity in float32 (the midpoint between FLT_MAX and 2**128).
+_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+
+
 def as_float32(value: float) -> float:
-    """A Python float rounded to float32 (nearest even), as a Python float; inf if it overflows."""
+    """A Python float rounded to float32 (nearest even), as a Python float; inf if it overflows.
+
+    Plain arithmetic and one numpy scalar conversion, so torch.compile can trace it.
+    """
     import numpy as np
 
-    with np.errstate(over="ignore"):
-        return float(np.float32(value))
+    if abs(value) >= _FLOAT32_OVERFLOW:
+        return math.copysign(math.inf, value)
+    return float(np.float32(value))
 
 
 def check_rms_norm_args(

@@ -10,7 +10,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from . import golden
+from . import crossframework, golden
 from .backends import BACKENDS, Backend
 from .compare import first_mismatch
 
@@ -18,6 +18,10 @@ QUICK_MAX_N = 1025
 INVARIANCE_SIZES = (7, 128, 1000, 4096, 65536)
 INVARIANCE_BATCHES = (1, 2, 5, 33)
 QUICK_INVARIANCE_BATCHES = (1, 5)
+# The cross-framework row: bi_torch's result handed to JAX zero-copy and compared there.
+CROSS_FRAMEWORK = "torch-jax-dlpack"
+# On CPU both kernels run in interpreters: the cross check keeps to short rows there.
+CROSS_CPU_MAX_N = 129
 
 
 @dataclasses.dataclass
@@ -125,6 +129,37 @@ def run_backend(backend: Backend, cases, invariance_cases, batches, progress: Pr
     return report
 
 
+def run_cross_framework(cases, progress: Progress) -> BackendReport:
+    """bi_torch and bi_jax on the same inputs, bits compared on the device through DLPack."""
+    report = BackendReport(CROSS_FRAMEWORK, "ok")
+    reason = crossframework.probe()
+    if reason is not None:
+        report.status, report.reason = "unavailable", reason
+        return report
+    start = time.perf_counter()
+    try:
+        device = crossframework.best_device()
+        if device == "cpu":
+            cases = [c for c in cases if c.spec.n <= CROSS_CPU_MAX_N]
+        for done, case in enumerate(cases, 1):
+            report.cases += 1
+            for mode, offset in case.out:
+                report.checks += 1
+                problem = crossframework.cross_check(case.x, case.weight, case.spec.eps, case.residual, mode, offset,
+                                                     device=device)
+                if problem:
+                    report.mismatches += 1
+                    report.first_mismatch = report.first_mismatch or f"{case.spec.name} {mode}/{offset:g} {problem}"
+            progress(report.backend, done, len(cases))
+        report.reason = f"on {device}"
+    except Exception as e:  # reported like a crashing backend
+        report.status, report.reason = "error", f"{type(e).__name__}: {e}"
+    report.seconds = time.perf_counter() - start
+    if report.status == "ok" and report.mismatches:
+        report.status = "mismatch"
+    return report
+
+
 def verify(
     backend_names: Optional[Iterable[str]] = None,
     dtypes: Optional[Sequence[str]] = None,
@@ -132,14 +167,19 @@ def verify(
     corpus_dir: Path = golden.DEFAULT_DIR,
     progress: Optional[Progress] = None,
 ) -> List[BackendReport]:
-    """Run the corpus and the invariance sweep through each named backend (default: all)."""
-    names = list(backend_names) if backend_names else [b.name for b in BACKENDS]
+    """Run the corpus and the invariance sweep through each named backend (default: all), then the
+    cross-framework check."""
+    names = list(backend_names) if backend_names else [b.name for b in BACKENDS] + [CROSS_FRAMEWORK]
     corpus = golden.load_corpus(corpus_dir)
     cases = _select_cases(corpus, dtypes, quick)
     invariance_cases = _invariance_cases(cases, quick)
     batches = QUICK_INVARIANCE_BATCHES if quick else INVARIANCE_BATCHES
     by_name = {b.name: b for b in BACKENDS}
-    return [run_backend(by_name[n], cases, invariance_cases, batches, progress or (lambda *a: None)) for n in names]
+    progress = progress or (lambda *a: None)
+    reports = [run_backend(by_name[n], cases, invariance_cases, batches, progress) for n in names if n in by_name]
+    if CROSS_FRAMEWORK in names:
+        reports.append(run_cross_framework(cases, progress))
+    return reports
 
 
 def terminal_progress(stream=None) -> Progress:

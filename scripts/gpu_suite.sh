@@ -10,6 +10,11 @@ out="${OUT:-/tmp/bi-norm-gpu}"; mkdir -p "$out"
 steps=("${@:-verify tests bench}"); steps=(${steps[*]})
 py=python3
 status=0
+# Peers the GPU image lacks (Liger-Kernel) travel as wheels in .whl: name .whl in the call's carry.
+if [ -d .whl ]; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site" || echo "wheel install from .whl failed; bench skips those peers"
+fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $py -c "import sys, torch, triton, jax; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'jax', jax.__version__, jax.devices())"
@@ -19,7 +24,9 @@ for step in "${steps[@]}"; do
     verify)
       $py -m bridge.cli verify 2>&1 | tee "$out/verify.txt" || status=1 ;;
     tests)
-      $py -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$out/gpu-tests.txt" | tail -n 40 || status=1 ;;
+      # Several processes when pytest-xdist is there: compiles dominate a cold run.
+      xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 4")
+      $py -m pytest -q -m gpu -p no:cacheprovider $xdist tests 2>&1 | tee "$out/gpu-tests.txt" | tail -n 40 || status=1 ;;
     bench)
       if [ -f bridge/bench.py ]; then
         $py -m bridge.cli bench --out "$out" 2>&1 | tee "$out/bench.txt" || status=1

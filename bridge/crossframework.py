@@ -1,0 +1,183 @@
+"""Each framework's kernel on the other framework's arrays, and a bitwise cross-check on the device.
+
+`torch_rms_norm_on_jax` runs bi_torch's Triton kernel on JAX arrays and `jax_rms_norm_on_torch`
+runs bi_jax's Pallas kernel on torch tensors: inputs and results cross through `bridge.dlpack`
+without a copy or a host round trip, and come back in the caller's framework. `cross_check` runs
+both kernels on the same device memory and compares their bits there, in JAX.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Callable, Optional, Tuple, Union
+
+import numpy as np
+
+from . import reference
+from .dlpack import to_jax, to_torch
+
+if TYPE_CHECKING:
+    import jax
+    import torch
+
+
+def probe() -> Optional[str]:
+    """None when both kernels can run here, else why not (as `bridge.backends` probes say it)."""
+    try:
+        import bi_jax  # noqa: F401
+        import bi_torch  # noqa: F401
+    except ImportError as e:
+        return f"needs torch, triton and jax ({e.name} not importable)"
+    return None
+
+
+def torch_rms_norm_on_jax(
+    x: jax.Array,
+    weight: jax.Array,
+    eps: float = 1e-6,
+    residual: Optional[jax.Array] = None,
+    *,
+    mode: str = "llama",
+    weight_offset: float = 0.0,
+) -> Union[jax.Array, Tuple[jax.Array, jax.Array]]:
+    """bi_torch.rms_norm on JAX arrays: out, or (out, new_residual), as JAX arrays on x's device."""
+    import bi_torch
+
+    result = bi_torch.rms_norm(to_torch(x), to_torch(weight), eps, None if residual is None else to_torch(residual),
+                               mode=mode, weight_offset=weight_offset)
+    if residual is None:
+        return to_jax(result)
+    return to_jax(result[0]), to_jax(result[1])
+
+
+def jax_rms_norm_on_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    residual: Optional[torch.Tensor] = None,
+    *,
+    mode: str = "llama",
+    weight_offset: float = 0.0,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """bi_jax.rms_norm on torch tensors: out, or (out, new_residual), as torch tensors on x's device.
+
+    The compiled Pallas kernel runs on a GPU, interpret mode on the CPU: chosen by the tensors'
+    device, not by JAX's default backend (CPU tensors on a GPU machine stay on the CPU).
+    """
+    result = _bi_jax(to_jax(x), to_jax(weight), eps, None if residual is None else to_jax(residual), mode,
+                     weight_offset)
+    if residual is None:
+        return to_torch(result)
+    return to_torch(result[0]), to_torch(result[1])
+
+
+def _bi_jax(x: jax.Array, weight: jax.Array, eps: float, residual: Optional[jax.Array], mode: str,
+            weight_offset: float) -> Union[jax.Array, Tuple[jax.Array, jax.Array]]:
+    """bi_jax.rms_norm on x's device: compiled on a GPU, interpret mode on the CPU."""
+    import jax
+
+    import bi_jax
+
+    (device,) = x.devices()
+    with jax.default_device(device):
+        return bi_jax.rms_norm(x, weight, eps, residual, mode=mode, weight_offset=weight_offset,
+                               interpret=device.platform != "gpu")
+
+
+def first_bit_difference(a: jax.Array, b: jax.Array, labels: Tuple[str, str] = ("a", "b")) -> Optional[str]:
+    """None if float arrays a and b have the same shape, dtype and bits; else the first difference.
+
+    The comparison runs where the arrays are (integer views, on the device); only a few scalars
+    come back to the host.
+    """
+    import jax.numpy as jnp
+    from jax import lax
+
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return f"{labels[0]} is {a.dtype}{list(a.shape)}, {labels[1]} is {b.dtype}{list(b.shape)}"
+    count, i = (int(v) for v in _count_and_first_difference()(a, b))
+    if count == 0:
+        return None
+    where = tuple(int(k) for k in np.unravel_index(i, a.shape))
+    uint = jnp.dtype(f"uint{8 * a.dtype.itemsize}")
+    width = 2 * a.dtype.itemsize
+
+    def show(label: str, v: jax.Array) -> str:
+        value = v.ravel()[i]
+        return f"{label} {value.item()!r} (0x{int(lax.bitcast_convert_type(value, uint)):0{width}x})"
+
+    return (f"{count} of {a.size} elements differ; first at index {where}: "
+            f"{show(labels[0], a)}, {show(labels[1], b)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _count_and_first_difference() -> Callable:
+    """One compiled program (per shape and dtype): how many elements differ in bits, and the first."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    @jax.jit
+    def run(a: jax.Array, b: jax.Array) -> Tuple[jax.Array, jax.Array]:
+        uint = jnp.dtype(f"uint{8 * a.dtype.itemsize}")
+        differs = (lax.bitcast_convert_type(a, uint) != lax.bitcast_convert_type(b, uint)).ravel()
+        return jnp.sum(differs), jnp.argmax(differs)
+
+    return run
+
+
+def best_device() -> str:
+    """"cuda" when both torch and JAX see a GPU, else "cpu"."""
+    import jax
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
+
+
+def _torch_from_numpy(a: Optional[np.ndarray], device: str) -> Optional[torch.Tensor]:
+    """A new tensor with exactly a's bits (through an integer view: torch has no ml_dtypes bfloat16).
+
+    torch.tensor copies into torch's allocator, whose CPU buffers are 64-byte aligned, so that
+    JAX can import them without a copy.
+    """
+    import torch
+
+    import bi_torch
+
+    if a is None:
+        return None
+    ints = reference.bits(a).view({2: np.int16, 4: np.int32}[a.dtype.itemsize])
+    return torch.tensor(ints, device=device).view(bi_torch.torch_dtype(reference.dtype_name(a.dtype)))
+
+
+def cross_check(
+    x_np: np.ndarray,
+    weight_np: np.ndarray,
+    eps: float,
+    residual_np: Optional[np.ndarray],
+    mode: str,
+    weight_offset: float,
+    *,
+    device: Optional[str] = None,
+) -> Optional[str]:
+    """bi_torch and bi_jax on the same inputs, compared bit for bit on the device: None if equal.
+
+    bi_torch runs on torch tensors on `device` ("cuda" or "cpu"; default `best_device()`), its
+    results go to JAX zero-copy; bi_jax runs on the very same input memory (to_jax of the torch
+    inputs) on JAX's matching device. Otherwise a one-line description: which output, how many
+    elements differ, the first differing index and both values.
+    """
+    import bi_torch
+
+    device = device or best_device()
+    x, weight, residual = (_torch_from_numpy(a, device) for a in (x_np, weight_np, residual_np))
+    by_torch = bi_torch.rms_norm(x, weight, eps, residual, mode=mode, weight_offset=weight_offset)
+    by_jax = _bi_jax(to_jax(x), to_jax(weight), eps, None if residual is None else to_jax(residual), mode,
+                     weight_offset)
+    if residual is None:
+        by_torch, by_jax = (by_torch,), (by_jax,)
+    for what, t, j in zip(("out", "new_residual"), by_torch, by_jax):
+        problem = first_bit_difference(to_jax(t), j, labels=("torch", "jax"))
+        if problem:
+            return f"{what}: {problem}"
+    return None
