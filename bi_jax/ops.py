@@ -7,7 +7,6 @@ way each row's bits equal a single-device, unbatched run.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Optional, Tuple, Union
 
@@ -19,15 +18,11 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bridge.contract import check_rms_norm_args, as_float32, next_power_of_two
+from bridge.contract import as_float32, check_rms_norm_args
+from bridge.tiling import launch_config
 
 from .pallas_kernel import rms_norm_kernel
 
-# Rows up to this many elements (a power of two) are held in registers whole; longer rows are
-# summed in chunks of MAX_CHUNK and read twice.
-MAX_WHOLE_ROW = 16384
-MAX_CHUNK = 8192
-TARGET_BLOCK = 4096
 # Pallas-Triton indexes with int32.
 MAX_ELEMENTS = 2**31 - 1
 
@@ -37,22 +32,6 @@ _NAMES = {jnp.dtype(jnp.float32): "float32", jnp.dtype(jnp.bfloat16): "bfloat16"
 def dtype_name(dtype) -> str:
     """The contract's name for a JAX dtype, else its own name (which the contract rejects)."""
     return _NAMES.get(jnp.dtype(dtype), jnp.dtype(dtype).name)
-
-
-@dataclasses.dataclass(frozen=True)
-class LaunchConfig:
-    rows: int
-    chunk: int
-    num_chunks: int
-    num_warps: int
-
-
-def launch_config(n: int, n_rows: int) -> LaunchConfig:
-    width = next_power_of_two(n)
-    if width > MAX_WHOLE_ROW:
-        return LaunchConfig(1, MAX_CHUNK, width // MAX_CHUNK, 16)
-    rows = max(1, min(16, TARGET_BLOCK // width, next_power_of_two(max(n_rows, 1))))
-    return LaunchConfig(rows, width, 1, max(1, min(16, rows * width // 512)))
 
 
 def default_interpret() -> bool:

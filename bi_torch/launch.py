@@ -1,13 +1,12 @@
-"""Launching the Triton kernel: the compiled and interpreted copies, and the launch configuration.
+"""Launching the Triton kernel: the compiled copy for CUDA tensors, the interpreted one for CPU.
 
-The configuration (rows per program, chunk size, warps) depends only on n and the number of
-rows; a row's bits never depend on it (NUMERICS.md, "batch invariance").
+The launch configuration comes from bridge.tiling (shared with bi_jax); a row's bits never
+depend on it (NUMERICS.md, "batch invariance").
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import importlib.util
 import os
@@ -16,32 +15,10 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from bridge.contract import as_float32, next_power_of_two
+from bridge.contract import as_float32
+from bridge.tiling import launch_config
 
 from . import triton_kernel
-
-# Rows up to this many elements (a power of two) are held in registers whole; longer rows are
-# summed in chunks of MAX_CHUNK and read twice.
-MAX_WHOLE_ROW = 16384
-MAX_CHUNK = 8192
-# Aim for about this many elements per program when rows are short.
-TARGET_BLOCK = 4096
-
-
-@dataclasses.dataclass(frozen=True)
-class LaunchConfig:
-    rows: int
-    chunk: int
-    num_chunks: int
-    num_warps: int
-
-
-def launch_config(n: int, n_rows: int) -> LaunchConfig:
-    width = next_power_of_two(n)
-    if width > MAX_WHOLE_ROW:
-        return LaunchConfig(1, MAX_CHUNK, width // MAX_CHUNK, 16)
-    rows = max(1, min(16, TARGET_BLOCK // width, next_power_of_two(max(n_rows, 1))))
-    return LaunchConfig(rows, width, 1, max(1, min(16, rows * width // 512)))
 
 
 @functools.lru_cache(maxsize=None)
