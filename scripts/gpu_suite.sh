@@ -26,7 +26,7 @@ for step in "${steps[@]}"; do
     tests)
       # Several processes when pytest-xdist is there: compiles dominate a cold run.
       xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 4")
-      $py -m pytest -q -m gpu -p no:cacheprovider $xdist tests 2>&1 | tee "$out/gpu-tests.txt" | tail -n 40 || status=1 ;;
+      $py -m pytest -q -m "gpu or codegen" -p no:cacheprovider $xdist tests 2>&1 | tee "$out/gpu-tests.txt" | tail -n 40 || status=1 ;;
     bench)
       if [ -f bridge/bench.py ]; then
         $py -m bridge.cli bench --out "$out" 2>&1 | tee "$out/bench.txt" || status=1
