@@ -1,6 +1,8 @@
 """bi_torch: batch-invariant RMSNorm for PyTorch, a Triton kernel bitwise equal to bridge.reference."""
 
 from .module import RMSNorm
-from .ops import dtype_name, fused_add_rms_norm_, rms_norm, rms_norm_batch_invariant, torch_dtype
+from .ops import (dtype_name, from_numpy, fused_add_rms_norm_, rms_norm, rms_norm_batch_invariant, to_numpy,
+                  torch_dtype)
 
-__all__ = ["RMSNorm", "dtype_name", "fused_add_rms_norm_", "rms_norm", "rms_norm_batch_invariant", "torch_dtype"]
+__all__ = ["RMSNorm", "dtype_name", "from_numpy", "fused_add_rms_norm_", "rms_norm", "rms_norm_batch_invariant",
+           "to_numpy", "torch_dtype"]

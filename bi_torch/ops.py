@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
+import numpy as np
 import torch
 
+from bridge import reference
 from bridge.contract import check_rms_norm_args
 
 from .launch import launch
@@ -25,6 +27,22 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def torch_dtype(name: str) -> torch.dtype:
     return {v: k for k, v in _NAMES.items()}[name]
+
+
+def from_numpy(a: np.ndarray, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+    """A new tensor with exactly a's bits (bfloat16 as ml_dtypes.bfloat16), through an integer view.
+
+    torch has no ml_dtypes bfloat16, and an integer view rounds nothing (NaN payloads, -0.0).
+    torch.tensor copies into torch's allocator, whose CPU buffers JAX can import without a copy.
+    """
+    ints = reference.bits(a).view({2: np.int16, 4: np.int32}[a.dtype.itemsize])
+    return torch.tensor(ints, device=device).view(torch_dtype(reference.dtype_name(a.dtype)))
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A new numpy array (bfloat16 as ml_dtypes.bfloat16) with exactly t's bits."""
+    ints = t.detach().cpu().contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+    return ints.numpy().copy().view(reference.numpy_dtype(dtype_name(t.dtype)))
 
 
 def _rows(t: torch.Tensor, name: str) -> torch.Tensor:

@@ -41,28 +41,17 @@ def _torch_probe(device: str) -> Optional[str]:
 
 
 def _torch_runner(device: str) -> RunFn:
-    import torch
-
     import bi_torch
 
     def to_torch(a: Optional[np.ndarray]):
-        if a is None:
-            return None
-        signed = {2: np.int16, 4: np.int32}[a.dtype.itemsize]
-        t = torch.from_numpy(reference.bits(a).view(signed).copy())
-        return t.view(bi_torch.torch_dtype(reference.dtype_name(a.dtype))).to(device)
-
-    def to_numpy(t) -> np.ndarray:
-        name = str(t.dtype).replace("torch.", "")
-        signed = {2: torch.int16, 4: torch.int32}[t.element_size()]
-        return t.detach().cpu().view(signed).numpy().view(reference._NUMPY_DTYPES[name])
+        return None if a is None else bi_torch.from_numpy(a, device)
 
     def run(x, weight, eps, residual, mode, weight_offset):
         result = bi_torch.rms_norm(to_torch(x), to_torch(weight), eps, to_torch(residual), mode=mode,
                                    weight_offset=weight_offset)
         if residual is None:
-            return to_numpy(result)
-        return to_numpy(result[0]), to_numpy(result[1])
+            return bi_torch.to_numpy(result)
+        return bi_torch.to_numpy(result[0]), bi_torch.to_numpy(result[1])
 
     return run
 

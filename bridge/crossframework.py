@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Callable, Optional, Tuple, Union
 
 import numpy as np
 
-from . import reference
 from .dlpack import to_jax, to_torch
 
 if TYPE_CHECKING:
@@ -134,22 +133,6 @@ def best_device() -> str:
     return "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
 
 
-def _torch_from_numpy(a: Optional[np.ndarray], device: str) -> Optional[torch.Tensor]:
-    """A new tensor with exactly a's bits (through an integer view: torch has no ml_dtypes bfloat16).
-
-    torch.tensor copies into torch's allocator, whose CPU buffers are 64-byte aligned, so that
-    JAX can import them without a copy.
-    """
-    import torch
-
-    import bi_torch
-
-    if a is None:
-        return None
-    ints = reference.bits(a).view({2: np.int16, 4: np.int32}[a.dtype.itemsize])
-    return torch.tensor(ints, device=device).view(bi_torch.torch_dtype(reference.dtype_name(a.dtype)))
-
-
 def cross_check(
     x_np: np.ndarray,
     weight_np: np.ndarray,
@@ -170,7 +153,8 @@ def cross_check(
     import bi_torch
 
     device = device or best_device()
-    x, weight, residual = (_torch_from_numpy(a, device) for a in (x_np, weight_np, residual_np))
+    x, weight, residual = (None if a is None else bi_torch.from_numpy(a, device)
+                           for a in (x_np, weight_np, residual_np))
     by_torch = bi_torch.rms_norm(x, weight, eps, residual, mode=mode, weight_offset=weight_offset)
     by_jax = _bi_jax(to_jax(x), to_jax(weight), eps, None if residual is None else to_jax(residual), mode,
                      weight_offset)

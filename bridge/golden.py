@@ -115,7 +115,7 @@ def _pattern_row(rng: np.random.Generator, pattern: str, n: int, dtype: str) -> 
 
 def _as(values: np.ndarray, dtype: str) -> np.ndarray:
     with np.errstate(over="ignore"):
-        return values.astype(np.float32).astype(reference._NUMPY_DTYPES[dtype])
+        return values.astype(np.float32).astype(reference.numpy_dtype(dtype))
 
 
 def generate_case(spec: CaseSpec) -> GoldenCase:
@@ -236,7 +236,7 @@ def load_corpus(directory: Path = DEFAULT_DIR, *, verify_digests: bool = True) -
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             arrays = {
                 name[:-4]: np.lib.format.read_array(io.BytesIO(zf.read(name))).view(
-                    reference._NUMPY_DTYPES[entry["dtypes"][name[:-4]]])
+                    reference.numpy_dtype(entry["dtypes"][name[:-4]]))
                 for name in zf.namelist()
             }
         outputs = tuple((m, float(o)) for m, o in entry["outputs"])

@@ -27,6 +27,11 @@ def dtype_name(dtype: np.dtype) -> str:
     return np.dtype(dtype).name
 
 
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype for a contract dtype name (bfloat16 as ml_dtypes.bfloat16)."""
+    return _NUMPY_DTYPES[name]
+
+
 def bits(a: np.ndarray) -> np.ndarray:
     """The raw bit patterns of a float array as unsigned integers of the same width."""
     return np.ascontiguousarray(a).view(_BITS_DTYPES[dtype_name(a.dtype)])

@@ -32,8 +32,7 @@ from bridge import golden, reference
 from bridge.compare import assert_bitwise_equal
 
 DTYPES = ("float32", "bfloat16", "float16")
-NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-                "float16": np.dtype(np.float16)}
+NUMPY_DTYPES = {name: reference.numpy_dtype(name) for name in ("float32", "bfloat16", "float16")}
 JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 CASE_NAMES = [entry["name"] for entry in golden.load_manifest()["cases"]]
 N = 100  # the row length most tests share (pads to 128: masked columns, 16 rows per program)

@@ -20,7 +20,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax import lax  # noqa: E402
@@ -45,8 +44,7 @@ pytestmark = [
 
 CASE_NAMES = [entry["name"] for entry in golden.load_manifest()["cases"]]
 JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-                "float16": np.dtype(np.float16)}
+NUMPY_DTYPES = {name: reference.numpy_dtype(name) for name in ("float32", "bfloat16", "float16")}
 STATIC = ("eps", "mode", "weight_offset")
 # The compiled kernel (interpret=False, explicitly) and interpret mode, each jitted once per shape.
 COMPILED = jax.jit(functools.partial(bi_jax.rms_norm, interpret=False), static_argnames=STATIC)

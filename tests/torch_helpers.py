@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import ml_dtypes
 import numpy as np
 import torch
 
@@ -17,28 +16,18 @@ from bridge import reference
 from bridge.compare import assert_bitwise_equal
 
 DTYPES = ("float32", "bfloat16", "float16")
-NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-                "float16": np.dtype(np.float16)}
-_SIGNED_NP = {2: np.int16, 4: np.int32}
+NUMPY_DTYPES = {name: reference.numpy_dtype(name) for name in ("float32", "bfloat16", "float16")}
 _SIGNED_TORCH = {2: torch.int16, 4: torch.int32}
 
 
 def to_torch(a: Optional[np.ndarray], device="cpu") -> Optional[torch.Tensor]:
     """A torch tensor with exactly a's bits (a copy; contiguous), on `device`."""
-    if a is None:
-        return None
-    ints = reference.bits(a).view(_SIGNED_NP[a.dtype.itemsize]).copy()
-    t = torch.from_numpy(ints).view(bi_torch.torch_dtype(reference.dtype_name(a.dtype)))
-    return t.to(device)
+    return None if a is None else bi_torch.from_numpy(a, device)
 
 
 def to_numpy(t: Optional[torch.Tensor]) -> Optional[np.ndarray]:
     """A numpy array (bfloat16 as ml_dtypes.bfloat16) with exactly t's bits."""
-    if t is None:
-        return None
-    name = bi_torch.dtype_name(t.dtype)
-    ints = t.detach().cpu().contiguous().view(_SIGNED_TORCH[t.element_size()]).numpy().copy()
-    return ints.view(NUMPY_DTYPES[name])
+    return None if t is None else bi_torch.to_numpy(t)
 
 
 def int_view(t: torch.Tensor) -> torch.Tensor:
