@@ -45,7 +45,7 @@ def _rows_call(x2, weight, residual2, *, eps, mode, weight_offset, interpret):
     if n_rows == 0:
         out = jnp.empty(x2.shape, x2.dtype)
         return out if residual2 is None else (out, jnp.empty(residual2.shape, residual2.dtype))
-    cfg = launch_config(n, n_rows)
+    cfg = launch_config(n, n_rows, x2.dtype.itemsize)
     has_residual = residual2 is not None
     kernel = functools.partial(
         rms_norm_kernel, n_rows=n_rows, n_cols=n, eps=as_float32(eps), weight_offset=as_float32(weight_offset),
@@ -64,11 +64,11 @@ def _rows_call(x2, weight, residual2, *, eps, mode, weight_offset, interpret):
         body,
         out_shape=out_shape,
         grid=(pl.cdiv(n_rows, cfg.rows),),
-        # The residual's buffer is reused for an output of its dtype, so a donated (or dead) residual
-        # costs no allocation and no copy. With the residual in x's dtype that is `out`, the output
-        # jax.jit pairs a donated residual with (its first output of that type); safe, as every
-        # residual element is read before the reduction's barrier, ahead of any store to out.
-        input_output_aliases={} if not has_residual else {1: 0 if residual2.dtype == x2.dtype else 1},
+        # With a residual, out is written over x and the new residual over the residual, as vLLM's
+        # in-place add+norm does (each element is read before it is written, by the same thread):
+        # inside a jitted model, where both are dead after the norm or carried through a loop over
+        # layers, that costs no allocation and no copy. Without one, x usually lives on.
+        input_output_aliases={} if not has_residual else {0: 0, 1: 1},
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         interpret=interpret,
         name="bi_norm_rms_norm",
@@ -155,10 +155,11 @@ def rms_norm(
 ) -> Union[jax.Array, Tuple[jax.Array, jax.Array]]:
     """Batch-invariant RMSNorm over the last axis (NUMERICS.md).
 
-    Returns out, or (out, new_residual) when a residual (x's dtype or float32) is given. Donate the
-    residual (jax.jit donate_argnums) and one output takes over its buffer, with no copy: `out`
-    when the residual has x's dtype (jit pairs a donated buffer with its first matching output),
-    the new residual when it is float32 and x is not.
+    Returns out, or (out, new_residual) when a residual (x's dtype or float32) is given. With a
+    residual the kernel writes out over x and the new residual over the residual: free inside a
+    jitted model (x and the residual dead after the norm, or carried through a loop over layers)
+    or when both are donated (jax.jit donate_argnums=(x, residual)); XLA copies an input that
+    is still alive or not donated first, so the caller's arrays never change.
     interpret=None picks the compiled GPU kernel when JAX's default backend is a GPU, else interpret mode.
     """
     for name, a in (("x", x), ("weight", weight), ("residual", residual)):

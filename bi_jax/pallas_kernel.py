@@ -19,6 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from bridge.contract import CANONICAL_NAN_BITS
+from bridge.tiling import SPLIT_WIDTH
 
 NAN_F32 = CANONICAL_NAN_BITS["float32"]
 NAN_BF16 = CANONICAL_NAN_BITS["bfloat16"]
@@ -57,13 +58,20 @@ class ExactOps:
         return lax.optimization_barrier(jnp.sqrt(a)) if self.interpret else _ptx("sqrt.rn.f32 $0, $1;", a)
 
     def pairwise_sum(self, q: jax.Array, rows: int, width: int) -> jax.Array:
-        """Step 3 on a (rows, width) block, width a power of two: q = q[0::2] + q[1::2] to one column."""
+        """Step 3 on a (rows, width) block, width a power of two: q = q[0::2] + q[1::2] to one column.
+
+        On GPU as in the Triton kernel: a reduction over an axis of 2 down to SPLIT_WIDTH sums per
+        row, then pairs split apart and added (Pallas-Triton cannot lower value slicing).
+        """
         while width > 1:
             width //= 2
             if self.interpret:
                 q = q[:, 0::2] + q[:, 1::2]
-            else:  # Pallas-Triton cannot lower value slicing; a 2-element sum is one add
+            elif width >= SPLIT_WIDTH:
                 q = q.reshape(rows, width, 2).sum(-1)
+            else:
+                even, odd = jnp.unstack(q.reshape(rows, width, 2), axis=-1)
+                q = even + odd
         return q.reshape(rows)
 
     def barrier(self) -> None:

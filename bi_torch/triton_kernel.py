@@ -15,6 +15,9 @@ import triton
 import triton.language as tl
 
 from bridge.contract import CANONICAL_NAN_BITS
+from bridge.tiling import SPLIT_WIDTH
+
+LOG2_SPLIT_WIDTH: tl.constexpr = tl.constexpr(SPLIT_WIDTH.bit_length() - 1)
 
 NAN_F32: tl.constexpr = tl.constexpr(CANONICAL_NAN_BITS["float32"])
 NAN_BF16: tl.constexpr = tl.constexpr(CANONICAL_NAN_BITS["bfloat16"])
@@ -42,13 +45,19 @@ def encode(y, DTYPE: tl.constexpr):
 def pairwise_sum(q, ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr):
     """Step 3 on a (ROWS, WIDTH) block, WIDTH a power of two: q = q[0::2] + q[1::2] to one column.
 
-    Each level is a reduction over an axis of 2, i.e. one add: exact whatever the reduction order.
-    A reduction (unlike tl.split) anchors the layout, so Triton 3.6 keeps the row spread over the
-    threads instead of replicating it in every thread; _sum_combine is the combiner the
-    interpreter recognises and runs as a numpy sum.
+    Down to SPLIT_WIDTH sums per row, each level is a reduction over an axis of 2, i.e. one add:
+    exact whatever the reduction order. A reduction anchors the layout, so Triton 3.6 keeps the
+    row spread over the threads (a tl.split of the whole row would replicate it in every thread);
+    _sum_combine is the combiner the interpreter recognises and runs as a numpy sum. The last
+    levels split pairs apart and add them: one shared-memory exchange for all of them instead of
+    two barriers per level (bridge/tiling.py).
     """
-    for level in tl.static_range(LOG2_WIDTH):
+    SPLIT_LEVELS: tl.constexpr = LOG2_SPLIT_WIDTH if LOG2_WIDTH > LOG2_SPLIT_WIDTH else LOG2_WIDTH
+    for level in tl.static_range(LOG2_WIDTH - SPLIT_LEVELS):
         q = tl.reduce(tl.reshape(q, (ROWS, WIDTH >> (level + 1), 2)), 2, tl.standard._sum_combine)
+    for level in tl.static_range(LOG2_WIDTH - SPLIT_LEVELS, LOG2_WIDTH):
+        even, odd = tl.split(tl.reshape(q, (ROWS, WIDTH >> (level + 1), 2)))
+        q = even + odd
     return tl.reshape(q, (ROWS,))
 
 

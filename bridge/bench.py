@@ -381,9 +381,10 @@ def time_torch(fn: Callable, sets: Sequence[tuple]) -> Tuple[float, str]:
 def time_jax(op: Callable, sets: Sequence[tuple], weight, case: Case) -> Tuple[float, str]:
     """Median µs per call of op over K = min(sets, JAX_SETS) input sets, looped on the GPU.
 
-    The loop runs op on all K sets, then again on those results rotated by one, back into the
-    carry: each call consumes an earlier call's output, so XLA can neither hoist nor drop one,
-    and no slice of a stacked array (which XLA would copy before a Pallas call) is needed. The
+    The loop runs op on all K sets rotated by one, then on those results rotated back, into the
+    carry: each call consumes an earlier call's output, so XLA can neither hoist nor drop one, a
+    buffer written in place (the residual) ends in the carry slot it came from, and no slice of
+    a stacked array (which XLA would copy before a Pallas call) is needed. The
     carry is donated and fed back; one dispatch covers ~JAX_CALL_S of GPU work. Should XLA keep
     a copy in the loop (extra bytes), the unrolled scheme (time_jax_unrolled) is used instead.
     """
@@ -402,8 +403,8 @@ def time_jax(op: Callable, sets: Sequence[tuple], weight, case: Case) -> Tuple[f
         def body(_, sets_in):
             # The barriers keep XLA from fusing two norms into one pass, and order every first-pass
             # call before any second-pass write, so the carry's buffers can be reused in place.
-            mid = barrier([as_set(op(x, r, w)) for x, r in sets_in])
-            return [barrier(as_set(op(*mid[(i + 1) % k], w))) for i in range(k)]
+            mid = barrier([as_set(op(*sets_in[(i + 1) % k], w)) for i in range(k)])
+            return [barrier(as_set(op(*mid[(i - 1) % k], w))) for i in range(k)]
         return jax.lax.fori_loop(0, iterations, body, carry)
 
     carry = jax.tree.map(jnp.copy, [tuple(s) for s in sets[:k]])

@@ -25,8 +25,8 @@ for step in "${steps[@]}"; do
       $py -m bridge.cli verify 2>&1 | tee "$out/verify.txt" || status=1 ;;
     tests)
       # Several processes when pytest-xdist is there: compiles dominate a cold run.
-      xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 4")
-      $py -m pytest -q -m "gpu or codegen" -p no:cacheprovider $xdist tests 2>&1 | tee "$out/gpu-tests.txt" | tail -n 40 || status=1 ;;
+      xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
+      $py -m pytest -m "gpu or codegen" -p no:cacheprovider -v -rfE --tb=short --durations=20 $xdist tests 2>&1 | tee "$out/gpu-tests.txt" | tail -n 40 || status=1 ;;
     bench)
       if [ -f bridge/bench.py ]; then
         $py -m bridge.cli bench --out "$out" 2>&1 | tee "$out/bench.txt" || status=1

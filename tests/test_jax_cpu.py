@@ -394,10 +394,8 @@ def test_sharded_columns_still_give_the_same_bits(mesh):
 
 
 # --------------------------------------------------------------------------------------------
-# G) Donating the residual: its buffer is reused for the output of its dtype, with the same bits.
-#    jax.jit pairs a donated buffer with the first output of its shape and dtype: the new residual
-#    for a float32 residual with a 16-bit x, `out` for a residual in x's dtype (the kernel aliases
-#    the residual to that same output, so XLA needs no copy on a GPU: tests/test_jax_gpu.py).
+# G) Donating x and the residual: out is written in x's buffer and the new residual in the
+#    residual's, with the same bits (jax.jit pairs x with `out`, the residual with the new one).
 # --------------------------------------------------------------------------------------------
 
 
@@ -406,30 +404,31 @@ def _alias_map(compiled_text: str) -> str:
     return match.group(1) if match else ""
 
 
-DONATE = [("bfloat16", "float32", 1), ("float16", "float32", 1), ("float32", "float32", 0),
-          ("bfloat16", "bfloat16", 0), ("float16", "float16", 0)]
+DONATE = [("bfloat16", "float32"), ("float16", "float32"), ("float32", "float32"), ("bfloat16", "bfloat16"),
+          ("float16", "float16")]
 
 
-@pytest.mark.parametrize("dtype,rdtype,holder", DONATE)
-def test_donated_residual(dtype, rdtype, holder):
+@pytest.mark.parametrize("dtype,rdtype", DONATE)
+def test_donated_residual(dtype, rdtype):
     rng = np.random.default_rng(_seed("donate", dtype, rdtype))
     x, w, r = random_rows(rng, (8, N), dtype), random_weight(rng, N, dtype), random_rows(rng, (8, N), rdtype)
     fn = lambda a, b, c: bi_jax.rms_norm(a, b, 1e-6, c)  # noqa: E731
     plain = jax.jit(fn)(jnp.asarray(x), jnp.asarray(w), jnp.asarray(r))
-    donating = jax.jit(fn, donate_argnums=2)
+    donating = jax.jit(fn, donate_argnums=(0, 2))
     jx, jw, jr = jnp.asarray(x), jnp.asarray(w), jnp.asarray(r)
-    # Entry output `holder` may alias parameter 2 (the residual).
+    # Entry output 0 (out) may alias parameter 0 (x), output 1 (the new residual) parameter 2.
     aliases = _alias_map(donating.lower(jx, jw, jr).compile().as_text())
-    assert re.search(rf"\{{{holder}\}}: \(2, \{{\}}, (may|must)-alias\)", aliases), aliases
-    pointer = jr.unsafe_buffer_pointer()
+    assert re.search(r"\{0\}: \(0, \{\}, (may|must)-alias\)", aliases), aliases
+    assert re.search(r"\{1\}: \(2, \{\}, (may|must)-alias\)", aliases), aliases
+    pointers = [jx.unsafe_buffer_pointer(), jr.unsafe_buffer_pointer()]
     got = donating(jx, jw, jr)
-    assert jr.is_deleted()
-    holders = [i for i in (0, 1) if got[i].unsafe_buffer_pointer() == pointer]
-    assert holders == [holder], f"outputs in the donated buffer: {holders}; HLO aliases: {aliases}"
+    assert jx.is_deleted() and jr.is_deleted()
+    assert [g.unsafe_buffer_pointer() for g in got] == pointers, f"outputs not in the donated buffers; {aliases}"
     assert_pair_bits(tuple(plain), tuple(got), "donated vs not")
     assert_pair_bits(ref(x, w, 1e-6, r), tuple(got), "donated vs reference")
     # The residual is left alone when it is not donated (jitted or eager).
     kept = jnp.asarray(r)
+    jx = jnp.asarray(x)
     jax.block_until_ready(jax.jit(fn)(jx, jw, kept))
     jax.block_until_ready(fn(jx, jw, kept))
     assert not kept.is_deleted()

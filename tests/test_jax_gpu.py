@@ -208,17 +208,16 @@ def test_compiled_matches_interpret(dtype, kind, mode, offset, n):
 
 
 # --------------------------------------------------------------------------------------------
-# Donating the residual: its buffer is reused, without a copy, for the output of its dtype
-# (the new residual for a float32 residual with a bfloat16 x, `out` for a residual in x's dtype:
-# jax.jit pairs a donated buffer with its first output of that shape and dtype).
+# Donating x and the residual: out is written in x's buffer and the new residual in the residual's,
+# without a copy (jax.jit pairs x with `out` and the residual with the new residual).
 # --------------------------------------------------------------------------------------------
 
-DONATE = [("bfloat16", "float32", 4096, 1), ("bfloat16", "float32", 65536, 1), ("bfloat16", "bfloat16", 4096, 0),
-          ("float32", "float32", 4096, 0)]
+DONATE = [("bfloat16", "float32", 4096), ("bfloat16", "float32", 65536), ("bfloat16", "bfloat16", 4096),
+          ("float32", "float32", 4096)]
 
 
-@pytest.mark.parametrize("dtype,rdtype,n,holder", DONATE)
-def test_donated_residual(dtype, rdtype, n, holder):
+@pytest.mark.parametrize("dtype,rdtype,n", DONATE)
+def test_donated_residual(dtype, rdtype, n):
     keys = jax.random.split(jax.random.key(_seed("gpu-donate", dtype, rdtype, n)), 3)
     x, w = gpu_rows(keys[0], (64, n), dtype), gpu_weight(keys[1], n, dtype)
     r = gpu_rows(keys[2], (64, n), rdtype)
@@ -226,23 +225,44 @@ def test_donated_residual(dtype, rdtype, n, holder):
     r_before = np.asarray(r)
     plain = jax.jit(fn)(x, w, r)
     assert_bits(r_before, r, "a residual that was not donated is unchanged")
-    donating = jax.jit(fn, donate_argnums=2)
-    donated = jnp.copy(r)  # a fresh buffer with r's bits, to give away
-    pointer = donated.unsafe_buffer_pointer()
-    got = donating(x, w, donated)
-    assert donated.is_deleted()
+    donating = jax.jit(fn, donate_argnums=(0, 2))
+    given_x, donated = jnp.copy(x), jnp.copy(r)  # fresh buffers with x's and r's bits, to give away
+    pointers = [given_x.unsafe_buffer_pointer(), donated.unsafe_buffer_pointer()]
+    got = donating(given_x, w, donated)
+    assert donated.is_deleted() and given_x.is_deleted()
     assert_bits(plain[0], got[0], "donated vs not: out")
     assert_bits(plain[1], got[1], "donated vs not: new_residual")
     text = donating.lower(x, w, r).compile().as_text()
     aliases = re.search(r"input_output_alias=\{(.*?)\}, entry", text)
-    holders = [i for i in (0, 1) if got[i].unsafe_buffer_pointer() == pointer]
-    assert holders == [holder], f"outputs in the donated buffer: {holders}; aliases {aliases and aliases.group(1)}"
-    assert aliases and re.search(rf"\{{{holder}\}}: \(2, \{{\}}, (may|must)-alias\)", aliases.group(1)), aliases
-    # No copy of the residual: the kernel writes that output in place.
-    hlo_type = {"float32": "f32", "bfloat16": "bf16"}[rdtype]
-    pattern = rf"= {hlo_type}\[(64,{n}|{64 * n})\]\S* copy\("
-    copies = [line.strip() for line in text.splitlines() if re.search(pattern, line)]
+    assert [g.unsafe_buffer_pointer() for g in got] == pointers, f"aliases {aliases and aliases.group(1)}"
+    assert aliases and re.search(r"\{1\}: \(2, \{\}, (may|must)-alias\)", aliases.group(1)), aliases
+    # No copy of x or the residual: the kernel writes both outputs in place.
+    copies = [line.strip() for line in text.splitlines() if re.search(r"= \w+\[[0-9,]+\]\S* copy\(", line)]
     assert not copies, copies
+
+
+@pytest.mark.parametrize("dtype,rdtype", [("bfloat16", "bfloat16"), ("bfloat16", "float32")])
+def test_residual_in_a_layer_loop_is_not_copied(dtype, rdtype):
+    """A residual carried through lax.scan over layers is updated in place: no copy in the loop."""
+    n, layers = 4096, 3
+    keys = jax.random.split(jax.random.key(_seed("gpu-scan", dtype, rdtype)), 3)
+    h, r = gpu_rows(keys[0], (64, n), dtype), gpu_rows(keys[1], (64, n), rdtype)
+    ws = jnp.stack([gpu_weight(k, n, dtype) for k in jax.random.split(keys[2], layers)])
+
+    def step(carry, w):
+        out, new_r = bi_jax.rms_norm(carry[0], w, 1e-6, carry[1])
+        return (out * 2, new_r), None  # `* 2` stands for the layer between two norms
+
+    looped = jax.jit(lambda c, w: lax.scan(step, c, w)[0], donate_argnums=0)
+    text = looped.lower((h, r), ws).compile().as_text()
+    copies = [line.strip() for line in text.splitlines() if re.search(r"= \w+\[[0-9,]+\]\S* copy\(", line)]
+    assert not copies, copies
+    expected = (h, r)
+    for i in range(layers):
+        expected = step(expected, ws[i])[0]
+    got = looped((jnp.copy(h), jnp.copy(r)), ws)
+    assert_bits(expected[0], got[0], "scan vs unrolled: h")
+    assert_bits(expected[1], got[1], "scan vs unrolled: residual")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,120 @@
+"""Sweep the launch configuration (rows per program x warps) of both kernels on a GPU.
+
+bridge.tiling picks one configuration per (n, rows); this script times the alternatives so that
+the choice rests on numbers (BENCHMARKS.md, "changes tried"). A configuration never changes a
+row's bits, and each one is checked against the shipped configuration's output before it is timed.
+Usage: python3 scripts/tune_launch.py [--shapes 16384x8192,...] [--dtype bfloat16] [--residual]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import sys
+from pathlib import Path
+from typing import Iterator, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bridge import bench, tiling  # noqa: E402
+
+DEFAULT_SHAPES = "1x4096,8x8192,1024x8192,4096x8192,16384x4096,16384x8192,65536x4096"
+
+
+@contextlib.contextmanager
+def forced_config(cfg: tiling.LaunchConfig) -> Iterator[None]:
+    """Make both kernels launch with cfg (their modules import launch_config by name)."""
+    import bi_jax.ops
+    import bi_torch.launch
+
+    saved = bi_torch.launch.launch_config
+    pick = lambda *_: cfg  # noqa: E731
+    bi_torch.launch.launch_config = bi_jax.ops.launch_config = pick
+    _clear_jax_caches()
+    try:
+        yield
+    finally:
+        bi_torch.launch.launch_config = bi_jax.ops.launch_config = saved
+        _clear_jax_caches()
+
+
+def _clear_jax_caches() -> None:
+    import jax
+
+    import bi_jax.ops
+
+    bi_jax.ops._rows_fn.cache_clear()
+    jax.clear_caches()
+
+
+def candidates(n: int, n_rows: int, itemsize: int) -> List[tiling.LaunchConfig]:
+    shipped = tiling.launch_config(n, n_rows, itemsize)
+    if shipped.num_chunks > 1:
+        return [shipped] + [tiling.LaunchConfig(1, shipped.chunk, shipped.num_chunks, w) for w in (4, 8, 16) if w != shipped.num_warps]
+    found = [shipped]
+    for rows, warps in itertools.product((1, 2, 4, 8), (2, 4, 8, 16, 32)):
+        per_thread = rows * shipped.chunk // (32 * warps)
+        if rows <= max(1, n_rows) and 4 <= per_thread <= 64:
+            cfg = tiling.LaunchConfig(rows, shipped.chunk, 1, warps)
+            if cfg != shipped:
+                found.append(cfg)
+    return found
+
+
+def main() -> int:
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    import bi_jax
+    import bi_torch
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default=DEFAULT_SHAPES)
+    p.add_argument("--dtype", default="bfloat16", choices=bench.DTYPES)
+    p.add_argument("--residual", action="store_true")
+    p.add_argument("--jax", action="store_true", help="also time the Pallas kernel per configuration")
+    args = p.parse_args()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    dtype = getattr(torch, args.dtype)
+    print(f"{'shape':>11} {'dtype':<8} res | rows warps | {'torch µs':>8} {'%copy':>6} | {'jax µs':>8} {'%copy':>6}")
+    for tokens, hidden in bench.parse_shapes(args.shapes):
+        case = bench.Case(tokens, hidden, args.dtype, args.residual)
+        n_sets = bench.rotation_sets(case, l2)
+        g = torch.Generator(device="cuda").manual_seed(tokens + hidden)
+        xs = bench.torch_sets(n_sets, (tokens, hidden), dtype, g)
+        rs = bench.torch_sets(n_sets, (tokens, hidden), dtype, g) if args.residual else [None] * n_sets
+        w = (1 + 0.1 * torch.randn(hidden, generator=g, device="cuda")).to(dtype)
+        sets = list(zip(xs, rs))
+        words = (-(-case.bytes_moved // 8),)
+        copies = list(zip(bench.torch_sets(n_sets, words, torch.int32, g), bench.torch_sets(n_sets, words, torch.int32, g)))
+        copy_us, _ = bench.time_copy({"memcpy": lambda s, d: d.copy_(s)}, copies)
+        del copies
+        jsets = [tuple(None if t is None else jnp.asarray(bi_torch.to_numpy(t)) for t in s) for s in sets[:bench.JAX_SETS]]
+        jw = jnp.asarray(bi_torch.to_numpy(w))
+        want = bi_torch.rms_norm(xs[0], w, bench.EPS, rs[0])
+        for cfg in candidates(hidden, tokens, xs[0].element_size()):
+            with forced_config(cfg):
+                fn = lambda x, r: bi_torch.rms_norm(x, w, bench.EPS, r)  # noqa: E731
+                got = fn(*sets[0])
+                for a, b in zip(want if args.residual else (want,), got if args.residual else (got,)):
+                    assert torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
+                                       b.view(torch.int16 if b.element_size() == 2 else torch.int32)), cfg
+                us, _ = bench.time_torch(fn, sets)
+                jtext = ""
+                if args.jax:
+                    op = lambda x, r, w_: bi_jax.rms_norm(x, w_, bench.EPS, r)  # noqa: E731
+                    jus, note = bench.time_jax(op, jsets, jw, case)
+                    jtext = f"{jus:8.1f} {copy_us / jus:6.1%} {note[:30]}"
+            print(f"{tokens:>5}x{hidden:<5} {args.dtype:<8} {'yes' if args.residual else 'no ':<3} | "
+                  f"{cfg.rows:>4} {cfg.num_warps:>5} | {us:8.1f} {copy_us / us:6.1%} | {jtext}"
+                  f"{'  <- shipped' if cfg == tiling.launch_config(hidden, tokens, xs[0].element_size()) else ''}", flush=True)
+        del xs, rs, sets, jsets
+        torch.cuda.empty_cache()
+        jax.clear_caches()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
