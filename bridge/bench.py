@@ -141,13 +141,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.dry_run:
         timings, device = synthetic_timings(plan), "synthetic (--dry-run): no GPU was used"
+    elif args.from_csv:
+        timings, device = read_csv(args.from_csv), f"re-rendered from {args.from_csv.name}"
     else:
         why = _no_gpu_reason()
         if why:
             print(f"bi-norm bench: needs a CUDA GPU ({why}); --dry-run exercises the report writer without one",
                   file=sys.stderr)
             return 2
-        timings, device = measure(plan)
+        plan.out.mkdir(parents=True, exist_ok=True)
+        timings, device = measure(plan, lambda so_far: write_csv(summarize(so_far), plan.out / "bench.csv"))
     table = write_report(timings, plan.out, device)
     print(table, end="")
     failed = [t for t in timings if IMPL_BY_NAME[t.impl].kind != "peer" and t.us is None]
@@ -224,6 +227,14 @@ def write_csv(summary: Dict[Case, Dict[str, Row]], path: Path) -> None:
                                  residual_add, case.bytes_moved, _fmt(row.timing.us, ".3f"), _fmt(row.gbps, ".1f"),
                                  _fmt(row.frac_copy, ".4f"), _fmt(row.ratio, ".4f"), f"{row.timing.wall_s:.1f}",
                                  row.timing.note])
+
+
+def read_csv(path: Path) -> List[Timing]:
+    """The timings a bench.csv holds (one a cut-off run left, say), to write its report again."""
+    with path.open(newline="") as f:
+        return [Timing(Case(int(r["tokens"]), int(r["hidden"]), r["dtype"], r["residual"] == "1"), r["impl"],
+                       float(r["us"]) if r["us"] else None, r["note"], float(r["wall_s"]))
+                for r in csv.DictReader(f)]
 
 
 def format_table(summary: Dict[Case, Dict[str, Row]], device: str) -> str:
@@ -486,7 +497,8 @@ class Skip(Exception):
     """A peer that cannot run here (not installed, no GPU for JAX): skipped for every case."""
 
 
-def measure(plan: Plan) -> Tuple[List[Timing], str]:
+def measure(plan: Plan, checkpoint: Callable[[List[Timing]], None]) -> Tuple[List[Timing], str]:
+    """Time every case; checkpoint(timings so far) runs after each, so a cut-off run leaves its CSV."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch and JAX share the GPU
     if LIGER_SITE.is_dir() and str(LIGER_SITE) not in sys.path:
         sys.path.append(str(LIGER_SITE))  # appended: the wheels there must not shadow the image's torch
@@ -521,6 +533,7 @@ def measure(plan: Plan) -> Tuple[List[Timing], str]:
                          for t in case_timings if t.us is not None)
         print(f"[{i}/{len(plan.cases)} {time.perf_counter() - started:5.0f}s] {case.shape} {case.dtype}"
               f"{' +res' if case.residual else ''} ({n_sets} sets) µs: {done}", flush=True)
+        checkpoint(timings)
     return timings, device
 
 

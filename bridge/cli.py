@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--peers", help="comma-separated peers to time (default: all; our kernels and the copy always)")
     b.add_argument("--out", type=Path, default=Path("bench-out"), help="where bench.csv, bench-table.txt, "
                    "bench.png go")
-    b.add_argument("--dry-run", action="store_true", help="no GPU: a synthetic result through the report writer")
+    source = b.add_mutually_exclusive_group()
+    source.add_argument("--dry-run", action="store_true", help="no GPU: a synthetic result through the report writer")
+    source.add_argument("--from-csv", type=Path, help="no GPU: write the report again from a bench.csv")
     return parser
 
 

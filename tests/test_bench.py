@@ -192,3 +192,20 @@ def test_importing_bridge_bench_imports_no_framework() -> None:
     code = "import sys, bridge.bench, bridge.cli; print(sorted({'torch', 'jax'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_report_renders_again_from_its_csv(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["bench", "--dry-run", "--quick", "--out", str(first)]) == 0
+    assert main(["bench", "--from-csv", str(first / "bench.csv"), "--out", str(second)]) == 0
+
+    def measured(path: Path) -> list:  # derived columns are recomputed from the rounded times
+        with path.open() as f:
+            return [(r["tokens"], r["hidden"], r["dtype"], r["residual"], r["impl"], r["us"], r["note"])
+                    for r in csv.DictReader(f)]
+
+    assert measured(second / "bench.csv") == measured(first / "bench.csv") != []
+    table = (second / "bench-table.txt").read_text().splitlines()
+    assert table[0] == "# re-rendered from bench.csv"
+    assert [line.split("|")[0] for line in table[1:]] == \
+        [line.split("|")[0] for line in (first / "bench-table.txt").read_text().splitlines()[1:]]
