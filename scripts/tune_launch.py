@@ -18,6 +18,7 @@ from typing import Iterator, List
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bridge import bench, tiling  # noqa: E402
+from bridge.compare import assert_bitwise_equal  # noqa: E402
 
 DEFAULT_SHAPES = "1x4096,8x8192,1024x8192,4096x8192,16384x4096,16384x8192,65536x4096"
 
@@ -91,16 +92,17 @@ def main() -> int:
         copies = list(zip(bench.torch_sets(n_sets, words, torch.int32, g), bench.torch_sets(n_sets, words, torch.int32, g)))
         copy_us, _ = bench.time_copy({"memcpy": lambda s, d: d.copy_(s)}, copies)
         del copies
-        jsets = [tuple(None if t is None else jnp.asarray(bi_torch.to_numpy(t)) for t in s) for s in sets[:bench.JAX_SETS]]
-        jw = jnp.asarray(bi_torch.to_numpy(w))
+        if args.jax:
+            jsets = [tuple(None if t is None else jnp.asarray(bi_torch.to_numpy(t)) for t in s)
+                     for s in sets[:bench.JAX_SETS]]
+            jw = jnp.asarray(bi_torch.to_numpy(w))
         want = bi_torch.rms_norm(xs[0], w, bench.EPS, rs[0])
         for cfg in candidates(hidden, tokens, xs[0].element_size()):
             with forced_config(cfg):
                 fn = lambda x, r: bi_torch.rms_norm(x, w, bench.EPS, r)  # noqa: E731
                 got = fn(*sets[0])
                 for a, b in zip(want if args.residual else (want,), got if args.residual else (got,)):
-                    assert torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
-                                       b.view(torch.int16 if b.element_size() == 2 else torch.int32)), cfg
+                    assert_bitwise_equal(bi_torch.to_numpy(a), bi_torch.to_numpy(b), f"{cfg} vs shipped")
                 us, _ = bench.time_torch(fn, sets)
                 jtext = ""
                 if args.jax:
@@ -110,7 +112,7 @@ def main() -> int:
             print(f"{tokens:>5}x{hidden:<5} {args.dtype:<8} {'yes' if args.residual else 'no ':<3} | "
                   f"{cfg.rows:>4} {cfg.num_warps:>5} | {us:8.1f} {copy_us / us:6.1%} | {jtext}"
                   f"{'  <- shipped' if cfg == tiling.launch_config(hidden, tokens, xs[0].element_size()) else ''}", flush=True)
-        del xs, rs, sets, jsets
+        del xs, rs, sets
         torch.cuda.empty_cache()
         jax.clear_caches()
     return 0

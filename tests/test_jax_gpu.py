@@ -212,6 +212,11 @@ def test_compiled_matches_interpret(dtype, kind, mode, offset, n):
 # without a copy (jax.jit pairs x with `out` and the residual with the new residual).
 # --------------------------------------------------------------------------------------------
 
+def _array_copies(hlo_text: str) -> list:
+    """The lines of compiled HLO text that copy an array."""
+    return [line.strip() for line in hlo_text.splitlines() if re.search(r"= \w+\[[0-9,]+\]\S* copy\(", line)]
+
+
 DONATE = [("bfloat16", "float32", 4096), ("bfloat16", "float32", 65536), ("bfloat16", "bfloat16", 4096),
           ("float32", "float32", 4096)]
 
@@ -237,7 +242,7 @@ def test_donated_residual(dtype, rdtype, n):
     assert [g.unsafe_buffer_pointer() for g in got] == pointers, f"aliases {aliases and aliases.group(1)}"
     assert aliases and re.search(r"\{1\}: \(2, \{\}, (may|must)-alias\)", aliases.group(1)), aliases
     # No copy of x or the residual: the kernel writes both outputs in place.
-    copies = [line.strip() for line in text.splitlines() if re.search(r"= \w+\[[0-9,]+\]\S* copy\(", line)]
+    copies = _array_copies(text)
     assert not copies, copies
 
 
@@ -255,7 +260,7 @@ def test_residual_in_a_layer_loop_is_not_copied(dtype, rdtype):
 
     looped = jax.jit(lambda c, w: lax.scan(step, c, w)[0], donate_argnums=0)
     text = looped.lower((h, r), ws).compile().as_text()
-    copies = [line.strip() for line in text.splitlines() if re.search(r"= \w+\[[0-9,]+\]\S* copy\(", line)]
+    copies = _array_copies(text)
     assert not copies, copies
     expected = (h, r)
     for i in range(layers):
