@@ -50,7 +50,7 @@ def _rows_call(x2, weight, residual2, *, eps, mode, weight_offset, interpret):
     kernel = functools.partial(
         rms_norm_kernel, n_rows=n_rows, n_cols=n, eps=as_float32(eps), weight_offset=as_float32(weight_offset),
         has_residual=has_residual, llama=mode == "llama", rows_per_program=cfg.rows, chunk=cfg.chunk,
-        num_chunks=cfg.num_chunks, interpret=interpret)
+        num_chunks=cfg.num_chunks, split=cfg.split, interpret=interpret)
     flat = (n_rows * n,)
     out_shape = [jax.ShapeDtypeStruct(flat, x2.dtype)]
     if has_residual:

@@ -19,7 +19,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from bridge.contract import CANONICAL_NAN_BITS
-from bridge.tiling import SPLIT_WIDTH
 
 NAN_F32 = CANONICAL_NAN_BITS["float32"]
 NAN_BF16 = CANONICAL_NAN_BITS["bfloat16"]
@@ -57,17 +56,17 @@ class ExactOps:
     def sqrt(self, a: jax.Array) -> jax.Array:
         return lax.optimization_barrier(jnp.sqrt(a)) if self.interpret else _ptx("sqrt.rn.f32 $0, $1;", a)
 
-    def pairwise_sum(self, q: jax.Array, rows: int, width: int) -> jax.Array:
+    def pairwise_sum(self, q: jax.Array, rows: int, width: int, split: int) -> jax.Array:
         """Step 3 on a (rows, width) block, width a power of two: q = q[0::2] + q[1::2] to one column.
 
-        On GPU as in the Triton kernel: a reduction over an axis of 2 down to SPLIT_WIDTH sums per
+        On GPU as in the Triton kernel: a reduction over an axis of 2 down to `split` sums per
         row, then pairs split apart and added (Pallas-Triton cannot lower value slicing).
         """
         while width > 1:
             width //= 2
             if self.interpret:
                 q = q[:, 0::2] + q[:, 1::2]
-            elif width >= SPLIT_WIDTH:
+            elif width >= split:
                 q = q.reshape(rows, width, 2).sum(-1)
             else:
                 even, odd = jnp.unstack(q.reshape(rows, width, 2), axis=-1)
@@ -83,8 +82,7 @@ def encode(y: jax.Array, dtype) -> jax.Array:
     """Step 6, rnD: round float32 to dtype to nearest even, every NaN as dtype's canonical NaN."""
     is_nan = y != y
     if dtype == jnp.bfloat16:
-        b = lax.bitcast_convert_type(y, jnp.uint32)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        b = lax.bitcast_convert_type(y.astype(jnp.bfloat16), jnp.uint16)  # cvt.rn on GPU; XLA rounds alike
         out = lax.bitcast_convert_type(jnp.where(is_nan, NAN_BF16, b).astype(jnp.uint16), jnp.bfloat16)
     elif dtype == jnp.float16:
         b = lax.bitcast_convert_type(y.astype(jnp.float16), jnp.uint16)
@@ -93,6 +91,11 @@ def encode(y: jax.Array, dtype) -> jax.Array:
         b = lax.bitcast_convert_type(y, jnp.uint32)
         out = lax.bitcast_convert_type(jnp.where(is_nan, NAN_F32, b), jnp.float32)
     return out
+
+
+def round_to(y: jax.Array, dtype) -> jax.Array:
+    """rn(y) to dtype, back in float32, NaN bits unspecified: for a value only a later encode stores."""
+    return y.astype(dtype).astype(jnp.float32)
 
 
 def load_z(x_ref, r_ref, new_r_ref, offsets, mask, has_residual: bool) -> jax.Array:
@@ -118,14 +121,15 @@ def scale_store(v, inv, w, out_ref, offsets, mask, llama: bool) -> None:
     """Step 6: out = rnD(rn(v * inv) [rounded to D in llama mode] * w)."""
     normed = v * inv
     if llama:
-        normed = encode(normed, out_ref.dtype).astype(jnp.float32)
+        normed = round_to(normed, out_ref.dtype)
     plgpu.store(out_ref.at[offsets], encode(normed * w, out_ref.dtype), mask=mask)
 
 
 def rms_norm_kernel(
     x_ref, r_ref, w_ref, out_ref, new_r_ref, *,
     n_rows: int, n_cols: int, eps: float, weight_offset: float,
-    has_residual: bool, llama: bool, rows_per_program: int, chunk: int, num_chunks: int, interpret: bool,
+    has_residual: bool, llama: bool, rows_per_program: int, chunk: int, num_chunks: int, split: int,
+    interpret: bool,
 ):
     ops, R = ExactOps(interpret), rows_per_program
     # Rows are contiguous (stride n_cols); offsets are int32, so the wrapper bounds rows * n below 2**31.
@@ -138,7 +142,7 @@ def rms_norm_kernel(
         offsets = rows * n_cols + cols
         v = load_z(x_ref, r_ref, new_r_ref, offsets, mask, has_residual)
         w = load_weight(w_ref, cols, n_cols, weight_offset)  # issued before the reduction
-        s = ops.pairwise_sum(ops.square(v), R, chunk)
+        s = ops.pairwise_sum(ops.square(v), R, chunk, split)
     else:
         # Long rows: sum aligned chunks (each a subtree of the row's tree), then the chunk sums.
         chunk_ids = jnp.arange(num_chunks, dtype=jnp.int32)[None, :]
@@ -147,10 +151,10 @@ def rms_norm_kernel(
             ccols = c * chunk + cols
             mask = row_mask & (ccols < n_cols)
             v = load_z(x_ref, r_ref, new_r_ref, rows * n_cols + ccols, mask, has_residual)
-            return jnp.where(chunk_ids == c, ops.pairwise_sum(ops.square(v), R, chunk)[:, None], sums)
+            return jnp.where(chunk_ids == c, ops.pairwise_sum(ops.square(v), R, chunk, split)[:, None], sums)
 
         sums = lax.fori_loop(0, num_chunks, chunk_sum, jnp.zeros((R, num_chunks), jnp.float32))
-        s = ops.pairwise_sum(sums, R, num_chunks)
+        s = ops.pairwise_sum(sums, R, num_chunks, num_chunks)
         # The second pass re-reads the new residual this program's other threads wrote.
         ops.barrier()
     # Step 4: each an IEEE float32 operation.

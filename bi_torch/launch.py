@@ -64,5 +64,6 @@ def launch(
             HAS_RESIDUAL=residual is not None, HAS_OFFSET=as_float32(weight_offset) != 0, LLAMA=mode == "llama",
             ROWS=cfg.rows, CHUNK=cfg.chunk, LOG2_CHUNK=cfg.chunk.bit_length() - 1,
             NUM_CHUNKS=cfg.num_chunks, LOG2_NUM_CHUNKS=cfg.num_chunks.bit_length() - 1,
+            LOG2_SPLIT=cfg.split.bit_length() - 1,
             num_warps=cfg.num_warps, enable_fp_fusion=False,
         )

@@ -7,17 +7,16 @@ disables FMA contraction (enable_fp_fusion=False), so v*v + ... never fuses.
 This file is loaded twice by bi_torch/launch.py: once compiled for CUDA tensors and once
 under the Triton interpreter for CPU tensors. So it calls only Triton builtins and its own
 jit functions (tl.sum and friends are jit functions of the compiled library and cannot run
-inside an interpreted kernel; tl.reduce is a builtin), and it rounds to bfloat16 on the bit
-pattern because the interpreter's float32 -> bfloat16 conversion truncates.
+inside an interpreted kernel; tl.reduce is a builtin), and under the interpreter, whose float32 ->
+bfloat16 conversion truncates, it rounds to bfloat16 on the bit pattern instead.
 """
 
 import triton
 import triton.language as tl
 
 from bridge.contract import CANONICAL_NAN_BITS
-from bridge.tiling import SPLIT_WIDTH
-
-LOG2_SPLIT_WIDTH: tl.constexpr = tl.constexpr(SPLIT_WIDTH.bit_length() - 1)
+# Whether this copy of the module was loaded under the interpreter (bi_torch/launch.py).
+INTERPRETED: tl.constexpr = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
 NAN_F32: tl.constexpr = tl.constexpr(CANONICAL_NAN_BITS["float32"])
 NAN_BF16: tl.constexpr = tl.constexpr(CANONICAL_NAN_BITS["bfloat16"])
@@ -29,8 +28,11 @@ def encode(y, DTYPE: tl.constexpr):
     """Step 6, rnD: round float32 to DTYPE to nearest even, every NaN as DTYPE's canonical NaN."""
     is_nan = y != y
     if DTYPE == tl.bfloat16:
-        b = y.to(tl.uint32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        if INTERPRETED:
+            b = y.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        else:
+            b = y.to(tl.bfloat16).to(tl.uint16, bitcast=True)  # cvt.rn: one instruction per pair
         out = tl.where(is_nan, NAN_BF16, b).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     elif DTYPE == tl.float16:
         b = y.to(tl.float16).to(tl.uint16, bitcast=True)
@@ -42,17 +44,27 @@ def encode(y, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def pairwise_sum(q, ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr):
+def round_to(y, DTYPE: tl.constexpr):
+    """rn(y) to DTYPE, back in float32, NaN bits unspecified: for a value only a later encode stores."""
+    if INTERPRETED and DTYPE == tl.bfloat16:
+        out = encode(y, DTYPE).to(tl.float32)  # the bit-pattern rounding needs NaNs set apart
+    else:
+        out = y.to(DTYPE).to(tl.float32)
+    return out
+
+
+@triton.jit
+def pairwise_sum(q, ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr, LOG2_SPLIT: tl.constexpr):
     """Step 3 on a (ROWS, WIDTH) block, WIDTH a power of two: q = q[0::2] + q[1::2] to one column.
 
-    Down to SPLIT_WIDTH sums per row, each level is a reduction over an axis of 2, i.e. one add:
+    Down to 2**LOG2_SPLIT sums per row, each level is a reduction over an axis of 2, i.e. one add:
     exact whatever the reduction order. A reduction anchors the layout, so Triton 3.6 keeps the
     row spread over the threads (a tl.split of the whole row would replicate it in every thread);
     _sum_combine is the combiner the interpreter recognises and runs as a numpy sum. The last
     levels split pairs apart and add them: one shared-memory exchange for all of them instead of
     two barriers per level (bridge/tiling.py).
     """
-    SPLIT_LEVELS: tl.constexpr = LOG2_SPLIT_WIDTH if LOG2_WIDTH > LOG2_SPLIT_WIDTH else LOG2_WIDTH
+    SPLIT_LEVELS: tl.constexpr = LOG2_SPLIT if LOG2_WIDTH > LOG2_SPLIT else LOG2_WIDTH
     for level in tl.static_range(LOG2_WIDTH - SPLIT_LEVELS):
         q = tl.reduce(tl.reshape(q, (ROWS, WIDTH >> (level + 1), 2)), 2, tl.standard._sum_combine)
     for level in tl.static_range(LOG2_WIDTH - SPLIT_LEVELS, LOG2_WIDTH):
@@ -88,7 +100,7 @@ def scale_store(v, inv, w, out_ptr, out_stride, rows, cols, mask, LLAMA: tl.cons
     """Step 6: out = rnD(rn(v * inv) [rounded to D in llama mode] * w)."""
     normed = v * inv
     if LLAMA:
-        normed = encode(normed, out_ptr.dtype.element_ty).to(tl.float32)
+        normed = round_to(normed, out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows * out_stride + cols, encode(normed * w, out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -98,7 +110,7 @@ def rms_norm_kernel(
     n_rows, n_cols, n_cols_f32, eps, weight_offset,
     HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, LLAMA: tl.constexpr,
     ROWS: tl.constexpr, CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr,
-    NUM_CHUNKS: tl.constexpr, LOG2_NUM_CHUNKS: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr, LOG2_NUM_CHUNKS: tl.constexpr, LOG2_SPLIT: tl.constexpr,
 ):
     # int64 row offsets: rows * stride can pass 2**31 elements.
     rows = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
@@ -109,7 +121,7 @@ def rms_norm_kernel(
         mask = row_mask & (cols < n_cols)
         v = load_z(x_ptr, x_stride, r_ptr, r_stride, new_r_ptr, new_r_stride, rows, cols, mask, HAS_RESIDUAL)
         w = load_weight(w_ptr, cols, n_cols, weight_offset, HAS_OFFSET)  # issued before the reduction
-        s = pairwise_sum(v * v, ROWS, CHUNK, LOG2_CHUNK)
+        s = pairwise_sum(v * v, ROWS, CHUNK, LOG2_CHUNK, LOG2_SPLIT)
     else:
         # Long rows: sum aligned chunks (each a subtree of the row's tree), then the chunk sums.
         chunk_ids = tl.arange(0, NUM_CHUNKS)[None, :]
@@ -118,8 +130,8 @@ def rms_norm_kernel(
             ccols = c * CHUNK + cols
             mask = row_mask & (ccols < n_cols)
             v = load_z(x_ptr, x_stride, r_ptr, r_stride, new_r_ptr, new_r_stride, rows, ccols, mask, HAS_RESIDUAL)
-            sums = tl.where(chunk_ids == c, pairwise_sum(v * v, ROWS, CHUNK, LOG2_CHUNK)[:, None], sums)
-        s = pairwise_sum(sums, ROWS, NUM_CHUNKS, LOG2_NUM_CHUNKS)
+            sums = tl.where(chunk_ids == c, pairwise_sum(v * v, ROWS, CHUNK, LOG2_CHUNK, LOG2_SPLIT)[:, None], sums)
+        s = pairwise_sum(sums, ROWS, NUM_CHUNKS, LOG2_NUM_CHUNKS, LOG2_NUM_CHUNKS)
         # The second pass re-reads the new residual this program's other threads wrote.
         tl.debug_barrier()
     # Step 4: each an IEEE float32 operation.

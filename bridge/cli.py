@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -26,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--quick", action="store_true", help=f"rows up to n={QUICK_MAX_N} and a short invariance sweep")
     v.add_argument("--json", action="store_true", help="print a JSON report instead of the table")
     v.add_argument("--corpus", type=Path, default=golden.DEFAULT_DIR, help="golden corpus directory")
+    v.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1,
+                   help="backends run side by side, each in its own process (default: one per core)")
 
     g = sub.add_parser("golden", help="regenerate or check the golden corpus from the reference")
     action = g.add_mutually_exclusive_group(required=True)
@@ -50,8 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text}")
+    return value
+
+
 def _verify(args: argparse.Namespace) -> int:
-    reports = verify(args.backend, args.dtype, args.quick, args.corpus, progress=terminal_progress())
+    reports = verify(args.backend, args.dtype, args.quick, args.corpus, progress=terminal_progress(), jobs=args.jobs)
     failed = [r for r in reports if r.status in ("mismatch", "error") or (args.backend and r.status == "unavailable")]
     if args.json:
         doc = {"contract_version": CONTRACT_VERSION, "ok": not failed, "backends": [dataclasses.asdict(r) for r in reports]}

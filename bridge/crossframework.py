@@ -8,6 +8,7 @@ both kernels on the same device memory and compares their bits there, in JAX.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import TYPE_CHECKING, Callable, Optional, Tuple, Union
 
@@ -78,7 +79,10 @@ def _bi_jax(x: jax.Array, weight: jax.Array, eps: float, residual: Optional[jax.
     import bi_jax
 
     (device,) = x.devices()
-    with jax.default_device(device):
+    # JAX's default device is part of jit's cache key: set it only where it differs (CPU arrays on
+    # a GPU machine), or every call here would recompile kernels the caller has compiled already.
+    placed = contextlib.nullcontext() if device == jax.devices()[0] else jax.default_device(device)
+    with placed:
         return bi_jax.rms_norm(x, weight, eps, residual, mode=mode, weight_offset=weight_offset,
                                interpret=device.platform != "gpu")
 

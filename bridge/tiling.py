@@ -16,11 +16,12 @@ MAX_WHOLE_ROW = 16384
 MAX_CHUNK = 8192
 # Aim for about this many elements per program when rows are short.
 TARGET_BLOCK = 4096
-# The last levels of each row's tree, on at most this many partial sums, add the two halves of a
-# split instead of reducing an axis of 2. A reduction whose two elements lie in different warps
-# costs two barriers; the split costs one exchange through shared memory for all these levels
+# Each of a warp's 32 lanes loads 16 bytes, so the first levels of a row's tree, down to one sum
+# per 512-byte segment, stay inside a warp (registers, then shuffles). The remaining levels, on the
+# segments' partial sums, split the pairs apart and add them: one exchange through shared memory
+# for all of them, where a reduction over an axis of 2 costs two barriers per level across warps
 # (Triton 3.6, sm_90: 8 -> 1 barriers at n = 4096 on 8 warps). Same adds, same bits.
-SPLIT_WIDTH = 64
+SEGMENT_BYTES = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,18 +30,28 @@ class LaunchConfig:
     chunk: int  # columns per step, a power of two
     num_chunks: int  # steps per row (1: the whole row in registers)
     num_warps: int
+    split: int  # partial sums per chunk row left to the split tail, a power of two
 
 
 def launch_config(n: int, n_rows: int, itemsize: int) -> LaunchConfig:
     """The tiling for rows of n elements of itemsize bytes (x's dtype)."""
     width = next_power_of_two(n)
     if width > MAX_WHOLE_ROW:
-        return LaunchConfig(1, MAX_CHUNK, width // MAX_CHUNK, _warps(MAX_CHUNK * itemsize))
+        return LaunchConfig(1, MAX_CHUNK, width // MAX_CHUNK, _warps(MAX_CHUNK),
+                            split_width(MAX_CHUNK, itemsize))
     rows = max(1, min(16, TARGET_BLOCK // width, next_power_of_two(max(n_rows, 1))))
-    return LaunchConfig(rows, width, 1, _warps(rows * width * itemsize))
+    return LaunchConfig(rows, width, 1, _warps(rows * width), split_width(width, itemsize))
 
 
-def _warps(block_bytes: int) -> int:
-    # About 64 bytes of x per thread (32 bf16 or 16 float32 elements): the best of 1-32 warps at
-    # n = 4096 and 8192 in both kernels on an H100 (scripts/tune_launch.py, BENCHMARKS.md).
-    return max(1, min(16, block_bytes // (64 * 32)))
+def split_width(chunk: int, itemsize: int) -> int:
+    """Partial sums per row after the in-warp levels: one per 512-byte segment of the chunk."""
+    return max(1, chunk * itemsize // SEGMENT_BYTES)
+
+
+def _warps(block_elements: int) -> int:
+    # 16 elements per thread on at most 8 warps, more warps only where a thread would hold over 32
+    # (rows of 16384): the best or within 2 % of the best of 1-32 warps at n = 4096 and 8192, both
+    # dtypes and kernels, 1 to 65536 rows on an H100 (scripts/tune_launch.py, BENCHMARKS.md). More
+    # warps per row cost registers (Pallas, float32, n = 8192, 16 warps: 65 registers, one program
+    # per SM, 25 % slower), fewer lengthen each thread's chain at small batch.
+    return max(1, min(8, block_elements // 512), min(16, block_elements // 1024))

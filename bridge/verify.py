@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence
 
@@ -22,6 +25,7 @@ QUICK_INVARIANCE_BATCHES = (1, 5)
 CROSS_FRAMEWORK = "torch-jax-dlpack"
 # On CPU both kernels run in interpreters: the cross check keeps to short rows there.
 CROSS_CPU_MAX_N = 129
+BACKEND_BY_NAME = {b.name: b for b in BACKENDS}
 
 
 @dataclasses.dataclass
@@ -160,26 +164,57 @@ def run_cross_framework(cases, progress: Progress) -> BackendReport:
     return report
 
 
+def _plan(dtypes: Optional[Sequence[str]], quick: bool, corpus_dir: Path):
+    """The corpus cases, the invariance cases and the batch sizes one backend runs."""
+    cases = _select_cases(golden.load_corpus(corpus_dir), dtypes, quick)
+    return cases, _invariance_cases(cases, quick), QUICK_INVARIANCE_BATCHES if quick else INVARIANCE_BATCHES
+
+
+def _run(name: str, cases, invariance_cases, batches, progress: Progress) -> BackendReport:
+    if name == CROSS_FRAMEWORK:
+        return run_cross_framework(cases, progress)
+    return run_backend(BACKEND_BY_NAME[name], cases, invariance_cases, batches, progress)
+
+
+def _run_in_worker(name: str, dtypes, quick: bool, corpus_dir: Path, queue) -> BackendReport:
+    """One backend in a process of its own; progress goes back through queue."""
+    return _run(name, *_plan(dtypes, quick, corpus_dir), lambda *event: queue.put(event))
+
+
 def verify(
     backend_names: Optional[Iterable[str]] = None,
     dtypes: Optional[Sequence[str]] = None,
     quick: bool = False,
     corpus_dir: Path = golden.DEFAULT_DIR,
     progress: Optional[Progress] = None,
+    jobs: int = 1,
 ) -> List[BackendReport]:
     """Run the corpus and the invariance sweep through each named backend (default: all), then the
-    cross-framework check."""
+    cross-framework check; with jobs > 1, that many backends at a time, each in its own process."""
     names = list(backend_names) if backend_names else [b.name for b in BACKENDS] + [CROSS_FRAMEWORK]
-    corpus = golden.load_corpus(corpus_dir)
-    cases = _select_cases(corpus, dtypes, quick)
-    invariance_cases = _invariance_cases(cases, quick)
-    batches = QUICK_INVARIANCE_BATCHES if quick else INVARIANCE_BATCHES
-    by_name = {b.name: b for b in BACKENDS}
     progress = progress or (lambda *a: None)
-    reports = [run_backend(by_name[n], cases, invariance_cases, batches, progress) for n in names if n in by_name]
-    if CROSS_FRAMEWORK in names:
-        reports.append(run_cross_framework(cases, progress))
-    return reports
+    plan = _plan(dtypes, quick, corpus_dir)  # also checks the corpus before any worker starts
+    if jobs <= 1 or len(names) == 1:
+        return [_run(name, *plan, progress) for name in names]
+    # Compiles and interpreters dominate, and they are per process: backends side by side finish
+    # in the time of the slowest. Each worker imports its framework afresh (spawn, not fork).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several JAX processes share a GPU
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(min(jobs, len(names)), mp_context=context) as pool:
+        queue = manager.Queue()
+        futures = {name: pool.submit(_run_in_worker, name, dtypes, quick, corpus_dir, queue) for name in names}
+        pending = set(futures.values())
+        while pending:
+            _, pending = wait(pending, timeout=0.2)
+            while not queue.empty():
+                progress(*queue.get())
+        reports = []
+        for name, future in futures.items():
+            try:
+                reports.append(future.result())
+            except Exception as e:  # the worker process died (a crash in native code, say)
+                reports.append(BackendReport(name, "error", f"worker process failed: {type(e).__name__}: {e}"))
+        return reports
 
 
 def terminal_progress(stream=None) -> Progress:

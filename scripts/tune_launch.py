@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import sys
 from pathlib import Path
@@ -52,12 +53,12 @@ def _clear_jax_caches() -> None:
 def candidates(n: int, n_rows: int, itemsize: int) -> List[tiling.LaunchConfig]:
     shipped = tiling.launch_config(n, n_rows, itemsize)
     if shipped.num_chunks > 1:
-        return [shipped] + [tiling.LaunchConfig(1, shipped.chunk, shipped.num_chunks, w) for w in (4, 8, 16) if w != shipped.num_warps]
+        return [shipped] + [dataclasses.replace(shipped, num_warps=w) for w in (4, 8, 16) if w != shipped.num_warps]
     found = [shipped]
     for rows, warps in itertools.product((1, 2, 4, 8), (2, 4, 8, 16, 32)):
         per_thread = rows * shipped.chunk // (32 * warps)
         if rows <= max(1, n_rows) and 4 <= per_thread <= 64:
-            cfg = tiling.LaunchConfig(rows, shipped.chunk, 1, warps)
+            cfg = dataclasses.replace(shipped, rows=rows, num_warps=warps)
             if cfg != shipped:
                 found.append(cfg)
     return found

@@ -105,12 +105,13 @@ def test_check_close_rejects_a_broken_peer() -> None:
 
 
 def _synthetic() -> list:
-    """One case timed by hand: copy 10 µs, ours 10.5 and 12.5, fastest peer liger at 12 µs."""
+    """One case timed by hand: copy 10 µs, ours 10.5 and 12.5, fastest peer liger at 12 µs, fastest JAX peer 13."""
     case = bench.Case(4096, 8192, "bfloat16", True)
     return [
         bench.Timing(case, "bi-torch", 10.5),
         bench.Timing(case, "bi-jax", 12.5),
         bench.Timing(case, "torch-eager", 20.0),
+        bench.Timing(case, "xla", 13.0),
         bench.Timing(case, "liger", 12.0),
         bench.Timing(case, "vllm-bi", None, "error: RuntimeError: boom"),
         bench.Timing(case, "copy", 10.0),
@@ -131,6 +132,8 @@ def test_report_csv(tmp_path: Path) -> None:
     assert float(ours["frac_copy"]) == pytest.approx(10 / 10.5, abs=1e-4)
     assert float(ours["ratio_fastest_peer"]) == pytest.approx(10.5 / 12, abs=1e-4)
     assert float(rows["bi-jax"]["ratio_fastest_peer"]) == pytest.approx(12.5 / 12, abs=1e-4)
+    assert float(ours["ratio_framework_peer"]) == pytest.approx(10.5 / 12, abs=1e-4)
+    assert float(rows["bi-jax"]["ratio_framework_peer"]) == pytest.approx(12.5 / 13, abs=1e-4)
     assert rows["torch-eager"]["residual_add"] == "separate" and rows["liger"]["ratio_fastest_peer"] == "1.0000"
     assert rows["copy"]["kind"] == "copy" and rows["copy"]["frac_copy"] == "1.0000"
     failed = rows["vllm-bi"]
@@ -146,6 +149,7 @@ def test_report_table(tmp_path: Path) -> None:
     assert "bfloat16" in line and " yes " in line
     assert "95.2%" in line and "80.0%" in line  # % of copy: 10/10.5 and 10/12.5
     assert "liger" in line and "0.88" in line and "1.04" in line  # ratios 10.5/12 and 12.5/12
+    assert line.rstrip().endswith("0.88    0.96")  # same framework: 10.5/12 (liger), 12.5/13 (xla)
     assert "targets bi-torch: copy >= 95% at >= 512 MB 0/0; copy >= 90% at >= 64 MB 1/1; ratio <= 1.00 1/1" in table
     assert "targets bi-jax:" in table and "ratio <= 1.00 0/1" in table
 
@@ -209,3 +213,13 @@ def test_report_renders_again_from_its_csv(tmp_path: Path) -> None:
     assert table[0] == "# re-rendered from bench.csv"
     assert [line.split("|")[0] for line in table[1:]] == \
         [line.split("|")[0] for line in (first / "bench-table.txt").read_text().splitlines()[1:]]
+
+
+def test_small_token_target_compares_within_a_framework(tmp_path: Path) -> None:
+    case = bench.Case(8, 4096, "bfloat16", False)
+    timings = [bench.Timing(case, "bi-torch", 3.0), bench.Timing(case, "liger", 2.9),
+               bench.Timing(case, "bi-jax", 2.0), bench.Timing(case, "xla", 1.5), bench.Timing(case, "copy", 1.0)]
+    table = bench.write_report(timings, tmp_path, "test device")
+    # bi-torch: 3.0 / 2.9 (liger) meets it although xla is faster; bi-jax: 2.0 / 1.5 (xla) does not.
+    assert "targets bi-torch:" in table and "same-framework ratio <= 1.10 at <= 64 tokens 1/1" in table
+    assert "ratio <= 1.00 0/1; same-framework ratio <= 1.10 at <= 64 tokens 0/1" in table.split("targets bi-jax:")[1]

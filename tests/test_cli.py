@@ -105,6 +105,26 @@ def test_verify_catches_a_flipped_expected_bit(corpus_copy: Path, capsys) -> Non
     assert f"{VICTIM} {mode}/{offset} out" in table and "FAILED: reference" in table
 
 
+def test_verify_in_worker_processes_reports_like_one_process(corpus_copy: Path, capsys) -> None:
+    _flip_expected_bit(corpus_copy, VICTIM)
+    argv = ["verify", "--backend", "reference", "--backend", "triton-interpret", "--quick", "--dtype", "bfloat16",
+            "--json", "--corpus", str(corpus_copy)]
+    assert main(argv + ["--jobs", "1"]) == 1
+    alone = json.loads(capsys.readouterr().out)["backends"]
+    assert main(argv + ["--jobs", "2"]) == 1
+    side_by_side = json.loads(capsys.readouterr().out)["backends"]
+    assert [r["backend"] for r in side_by_side] == ["reference", "triton-interpret"]
+    for one, two in zip(alone, side_by_side):
+        del one["seconds"], two["seconds"]
+        assert two == one and two["mismatches"] == 1 and VICTIM in two["first_mismatch"]
+
+
+def test_verify_jobs_must_be_positive() -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["verify", "--jobs", "0"])
+    assert info.value.code == 2
+
+
 def test_golden_check(corpus_copy: Path, capsys) -> None:
     assert main(["golden", "--check", "--dir", str(corpus_copy)]) == 0
     assert "reproduces bit for bit" in capsys.readouterr().out

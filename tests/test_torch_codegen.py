@@ -15,6 +15,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from bi_torch import triton_kernel  # noqa: E402
+from bridge import tiling  # noqa: E402
 
 pytestmark = pytest.mark.codegen
 
@@ -25,7 +26,8 @@ def _ptx(dtype: str, chunk: int, warps: int) -> str:
                                                 "n_cols")})
     signature.update({name: "fp32" for name in ("n_cols_f32", "eps", "weight_offset")})
     constexprs = {"HAS_RESIDUAL": False, "HAS_OFFSET": False, "LLAMA": True, "ROWS": 1, "CHUNK": chunk,
-                  "LOG2_CHUNK": chunk.bit_length() - 1, "NUM_CHUNKS": 1, "LOG2_NUM_CHUNKS": 0}
+                  "LOG2_CHUNK": chunk.bit_length() - 1, "NUM_CHUNKS": 1, "LOG2_NUM_CHUNKS": 0,
+                  "LOG2_SPLIT": tiling.split_width(chunk, {"bf16": 2, "fp32": 4}[dtype]).bit_length() - 1}
     signature.update({name: "constexpr" for name in constexprs})
     source = triton.compiler.ASTSource(fn=triton_kernel.rms_norm_kernel, signature=signature, constexprs=constexprs)
     try:
