@@ -22,6 +22,8 @@ TARGET_BLOCK = 4096
 # for all of them, where a reduction over an axis of 2 costs two barriers per level across warps
 # (Triton 3.6, sm_90: 8 -> 1 barriers at n = 4096 on 8 warps). Same adds, same bits.
 SEGMENT_BYTES = 512
+# Launches of at most this many programs leave each program an SM of its own (an H100 has 132).
+SMALL_GRID = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +39,11 @@ def launch_config(n: int, n_rows: int, itemsize: int) -> LaunchConfig:
     """The tiling for rows of n elements of itemsize bytes (x's dtype)."""
     width = next_power_of_two(n)
     if width > MAX_WHOLE_ROW:
-        return LaunchConfig(1, MAX_CHUNK, width // MAX_CHUNK, _warps(MAX_CHUNK),
+        return LaunchConfig(1, MAX_CHUNK, width // MAX_CHUNK, _warps(MAX_CHUNK, n_rows),
                             split_width(MAX_CHUNK, itemsize))
     rows = max(1, min(16, TARGET_BLOCK // width, next_power_of_two(max(n_rows, 1))))
-    return LaunchConfig(rows, width, 1, _warps(rows * width), split_width(width, itemsize))
+    programs = -(-max(n_rows, 1) // rows)
+    return LaunchConfig(rows, width, 1, _warps(rows * width, programs), split_width(width, itemsize))
 
 
 def split_width(chunk: int, itemsize: int) -> int:
@@ -48,10 +51,12 @@ def split_width(chunk: int, itemsize: int) -> int:
     return max(1, chunk * itemsize // SEGMENT_BYTES)
 
 
-def _warps(block_elements: int) -> int:
-    # 16 elements per thread on at most 8 warps, more warps only where a thread would hold over 32
-    # (rows of 16384): the best or within 2 % of the best of 1-32 warps at n = 4096 and 8192, both
-    # dtypes and kernels, 1 to 65536 rows on an H100 (scripts/tune_launch.py, BENCHMARKS.md). More
-    # warps per row cost registers (Pallas, float32, n = 8192, 16 warps: 65 registers, one program
-    # per SM, 25 % slower), fewer lengthen each thread's chain at small batch.
-    return max(1, min(8, block_elements // 512), min(16, block_elements // 1024))
+def _warps(block_elements: int, programs: int) -> int:
+    # 16 elements per thread (more only where that would take over 16 warps), on at most 8 warps
+    # when programs share an SM: more warps per row cost registers, hence resident programs
+    # (Pallas, float32, n = 8192, 16 warps: 65 registers, one program per SM, 25 % slower). With
+    # fewer programs than an H100 has SMs each runs alone, and only its chain's length counts
+    # (n = 8192 float32 with a residual, 1-64 rows: 16 warps 3.2-4.8 µs, 8 warps 4.5-5.8 µs).
+    # scripts/tune_launch.py, BENCHMARKS.md.
+    cap = 16 if programs <= SMALL_GRID else 8
+    return max(1, min(cap, block_elements // 512), min(16, block_elements // 1024))

@@ -3,7 +3,7 @@
 bridge.tiling picks one configuration per (n, rows); this script times the alternatives so that
 the choice rests on numbers (BENCHMARKS.md, "changes tried"). A configuration never changes a
 row's bits, and each one is checked against the shipped configuration's output before it is timed.
-Usage: python3 scripts/tune_launch.py [--shapes 16384x8192,...] [--dtype bfloat16] [--residual]
+Usage: python3 scripts/tune_launch.py [--shapes 16384x8192,...] [--dtype bfloat16] [--residual] [--jax] [--splits]
 """
 
 from __future__ import annotations
@@ -50,8 +50,11 @@ def _clear_jax_caches() -> None:
     jax.clear_caches()
 
 
-def candidates(n: int, n_rows: int, itemsize: int) -> List[tiling.LaunchConfig]:
+def candidates(n: int, n_rows: int, itemsize: int, splits: bool = False) -> List[tiling.LaunchConfig]:
     shipped = tiling.launch_config(n, n_rows, itemsize)
+    if splits:  # the shipped tiling with each other split width
+        return [shipped] + [dataclasses.replace(shipped, split=1 << k) for k in range(shipped.chunk.bit_length())
+                            if 1 << k != shipped.split]
     if shipped.num_chunks > 1:
         return [shipped] + [dataclasses.replace(shipped, num_warps=w) for w in (4, 8, 16) if w != shipped.num_warps]
     found = [shipped]
@@ -77,10 +80,11 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16", choices=bench.DTYPES)
     p.add_argument("--residual", action="store_true")
     p.add_argument("--jax", action="store_true", help="also time the Pallas kernel per configuration")
+    p.add_argument("--splits", action="store_true", help="vary the split width instead of rows and warps")
     args = p.parse_args()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     dtype = getattr(torch, args.dtype)
-    print(f"{'shape':>11} {'dtype':<8} res | rows warps | {'torch µs':>8} {'%copy':>6} | {'jax µs':>8} {'%copy':>6}")
+    print(f"{'shape':>11} {'dtype':<8} res | rows warps split | {'torch µs':>8} {'%copy':>6} | {'jax µs':>8} {'%copy':>6}")
     for tokens, hidden in bench.parse_shapes(args.shapes):
         case = bench.Case(tokens, hidden, args.dtype, args.residual)
         n_sets = bench.rotation_sets(case, l2)
@@ -98,7 +102,7 @@ def main() -> int:
                      for s in sets[:bench.JAX_SETS]]
             jw = jnp.asarray(bi_torch.to_numpy(w))
         want = bi_torch.rms_norm(xs[0], w, bench.EPS, rs[0])
-        for cfg in candidates(hidden, tokens, xs[0].element_size()):
+        for cfg in candidates(hidden, tokens, xs[0].element_size(), args.splits):
             with forced_config(cfg):
                 fn = lambda x, r: bi_torch.rms_norm(x, w, bench.EPS, r)  # noqa: E731
                 got = fn(*sets[0])
@@ -111,7 +115,7 @@ def main() -> int:
                     jus, note = bench.time_jax(op, jsets, jw, case)
                     jtext = f"{jus:8.1f} {copy_us / jus:6.1%} {note[:30]}"
             print(f"{tokens:>5}x{hidden:<5} {args.dtype:<8} {'yes' if args.residual else 'no ':<3} | "
-                  f"{cfg.rows:>4} {cfg.num_warps:>5} | {us:8.1f} {copy_us / us:6.1%} | {jtext}"
+                  f"{cfg.rows:>4} {cfg.num_warps:>5} {cfg.split:>5} | {us:8.1f} {copy_us / us:6.1%} | {jtext}"
                   f"{'  <- shipped' if cfg == tiling.launch_config(hidden, tokens, xs[0].element_size()) else ''}", flush=True)
         del xs, rs, sets
         torch.cuda.empty_cache()
