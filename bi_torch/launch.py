@@ -52,7 +52,7 @@ def launch(
     n_rows, n = x.shape
     if n_rows == 0:
         return
-    cfg = launch_config(n, n_rows, x.element_size())
+    cfg = launch_config(n, n_rows, x.element_size(), 0 if residual is None else residual.element_size())
     kernels = triton_kernel if x.is_cuda else interpreted_kernels()
     res = residual if residual is not None else x
     new_res = new_residual if new_residual is not None else out

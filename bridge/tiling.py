@@ -35,15 +35,17 @@ class LaunchConfig:
     split: int  # partial sums per chunk row left to the split tail, a power of two
 
 
-def launch_config(n: int, n_rows: int, itemsize: int) -> LaunchConfig:
-    """The tiling for rows of n elements of itemsize bytes (x's dtype)."""
+def launch_config(n: int, n_rows: int, itemsize: int, residual_itemsize: int = 0) -> LaunchConfig:
+    """The tiling for rows of n elements of itemsize bytes (x's dtype), with a residual of
+    residual_itemsize bytes per element (0: none)."""
     width = next_power_of_two(n)
+    input_bytes = itemsize + residual_itemsize
     if width > MAX_WHOLE_ROW:
-        return LaunchConfig(1, MAX_CHUNK, width // MAX_CHUNK, _warps(MAX_CHUNK, n_rows),
+        return LaunchConfig(1, MAX_CHUNK, width // MAX_CHUNK, _warps(MAX_CHUNK, n_rows, input_bytes),
                             split_width(MAX_CHUNK, itemsize))
     rows = max(1, min(16, TARGET_BLOCK // width, next_power_of_two(max(n_rows, 1))))
     programs = -(-max(n_rows, 1) // rows)
-    return LaunchConfig(rows, width, 1, _warps(rows * width, programs), split_width(width, itemsize))
+    return LaunchConfig(rows, width, 1, _warps(rows * width, programs, input_bytes), split_width(width, itemsize))
 
 
 def split_width(chunk: int, itemsize: int) -> int:
@@ -51,12 +53,15 @@ def split_width(chunk: int, itemsize: int) -> int:
     return max(1, chunk * itemsize // SEGMENT_BYTES)
 
 
-def _warps(block_elements: int, programs: int) -> int:
-    # 16 elements per thread (more only where that would take over 16 warps), on at most 8 warps
-    # when programs share an SM: more warps per row cost registers, hence resident programs
-    # (Pallas, float32, n = 8192, 16 warps: 65 registers, one program per SM, 25 % slower). With
-    # fewer programs than an H100 has SMs each runs alone, and only its chain's length counts
-    # (n = 8192 float32 with a residual, 1-64 rows: 16 warps 3.2-4.8 µs, 8 warps 4.5-5.8 µs).
-    # scripts/tune_launch.py, BENCHMARKS.md.
-    cap = 16 if programs <= SMALL_GRID else 8
-    return max(1, min(cap, block_elements // 512), min(16, block_elements // 1024))
+def _warps(block_elements: int, programs: int, input_bytes: int) -> int:
+    # 16 elements per thread on at most 8 warps (more only where a thread would hold over 32):
+    # more warps per row cost registers, hence resident programs (Pallas, float32, n = 8192,
+    # 16 warps: 65 registers, one program per SM, 25 % slower). With fewer programs than an H100
+    # has SMs each runs alone, and what counts is each thread's chain: at most 128 bytes of
+    # inputs per thread (float32 with a float32 residual, n = 8192, 1-64 rows: 16 warps 3.5-4.8 µs,
+    # 8 warps 4.5-5.8 µs; without a residual 16 warps were 3-6 % slower). scripts/tune_launch.py,
+    # BENCHMARKS.md.
+    warps = max(1, min(8, block_elements // 512), min(16, block_elements // 1024))
+    if programs <= SMALL_GRID:
+        warps = max(warps, min(16, next_power_of_two(max(1, block_elements * input_bytes // (128 * 32)))))
+    return warps

@@ -50,8 +50,9 @@ def _clear_jax_caches() -> None:
     jax.clear_caches()
 
 
-def candidates(n: int, n_rows: int, itemsize: int, splits: bool = False) -> List[tiling.LaunchConfig]:
-    shipped = tiling.launch_config(n, n_rows, itemsize)
+def candidates(n: int, n_rows: int, itemsize: int, residual_itemsize: int,
+               splits: bool = False) -> List[tiling.LaunchConfig]:
+    shipped = tiling.launch_config(n, n_rows, itemsize, residual_itemsize)
     if splits:  # the shipped tiling with each other split width
         return [shipped] + [dataclasses.replace(shipped, split=1 << k) for k in range(shipped.chunk.bit_length())
                             if 1 << k != shipped.split]
@@ -102,7 +103,9 @@ def main() -> int:
                      for s in sets[:bench.JAX_SETS]]
             jw = jnp.asarray(bi_torch.to_numpy(w))
         want = bi_torch.rms_norm(xs[0], w, bench.EPS, rs[0])
-        for cfg in candidates(hidden, tokens, xs[0].element_size(), args.splits):
+        shipped = tiling.launch_config(hidden, tokens, xs[0].element_size(), rs[0].element_size() if args.residual else 0)
+        for cfg in candidates(hidden, tokens, xs[0].element_size(), rs[0].element_size() if args.residual else 0,
+                              args.splits):
             with forced_config(cfg):
                 fn = lambda x, r: bi_torch.rms_norm(x, w, bench.EPS, r)  # noqa: E731
                 got = fn(*sets[0])
@@ -116,7 +119,7 @@ def main() -> int:
                     jtext = f"{jus:8.1f} {copy_us / jus:6.1%} {note[:30]}"
             print(f"{tokens:>5}x{hidden:<5} {args.dtype:<8} {'yes' if args.residual else 'no ':<3} | "
                   f"{cfg.rows:>4} {cfg.num_warps:>5} {cfg.split:>5} | {us:8.1f} {copy_us / us:6.1%} | {jtext}"
-                  f"{'  <- shipped' if cfg == tiling.launch_config(hidden, tokens, xs[0].element_size()) else ''}", flush=True)
+                  f"{'  <- shipped' if cfg == shipped else ''}", flush=True)
         del xs, rs, sets
         torch.cuda.empty_cache()
         jax.clear_caches()
