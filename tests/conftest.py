@@ -17,6 +17,11 @@ def corpus():
     return golden.load_corpus()
 
 
+@pytest.fixture(scope="session")
+def cases_by_name(corpus):
+    return {case.spec.name: case for case in corpus}
+
+
 def _cuda_available() -> bool:
     try:
         import torch

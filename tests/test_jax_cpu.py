@@ -108,11 +108,6 @@ def assert_pair_bits(expected, actual, what: str) -> None:
         assert_bits(expected[1], actual[1], f"{what}: new_residual")
 
 
-@pytest.fixture(scope="module")
-def cases_by_name(corpus):
-    return {case.spec.name: case for case in corpus}
-
-
 # --------------------------------------------------------------------------------------------
 # A) The golden corpus, bit for bit, through the public function (interpret=None: interpret on CPU).
 # --------------------------------------------------------------------------------------------

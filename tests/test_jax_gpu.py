@@ -99,11 +99,6 @@ def ref(x: np.ndarray, weight: np.ndarray, eps: float, residual: Optional[np.nda
     return result[0].reshape(x.shape), result[1].reshape(x.shape)
 
 
-@pytest.fixture(scope="module")
-def cases_by_name(corpus):
-    return {case.spec.name: case for case in corpus}
-
-
 def test_jax_sees_a_gpu():
     assert jax.default_backend() == "gpu"
     assert bi_jax.ops.default_interpret() is False

@@ -36,11 +36,6 @@ def _seed(*parts) -> int:
     return zlib.crc32("|".join(str(p) for p in parts).encode())
 
 
-@pytest.fixture(scope="module")
-def cases_by_name(corpus):
-    return {case.spec.name: case for case in corpus}
-
-
 # --------------------------------------------------------------------------------------------
 # A) The golden corpus, bit for bit.
 # --------------------------------------------------------------------------------------------

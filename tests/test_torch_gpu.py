@@ -45,11 +45,6 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(int_view(a), int_view(b))
 
 
-@pytest.fixture(scope="module")
-def cases_by_name(corpus):
-    return {case.spec.name: case for case in corpus}
-
-
 @pytest.fixture
 def fresh_dynamo():
     torch._dynamo.reset()
