@@ -98,14 +98,20 @@ def round_to(y: jax.Array, dtype) -> jax.Array:
     return y.astype(dtype).astype(jnp.float32)
 
 
-def load_z(x_ref, r_ref, new_r_ref, offsets, mask, has_residual: bool) -> jax.Array:
-    """Step 1: v = f32(z), z = rnR(x + residual) stored as the new residual (or z = x)."""
-    v = plgpu.load(x_ref.at[offsets], mask=mask, other=0.0).astype(jnp.float32)
+def load_z(x_ref, r_ref, new_r_ref, offsets, mask, has_residual: bool, keep: str | None,
+           stream: str | None) -> jax.Array:
+    """Step 1: v = f32(z), z = rnR(x + residual) stored as the new residual (or z = x).
+
+    keep and stream are the eviction policies for z, which a second pass reads again, and for the rest.
+    """
     if has_residual:
-        res = plgpu.load(r_ref.at[offsets], mask=mask, other=0.0).astype(jnp.float32)
+        v = plgpu.load(x_ref.at[offsets], mask=mask, other=0.0, eviction_policy=stream).astype(jnp.float32)
+        res = plgpu.load(r_ref.at[offsets], mask=mask, other=0.0, eviction_policy=stream).astype(jnp.float32)
         z = encode(v + res, new_r_ref.dtype)
-        plgpu.store(new_r_ref.at[offsets], z, mask=mask)
+        plgpu.store(new_r_ref.at[offsets], z, mask=mask, eviction_policy=keep)
         v = z.astype(jnp.float32)
+    else:
+        v = plgpu.load(x_ref.at[offsets], mask=mask, other=0.0, eviction_policy=keep).astype(jnp.float32)
     return v
 
 
@@ -117,12 +123,12 @@ def load_weight(w_ref, cols, n_cols: int, weight_offset: float) -> jax.Array:
     return w
 
 
-def scale_store(v, inv, w, out_ref, offsets, mask, llama: bool) -> None:
+def scale_store(v, inv, w, out_ref, offsets, mask, llama: bool, stream: str | None) -> None:
     """Step 6: out = rnD(rn(v * inv) [rounded to D in llama mode] * w)."""
     normed = v * inv
     if llama:
         normed = round_to(normed, out_ref.dtype)
-    plgpu.store(out_ref.at[offsets], encode(normed * w, out_ref.dtype), mask=mask)
+    plgpu.store(out_ref.at[offsets], encode(normed * w, out_ref.dtype), mask=mask, eviction_policy=stream)
 
 
 def rms_norm_kernel(
@@ -136,11 +142,16 @@ def rms_norm_kernel(
     rows = (pl.program_id(0) * R + jnp.arange(R, dtype=jnp.int32))[:, None]
     row_mask = rows < n_rows
     cols = jnp.arange(chunk, dtype=jnp.int32)[None, :]
+    # Two passes: what the second reads again stays in L2 (an H100's holds the rows of the resident
+    # programs), what neither reads again streams past it.
+    keep = "evict_last" if num_chunks > 1 else None
+    stream = "evict_first" if num_chunks > 1 else None
     if num_chunks == 1:
         # The whole row stays in registers: one read of x (and residual), one write per output.
         mask = row_mask & (cols < n_cols)
         offsets = rows * n_cols + cols
-        v = load_z(x_ref, r_ref, new_r_ref, offsets, mask, has_residual)
+        v = load_z(x_ref, r_ref, new_r_ref, offsets, mask, has_residual,
+                   keep, stream)
         w = load_weight(w_ref, cols, n_cols, weight_offset)  # issued before the reduction
         s = ops.pairwise_sum(ops.square(v), R, chunk, split)
     else:
@@ -150,7 +161,8 @@ def rms_norm_kernel(
         def chunk_sum(c, sums):
             ccols = c * chunk + cols
             mask = row_mask & (ccols < n_cols)
-            v = load_z(x_ref, r_ref, new_r_ref, rows * n_cols + ccols, mask, has_residual)
+            v = load_z(x_ref, r_ref, new_r_ref, rows * n_cols + ccols, mask, has_residual,
+                       keep, stream)
             return jnp.where(chunk_ids == c, ops.pairwise_sum(ops.square(v), R, chunk, split)[:, None], sums)
 
         sums = lax.fori_loop(0, num_chunks, chunk_sum, jnp.zeros((R, num_chunks), jnp.float32))
@@ -162,16 +174,17 @@ def rms_norm_kernel(
     r = ops.sqrt(mean + jnp.float32(eps))
     inv = ops.div(jnp.full((R,), 1.0, jnp.float32), r)[:, None]
     if num_chunks == 1:
-        scale_store(v, inv, w, out_ref, offsets, mask, llama)
+        scale_store(v, inv, w, out_ref, offsets, mask, llama, stream)
     else:
-        def chunk_scale(c, carry):
-            ccols = c * chunk + cols
+        # Last chunk first: the most recently read chunks are the likeliest still in L2.
+        def chunk_scale(i, carry):
+            ccols = (num_chunks - 1 - i) * chunk + cols
             mask = row_mask & (ccols < n_cols)
             offsets = rows * n_cols + ccols
             src = new_r_ref if has_residual else x_ref
-            v = plgpu.load(src.at[offsets], mask=mask, other=0.0).astype(jnp.float32)
+            v = plgpu.load(src.at[offsets], mask=mask, other=0.0, eviction_policy=stream).astype(jnp.float32)
             w = load_weight(w_ref, ccols, n_cols, weight_offset)
-            scale_store(v, inv, w, out_ref, offsets, mask, llama)
+            scale_store(v, inv, w, out_ref, offsets, mask, llama, stream)
             return carry
 
         lax.fori_loop(0, num_chunks, chunk_scale, 0)

@@ -75,14 +75,19 @@ def pairwise_sum(q, ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.cons
 
 @triton.jit
 def load_z(x_ptr, x_stride, r_ptr, r_stride, new_r_ptr, new_r_stride, rows, cols, mask,
-           HAS_RESIDUAL: tl.constexpr):
-    """Step 1: v = f32(z), z = rnR(x + residual) stored as the new residual (or z = x)."""
-    v = tl.load(x_ptr + rows * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+           HAS_RESIDUAL: tl.constexpr, KEEP: tl.constexpr, STREAM: tl.constexpr):
+    """Step 1: v = f32(z), z = rnR(x + residual) stored as the new residual (or z = x).
+
+    KEEP and STREAM are the eviction policies for z, which a second pass reads again, and for the rest.
+    """
     if HAS_RESIDUAL:
-        res = tl.load(r_ptr + rows * r_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(x_ptr + rows * x_stride + cols, mask=mask, other=0.0, eviction_policy=STREAM).to(tl.float32)
+        res = tl.load(r_ptr + rows * r_stride + cols, mask=mask, other=0.0, eviction_policy=STREAM).to(tl.float32)
         z = encode(v + res, new_r_ptr.dtype.element_ty)
-        tl.store(new_r_ptr + rows * new_r_stride + cols, z, mask=mask)
+        tl.store(new_r_ptr + rows * new_r_stride + cols, z, mask=mask, eviction_policy=KEEP)
         v = z.to(tl.float32)
+    else:
+        v = tl.load(x_ptr + rows * x_stride + cols, mask=mask, other=0.0, eviction_policy=KEEP).to(tl.float32)
     return v
 
 
@@ -96,12 +101,13 @@ def load_weight(w_ptr, cols, n_cols, weight_offset, HAS_OFFSET: tl.constexpr):
 
 
 @triton.jit
-def scale_store(v, inv, w, out_ptr, out_stride, rows, cols, mask, LLAMA: tl.constexpr):
+def scale_store(v, inv, w, out_ptr, out_stride, rows, cols, mask, LLAMA: tl.constexpr, STREAM: tl.constexpr):
     """Step 6: out = rnD(rn(v * inv) [rounded to D in llama mode] * w)."""
     normed = v * inv
     if LLAMA:
         normed = round_to(normed, out_ptr.dtype.element_ty)
-    tl.store(out_ptr + rows * out_stride + cols, encode(normed * w, out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + rows * out_stride + cols, encode(normed * w, out_ptr.dtype.element_ty), mask=mask,
+             eviction_policy=STREAM)
 
 
 @triton.jit
@@ -116,10 +122,15 @@ def rms_norm_kernel(
     rows = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
     row_mask = rows < n_rows
     cols = tl.arange(0, CHUNK)[None, :]
+    # Two passes: what the second reads again stays in L2 (an H100's holds the rows of the resident
+    # programs), what neither reads again streams past it.
+    KEEP: tl.constexpr = "evict_last" if NUM_CHUNKS > 1 else ""
+    STREAM: tl.constexpr = "evict_first" if NUM_CHUNKS > 1 else ""
     if NUM_CHUNKS == 1:
         # The whole row stays in registers: one read of x (and residual), one write per output.
         mask = row_mask & (cols < n_cols)
-        v = load_z(x_ptr, x_stride, r_ptr, r_stride, new_r_ptr, new_r_stride, rows, cols, mask, HAS_RESIDUAL)
+        v = load_z(x_ptr, x_stride, r_ptr, r_stride, new_r_ptr, new_r_stride, rows, cols, mask, HAS_RESIDUAL,
+                   KEEP, STREAM)
         w = load_weight(w_ptr, cols, n_cols, weight_offset, HAS_OFFSET)  # issued before the reduction
         s = pairwise_sum(v * v, ROWS, CHUNK, LOG2_CHUNK, LOG2_SPLIT)
     else:
@@ -129,7 +140,8 @@ def rms_norm_kernel(
         for c in tl.range(0, NUM_CHUNKS):
             ccols = c * CHUNK + cols
             mask = row_mask & (ccols < n_cols)
-            v = load_z(x_ptr, x_stride, r_ptr, r_stride, new_r_ptr, new_r_stride, rows, ccols, mask, HAS_RESIDUAL)
+            v = load_z(x_ptr, x_stride, r_ptr, r_stride, new_r_ptr, new_r_stride, rows, ccols, mask, HAS_RESIDUAL,
+                       KEEP, STREAM)
             sums = tl.where(chunk_ids == c, pairwise_sum(v * v, ROWS, CHUNK, LOG2_CHUNK, LOG2_SPLIT)[:, None], sums)
         s = pairwise_sum(sums, ROWS, NUM_CHUNKS, LOG2_NUM_CHUNKS, LOG2_NUM_CHUNKS)
         # The second pass re-reads the new residual this program's other threads wrote.
@@ -139,14 +151,16 @@ def rms_norm_kernel(
     r = tl.sqrt_rn(mean + eps)
     inv = tl.div_rn(tl.full((ROWS,), 1.0, tl.float32), r)[:, None]
     if NUM_CHUNKS == 1:
-        scale_store(v, inv, w, out_ptr, out_stride, rows, cols, mask, LLAMA)
+        scale_store(v, inv, w, out_ptr, out_stride, rows, cols, mask, LLAMA, STREAM)
     else:
-        for c in tl.range(0, NUM_CHUNKS):
-            ccols = c * CHUNK + cols
+        # Last chunk first: the most recently read chunks are the likeliest still in L2.
+        for i in tl.range(0, NUM_CHUNKS):
+            ccols = (NUM_CHUNKS - 1 - i) * CHUNK + cols
             mask = row_mask & (ccols < n_cols)
             if HAS_RESIDUAL:
-                v = tl.load(new_r_ptr + rows * new_r_stride + ccols, mask=mask, other=0.0).to(tl.float32)
+                v = tl.load(new_r_ptr + rows * new_r_stride + ccols, mask=mask, other=0.0,
+                            eviction_policy=STREAM).to(tl.float32)
             else:
-                v = tl.load(x_ptr + rows * x_stride + ccols, mask=mask, other=0.0).to(tl.float32)
+                v = tl.load(x_ptr + rows * x_stride + ccols, mask=mask, other=0.0, eviction_policy=STREAM).to(tl.float32)
             w = load_weight(w_ptr, ccols, n_cols, weight_offset, HAS_OFFSET)
-            scale_store(v, inv, w, out_ptr, out_stride, rows, ccols, mask, LLAMA)
+            scale_store(v, inv, w, out_ptr, out_stride, rows, ccols, mask, LLAMA, STREAM)

@@ -287,7 +287,7 @@ def test_nested_vmap_under_jit():
 # E) Batch invariance: a row alone vs the same row in batches, anywhere, among random rows.
 # --------------------------------------------------------------------------------------------
 
-# n = 16385 takes the chunked path (rows longer than MAX_WHOLE_ROW: one row per program, 4 chunks).
+# n = 16385 takes the chunked path (rows longer than MAX_WHOLE_ROW: one row per program, 2 chunks).
 INVARIANCE_COMBOS = [("float32", "none", "llama", 0.0, N), ("bfloat16", "float32", "llama", 0.0, N),
                      ("float16", "same", "fp32", 1.0, N), ("bfloat16", "float32", "fp32", 1.0, 16385)]
 
