@@ -1,8 +1,9 @@
-"""Code-generation guard for the Triton kernel, compiled for sm_90 without a GPU.
+"""Code-generation guards for the Triton kernel, compiled for sm_90 without a GPU.
 
 Triton 3.6 once gave the pairwise tree a layout holding the whole row in every thread (each
 thread squared and summed all 4096 elements: 400x slower on an H100, 150 s compiles). The
-squares per thread in the PTX must stay near the elements each thread owns.
+squares per thread in the PTX must stay near the elements each thread owns. Long rows, read
+twice, depend on L2 eviction hints for their second read (BENCHMARKS.md): the PTX must carry them.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from bridge import tiling  # noqa: E402
 pytestmark = pytest.mark.codegen
 
 
-def _ptx(dtype: str, chunk: int, warps: int) -> str:
+def _ptx(dtype: str, chunk: int, warps: int, num_chunks: int = 1, residual: bool = False) -> str:
     signature = {name: f"*{dtype}" for name in ("x_ptr", "r_ptr", "w_ptr", "out_ptr", "new_r_ptr")}
     signature.update({name: "i32" for name in ("x_stride", "r_stride", "out_stride", "new_r_stride", "n_rows",
                                                 "n_cols")})
     signature.update({name: "fp32" for name in ("n_cols_f32", "eps", "weight_offset")})
-    constexprs = {"HAS_RESIDUAL": False, "HAS_OFFSET": False, "LLAMA": True, "ROWS": 1, "CHUNK": chunk,
-                  "LOG2_CHUNK": chunk.bit_length() - 1, "NUM_CHUNKS": 1, "LOG2_NUM_CHUNKS": 0,
+    constexprs = {"HAS_RESIDUAL": residual, "HAS_OFFSET": False, "LLAMA": True, "ROWS": 1, "CHUNK": chunk,
+                  "LOG2_CHUNK": chunk.bit_length() - 1, "NUM_CHUNKS": num_chunks,
+                  "LOG2_NUM_CHUNKS": num_chunks.bit_length() - 1,
                   "LOG2_SPLIT": tiling.split_width(chunk, {"bf16": 2, "fp32": 4}[dtype]).bit_length() - 1}
     signature.update({name: "constexpr" for name in constexprs})
     source = triton.compiler.ASTSource(fn=triton_kernel.rms_norm_kernel, signature=signature, constexprs=constexprs)
@@ -50,3 +52,15 @@ def test_each_thread_works_on_its_share_of_the_row(dtype: str) -> None:
     # The replicated tree summed the whole row in every thread: chunk - 1 adds (4095 here).
     # Distributed, a thread adds its own elements plus a few per level across threads (~100-150).
     assert adds < chunk // 4, f"{adds} float32 adds per thread: the row is replicated across threads"
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_only_two_pass_rows_carry_eviction_hints(residual: bool) -> None:
+    whole = _ptx("bf16", 4096, 8, residual=residual)
+    two_pass = _ptx("bf16", tiling.MAX_WHOLE_ROW, 16, num_chunks=4, residual=residual)
+    assert "createpolicy" not in whole, "a one-pass row got an L2 eviction policy"
+    # Kept in L2: what the second pass reads again, x as it is loaded or the new residual as it is stored.
+    # Streamed: every other load and the output.
+    expected = [("st" if residual else "ld", "evict_last"), ("ld", "evict_first"), ("st", "evict_first")]
+    for op, policy in expected:
+        assert re.search(rf"\b{op}\.global\.L1::{policy}\.L2::cache_hint", two_pass), f"no {op} with {policy} in the PTX"
