@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import importlib.metadata
 import math
 import os
 import re
@@ -524,10 +525,7 @@ def measure(plan: Plan, checkpoint: Callable[[List[Timing]], None]) -> Tuple[Lis
     props = torch.cuda.get_device_properties(0)
     l2_bytes = getattr(props, "L2_cache_size", 50 << 20)
     jax_why = _jax_unavailable()
-    device = f"{torch.cuda.get_device_name(0)}, L2 {l2_bytes / 1e6:.0f} MB; torch {torch.__version__}"
-    if not jax_why:
-        import jax
-        device += f", jax {jax.__version__}"
+    device = f"{torch.cuda.get_device_name(0)}, L2 {l2_bytes / 1e6:.0f} MB; {', '.join(package_versions())}"
     unavailable: Dict[str, str] = {}
     if jax_why:
         unavailable.update({impl.name: jax_why for impl in IMPLS if impl.framework == "jax"})
@@ -552,6 +550,17 @@ def measure(plan: Plan, checkpoint: Callable[[List[Timing]], None]) -> Tuple[Lis
               f"{' +res' if case.residual else ''} ({n_sets} sets) µs: {done}", flush=True)
         checkpoint(timings)
     return timings, device
+
+
+def package_versions() -> List[str]:
+    """What a reader needs to reproduce a run: torch, triton, jax and Liger-Kernel, those installed."""
+    found = []
+    for dist, label in (("torch", "torch"), ("triton", "triton"), ("jax", "jax"), ("liger-kernel", "Liger-Kernel")):
+        try:
+            found.append(f"{label} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
 
 
 def _flag_faster_than_copy(case_timings: List[Timing]) -> None:
