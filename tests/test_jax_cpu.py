@@ -118,11 +118,6 @@ def test_interpret_is_the_default_on_cpu():
     assert bi_jax.ops.default_interpret() is True
 
 
-def test_corpus_is_complete(corpus):
-    assert [c.spec.name for c in corpus] == CASE_NAMES
-    assert len(CASE_NAMES) > 100
-
-
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_corpus_case(cases_by_name, name):
     case = cases_by_name[name]
