@@ -142,16 +142,15 @@ def rms_norm_kernel(
     rows = (pl.program_id(0) * R + jnp.arange(R, dtype=jnp.int32))[:, None]
     row_mask = rows < n_rows
     cols = jnp.arange(chunk, dtype=jnp.int32)[None, :]
-    # Two passes: what the second reads again stays in L2 (an H100's holds the rows of the resident
-    # programs), what neither reads again streams past it.
+    # Two passes: what the second reads again is kept in L2 as long as it can be (the rows of the
+    # resident programs are about as large as an H100's L2); what neither reads again streams past it.
     keep = "evict_last" if num_chunks > 1 else None
     stream = "evict_first" if num_chunks > 1 else None
     if num_chunks == 1:
         # The whole row stays in registers: one read of x (and residual), one write per output.
         mask = row_mask & (cols < n_cols)
         offsets = rows * n_cols + cols
-        v = load_z(x_ref, r_ref, new_r_ref, offsets, mask, has_residual,
-                   keep, stream)
+        v = load_z(x_ref, r_ref, new_r_ref, offsets, mask, has_residual, keep, stream)
         w = load_weight(w_ref, cols, n_cols, weight_offset)  # issued before the reduction
         s = ops.pairwise_sum(ops.square(v), R, chunk, split)
     else:
@@ -161,8 +160,7 @@ def rms_norm_kernel(
         def chunk_sum(c, sums):
             ccols = c * chunk + cols
             mask = row_mask & (ccols < n_cols)
-            v = load_z(x_ref, r_ref, new_r_ref, rows * n_cols + ccols, mask, has_residual,
-                       keep, stream)
+            v = load_z(x_ref, r_ref, new_r_ref, rows * n_cols + ccols, mask, has_residual, keep, stream)
             return jnp.where(chunk_ids == c, ops.pairwise_sum(ops.square(v), R, chunk, split)[:, None], sums)
 
         sums = lax.fori_loop(0, num_chunks, chunk_sum, jnp.zeros((R, num_chunks), jnp.float32))

@@ -122,8 +122,8 @@ def rms_norm_kernel(
     rows = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
     row_mask = rows < n_rows
     cols = tl.arange(0, CHUNK)[None, :]
-    # Two passes: what the second reads again stays in L2 (an H100's holds the rows of the resident
-    # programs), what neither reads again streams past it.
+    # Two passes: what the second reads again is kept in L2 as long as it can be (the rows of the
+    # resident programs are about as large as an H100's L2); what neither reads again streams past it.
     KEEP: tl.constexpr = "evict_last" if NUM_CHUNKS > 1 else ""
     STREAM: tl.constexpr = "evict_first" if NUM_CHUNKS > 1 else ""
     if NUM_CHUNKS == 1:
@@ -161,6 +161,7 @@ def rms_norm_kernel(
                 v = tl.load(new_r_ptr + rows * new_r_stride + ccols, mask=mask, other=0.0,
                             eviction_policy=STREAM).to(tl.float32)
             else:
-                v = tl.load(x_ptr + rows * x_stride + ccols, mask=mask, other=0.0, eviction_policy=STREAM).to(tl.float32)
+                v = tl.load(x_ptr + rows * x_stride + ccols, mask=mask, other=0.0,
+                            eviction_policy=STREAM).to(tl.float32)
             w = load_weight(w_ptr, ccols, n_cols, weight_offset, HAS_OFFSET)
             scale_store(v, inv, w, out_ptr, out_stride, rows, ccols, mask, LLAMA, STREAM)
