@@ -104,14 +104,13 @@ def load_z(x_ref, r_ref, new_r_ref, offsets, mask, has_residual: bool, keep: str
 
     keep and stream are the eviction policies for z, which a second pass reads again, and for the rest.
     """
+    v = plgpu.load(x_ref.at[offsets], mask=mask, other=0.0,
+                   eviction_policy=stream if has_residual else keep).astype(jnp.float32)
     if has_residual:
-        v = plgpu.load(x_ref.at[offsets], mask=mask, other=0.0, eviction_policy=stream).astype(jnp.float32)
         res = plgpu.load(r_ref.at[offsets], mask=mask, other=0.0, eviction_policy=stream).astype(jnp.float32)
         z = encode(v + res, new_r_ref.dtype)
         plgpu.store(new_r_ref.at[offsets], z, mask=mask, eviction_policy=keep)
         v = z.astype(jnp.float32)
-    else:
-        v = plgpu.load(x_ref.at[offsets], mask=mask, other=0.0, eviction_policy=keep).astype(jnp.float32)
     return v
 
 
@@ -174,13 +173,15 @@ def rms_norm_kernel(
     if num_chunks == 1:
         scale_store(v, inv, w, out_ref, offsets, mask, llama, stream)
     else:
-        # Last chunk first: the most recently read chunks are the likeliest still in L2.
+        # The second pass reads z again (the new residual, or x), last chunk first: the most
+        # recently read chunks are the likeliest still in L2.
+        z_ref = new_r_ref if has_residual else x_ref
+
         def chunk_scale(i, carry):
             ccols = (num_chunks - 1 - i) * chunk + cols
             mask = row_mask & (ccols < n_cols)
             offsets = rows * n_cols + ccols
-            src = new_r_ref if has_residual else x_ref
-            v = plgpu.load(src.at[offsets], mask=mask, other=0.0, eviction_policy=stream).astype(jnp.float32)
+            v = plgpu.load(z_ref.at[offsets], mask=mask, other=0.0, eviction_policy=stream).astype(jnp.float32)
             w = load_weight(w_ref, ccols, n_cols, weight_offset)
             scale_store(v, inv, w, out_ref, offsets, mask, llama, stream)
             return carry

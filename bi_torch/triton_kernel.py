@@ -80,14 +80,13 @@ def load_z(x_ptr, x_stride, r_ptr, r_stride, new_r_ptr, new_r_stride, rows, cols
 
     KEEP and STREAM are the eviction policies for z, which a second pass reads again, and for the rest.
     """
+    v = tl.load(x_ptr + rows * x_stride + cols, mask=mask, other=0.0,
+                eviction_policy=STREAM if HAS_RESIDUAL else KEEP).to(tl.float32)
     if HAS_RESIDUAL:
-        v = tl.load(x_ptr + rows * x_stride + cols, mask=mask, other=0.0, eviction_policy=STREAM).to(tl.float32)
         res = tl.load(r_ptr + rows * r_stride + cols, mask=mask, other=0.0, eviction_policy=STREAM).to(tl.float32)
         z = encode(v + res, new_r_ptr.dtype.element_ty)
         tl.store(new_r_ptr + rows * new_r_stride + cols, z, mask=mask, eviction_policy=KEEP)
         v = z.to(tl.float32)
-    else:
-        v = tl.load(x_ptr + rows * x_stride + cols, mask=mask, other=0.0, eviction_policy=KEEP).to(tl.float32)
     return v
 
 
@@ -153,15 +152,13 @@ def rms_norm_kernel(
     if NUM_CHUNKS == 1:
         scale_store(v, inv, w, out_ptr, out_stride, rows, cols, mask, LLAMA, STREAM)
     else:
-        # Last chunk first: the most recently read chunks are the likeliest still in L2.
+        # The second pass reads z again (the new residual, or x), last chunk first: the most
+        # recently read chunks are the likeliest still in L2.
+        z_ptr = new_r_ptr if HAS_RESIDUAL else x_ptr
+        z_stride = new_r_stride if HAS_RESIDUAL else x_stride
         for i in tl.range(0, NUM_CHUNKS):
             ccols = (NUM_CHUNKS - 1 - i) * CHUNK + cols
             mask = row_mask & (ccols < n_cols)
-            if HAS_RESIDUAL:
-                v = tl.load(new_r_ptr + rows * new_r_stride + ccols, mask=mask, other=0.0,
-                            eviction_policy=STREAM).to(tl.float32)
-            else:
-                v = tl.load(x_ptr + rows * x_stride + ccols, mask=mask, other=0.0,
-                            eviction_policy=STREAM).to(tl.float32)
+            v = tl.load(z_ptr + rows * z_stride + ccols, mask=mask, other=0.0, eviction_policy=STREAM).to(tl.float32)
             w = load_weight(w_ptr, ccols, n_cols, weight_offset, HAS_OFFSET)
             scale_store(v, inv, w, out_ptr, out_stride, rows, ccols, mask, LLAMA, STREAM)
