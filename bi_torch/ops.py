@@ -95,7 +95,7 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optio
     if weight.dim() == 1 and weight.shape[0] > 1 and weight.stride(0) != 1:
         raise ValueError(f"weight: must be contiguous; got stride {weight.stride(0)}")
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual)):
-        raise RuntimeError("bi_torch RMSNorm has no autograd support yet: a tensor requires grad. Run it under "
+        raise NotImplementedError("bi_torch RMSNorm has no autograd support yet: a tensor requires grad. Run it under "
                            "torch.no_grad() or torch.inference_mode(), or detach the inputs explicitly.")
     x_rows = _rows(x, "x")
     if residual is not None:

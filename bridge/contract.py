@@ -1,4 +1,4 @@
-"""Numerics contract v1: the constants and argument rules every backend shares.
+"""Numerics contract v1.1: the constants and argument rules every backend shares.
 
 NUMERICS.md is the prose; this module holds the few values that the reference and both kernels
 must agree on, and the one argument check that every public entry point runs. It never imports
@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-CONTRACT_VERSION = 1
+# "1.1": v1's forward, unchanged, plus the backward (NUMERICS.md).
+CONTRACT_VERSION = "1.1"
 
 DTYPES = ("float32", "bfloat16", "float16")
 MODES = ("llama", "fp32")
@@ -53,7 +54,7 @@ def check_rms_norm_args(
     mode: object = "llama",
     weight_offset: object = 0.0,
 ) -> None:
-    """Raise TypeError/ValueError naming the argument if the call is outside contract v1.
+    """Raise TypeError/ValueError naming the argument if the call is outside the contract.
 
     Runs before any kernel touches memory. Dtypes are names ("float32", "bfloat16", "float16").
     """
@@ -84,3 +85,36 @@ def check_rms_norm_args(
         raise TypeError(f"weight_offset: expected a Python float; got {type(weight_offset).__name__}")
     if not math.isfinite(float(weight_offset)) or not math.isfinite(as_float32(weight_offset)):
         raise ValueError(f"weight_offset: expected a finite float (finite in float32); got {weight_offset!r}")
+
+
+def check_rms_norm_backward_args(
+    *,
+    x_shape: Sequence[int],
+    x_dtype: str,
+    grad_out_shape: Sequence[int],
+    grad_out_dtype: str,
+    residual_shape: Optional[Sequence[int]] = None,
+    residual_dtype: Optional[str] = None,
+    grad_new_residual_shape: Optional[Sequence[int]] = None,
+    grad_new_residual_dtype: Optional[str] = None,
+) -> None:
+    """The backward's own arguments, after check_rms_norm_args has accepted the forward's.
+
+    grad_out must have out's shape and dtype (x's); grad_new_residual, which is optional (None
+    counts as zeros), the new residual's (the residual's), and only with a residual.
+    """
+    x_shape = tuple(x_shape)
+    if tuple(grad_out_shape) != x_shape:
+        raise ValueError(f"grad_out: expected shape {x_shape} (out's shape); got {tuple(grad_out_shape)}")
+    if grad_out_dtype != x_dtype:
+        raise TypeError(f"grad_out: expected dtype {x_dtype} (out's dtype); got {grad_out_dtype}")
+    if grad_new_residual_shape is None:
+        return
+    if residual_shape is None:
+        raise ValueError("grad_new_residual: given without a residual; there is no new residual to differentiate")
+    if tuple(grad_new_residual_shape) != tuple(residual_shape):
+        raise ValueError(f"grad_new_residual: expected shape {tuple(residual_shape)} (the residual's shape); "
+                         f"got {tuple(grad_new_residual_shape)}")
+    if grad_new_residual_dtype != residual_dtype:
+        raise TypeError(f"grad_new_residual: expected dtype {residual_dtype} (the residual's dtype); "
+                        f"got {grad_new_residual_dtype}")

@@ -1,6 +1,6 @@
-"""The numerics contract v1 in plain float32 numpy: the only source of expected bits.
+"""The numerics contract v1.1 in plain float32 numpy: the only source of expected bits.
 
-Read it next to NUMERICS.md; each numbered step there is one block here. numpy's float32
+Read it next to NUMERICS.md; each numbered step there (forward 1-6, backward B1-B7) is one block here. numpy's float32
 arithmetic rounds every operation to nearest even and never fuses a multiply with an add,
 which is exactly what the contract asks of every backend.
 """
@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 import ml_dtypes
 import numpy as np
 
-from .contract import CANONICAL_NAN_BITS, check_rms_norm_args, next_power_of_two
+from .contract import CANONICAL_NAN_BITS, check_rms_norm_args, check_rms_norm_backward_args, next_power_of_two
 
 _NUMPY_DTYPES = {
     "float32": np.dtype(np.float32),
@@ -56,16 +56,24 @@ def pairwise_sum(q: np.ndarray) -> np.ndarray:
     return q[..., 0]
 
 
-def rms_norm(
-    x: np.ndarray,
-    weight: np.ndarray,
-    eps: float = 1e-6,
-    residual: Optional[np.ndarray] = None,
-    *,
-    mode: str = "llama",
-    weight_offset: float = 0.0,
-) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
-    """RMSNorm of x over its last axis per NUMERICS.md; (out, new_residual) when residual is given."""
+def _inverse_rms(v: np.ndarray, n: int, eps: float) -> np.ndarray:
+    """Steps 2-4: squares, pairwise tree, mean, root, inverse; one float32 per row."""
+    f32 = np.float32
+    s = pairwise_sum(v * v)
+    mean = s / f32(n)
+    r = np.sqrt(mean + f32(eps))
+    return f32(1.0) / r
+
+
+def _effective_weight(weight: np.ndarray, weight_offset: float) -> np.ndarray:
+    """Step 5: w = f32(weight), plus the offset only when it is non-zero in float32."""
+    w = weight.astype(np.float32)
+    if np.float32(weight_offset) != 0:
+        w = w + np.float32(weight_offset)
+    return w
+
+
+def _check(x, weight, eps, residual, mode, weight_offset) -> None:
     check_rms_norm_args(
         x_shape=x.shape,
         x_dtype=dtype_name(x.dtype),
@@ -77,6 +85,19 @@ def rms_norm(
         mode=mode,
         weight_offset=weight_offset,
     )
+
+
+def rms_norm(
+    x: np.ndarray,
+    weight: np.ndarray,
+    eps: float = 1e-6,
+    residual: Optional[np.ndarray] = None,
+    *,
+    mode: str = "llama",
+    weight_offset: float = 0.0,
+) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
+    """RMSNorm of x over its last axis per NUMERICS.md; (out, new_residual) when residual is given."""
+    _check(x, weight, eps, residual, mode, weight_offset)
     d = dtype_name(x.dtype)
     f32 = np.float32
     with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
@@ -86,19 +107,74 @@ def rms_norm(
             v = new_residual.astype(f32)
         else:
             v = x.astype(f32)
-        # 2. squares, 3. pairwise tree sum.
-        s = pairwise_sum(v * v)
-        # 4. mean, root, inverse: each one IEEE float32 operation.
-        mean = s / f32(x.shape[-1])
-        r = np.sqrt(mean + f32(eps))
-        inv = f32(1.0) / r
+        # 2. squares, 3. pairwise tree sum, 4. mean, root, inverse: each one IEEE float32 operation.
+        inv = _inverse_rms(v, x.shape[-1], eps)
         # 5. effective weight: the offset is added only when it is non-zero in float32.
-        w = weight.astype(f32)
-        if f32(weight_offset) != 0:
-            w = w + f32(weight_offset)
+        w = _effective_weight(weight, weight_offset)
         # 6. scale and round to x's dtype.
         normed = v * inv[..., None]
         if mode == "llama":
             normed = encode(normed, d).astype(f32)
         out = encode(normed * w, d)
     return out if residual is None else (out, new_residual)
+
+
+def rms_norm_backward(
+    x: np.ndarray,
+    weight: np.ndarray,
+    grad_out: np.ndarray,
+    eps: float = 1e-6,
+    residual: Optional[np.ndarray] = None,
+    grad_new_residual: Optional[np.ndarray] = None,
+    *,
+    mode: str = "llama",
+    weight_offset: float = 0.0,
+) -> Union[Tuple[np.ndarray, np.ndarray], Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The gradients of rms_norm per NUMERICS.md's backward (contract v1.1).
+
+    grad_out is the gradient of out (x's shape and dtype); grad_new_residual that of the new
+    residual (the residual's shape and dtype; None counts as zeros). Returns (grad_x, grad_weight),
+    or (grad_x, grad_residual, grad_weight) with a residual.
+    """
+    _check(x, weight, eps, residual, mode, weight_offset)
+    check_rms_norm_backward_args(
+        x_shape=x.shape, x_dtype=dtype_name(x.dtype), grad_out_shape=grad_out.shape,
+        grad_out_dtype=dtype_name(grad_out.dtype),
+        residual_shape=None if residual is None else residual.shape,
+        residual_dtype=None if residual is None else dtype_name(residual.dtype),
+        grad_new_residual_shape=None if grad_new_residual is None else grad_new_residual.shape,
+        grad_new_residual_dtype=None if grad_new_residual is None else dtype_name(grad_new_residual.dtype))
+    d = dtype_name(x.dtype)
+    n = x.shape[-1]
+    f32 = np.float32
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+        # The forward's v and inv (steps 1-4), recomputed: the same bits the forward used.
+        if residual is not None:
+            v = encode(x.astype(f32) + residual.astype(f32), dtype_name(residual.dtype)).astype(f32)
+        else:
+            v = x.astype(f32)
+        inv = _inverse_rms(v, n, eps)[..., None]
+        w = _effective_weight(weight, weight_offset)
+        g = grad_out.astype(f32)
+        # B1. xhat, never rounded to D here.
+        xhat = v * inv
+        # B2. h: the factor the forward multiplied w by.
+        h = encode(xhat, d).astype(f32) if mode == "llama" else xhat
+        # B3. a: llama's rounding of xhat to D passes the gradient straight through.
+        a = g * w
+        # B4. b and its pairwise tree over the row (zero-padded with +0.0), then c.
+        t = pairwise_sum(a * xhat)
+        c = t[..., None] / f32(n)
+        # B5. dv.
+        dv = inv * (a - xhat * c)
+        # B6. grad_x (and grad_residual): an absent grad_new_residual counts as +0.0, so -0.0 -> +0.0.
+        if residual is not None:
+            g_r = f32(0.0) if grad_new_residual is None else grad_new_residual.astype(f32)
+            dz = dv + g_r
+            grad_x, grad_residual = encode(dz, d), encode(dz, dtype_name(residual.dtype))
+        else:
+            grad_x = encode(dv, d)
+        # B7. grad_weight: the pairwise tree over rows (row-major, zero-padded with +0.0) of p = g * h.
+        p = (g * h).reshape(-1, n)
+        grad_weight = encode(pairwise_sum(np.ascontiguousarray(p.T)), d)
+    return (grad_x, grad_weight) if residual is None else (grad_x, grad_residual, grad_weight)
