@@ -1,4 +1,4 @@
-"""Launching the Triton kernel: the compiled copy for CUDA tensors, the interpreted one for CPU.
+"""Launching the Triton kernels: the compiled copies for CUDA tensors, the interpreted ones for CPU.
 
 The launch configuration comes from bridge.tiling (shared with bi_jax); a row's bits never
 depend on it (NUMERICS.md, "batch invariance").
@@ -10,32 +10,47 @@ import contextlib
 import functools
 import importlib.util
 import os
+import sys
 from types import ModuleType
 
 import numpy as np
 import torch
 
 from bridge.contract import as_float32
-from bridge.tiling import launch_config
+from bridge.tiling import COLUMN_TREE_WIDTH, backward_config, launch_config
 
-from . import triton_kernel
+from . import triton_backward, triton_kernel
 
 
-@functools.lru_cache(maxsize=None)
-def interpreted_kernels() -> ModuleType:
-    """triton_kernel.py loaded a second time with the Triton interpreter on, for CPU tensors."""
-    spec = importlib.util.spec_from_file_location("bi_torch._triton_kernel_interpreted", triton_kernel.__file__)
-    module = importlib.util.module_from_spec(spec)
+def _load_interpreted(module: ModuleType, name: str) -> ModuleType:
+    """A kernel module loaded a second time with the Triton interpreter on, for CPU tensors;
+    registered under `name` so that another interpreted module can import its helpers."""
+    spec = importlib.util.spec_from_file_location(name, module.__file__)
+    loaded = importlib.util.module_from_spec(spec)
+    sys.modules[name] = loaded
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        spec.loader.exec_module(module)
+        spec.loader.exec_module(loaded)
     finally:
         if saved is None:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = saved
-    return module
+    return loaded
+
+
+@functools.lru_cache(maxsize=None)
+def interpreted_kernels() -> ModuleType:
+    """triton_kernel.py under the interpreter."""
+    return _load_interpreted(triton_kernel, "bi_torch._triton_kernel_interpreted")
+
+
+@functools.lru_cache(maxsize=None)
+def interpreted_backward_kernels() -> ModuleType:
+    """triton_backward.py under the interpreter, with the interpreted forward's helpers."""
+    interpreted_kernels()
+    return _load_interpreted(triton_backward, "bi_torch._triton_backward_interpreted")
 
 
 def launch(
@@ -67,3 +82,52 @@ def launch(
             LOG2_SPLIT=cfg.split.bit_length() - 1,
             num_warps=cfg.num_warps, enable_fp_fusion=False,
         )
+
+
+def launch_backward(
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    grad_out: torch.Tensor,
+    grad_new_residual: torch.Tensor | None,
+    grad_x: torch.Tensor,
+    grad_residual: torch.Tensor | None,
+    grad_weight: torch.Tensor,
+    eps: float,
+    mode: str,
+    weight_offset: float,
+) -> None:
+    """Run the backward on 2-D row views (last dimension contiguous): z is what the forward
+    normalised (x, or the new residual); grad_residual is None without a residual."""
+    n_rows, n = z.shape
+    cfg = backward_config(n, n_rows, grad_x.element_size(),
+                          0 if grad_residual is None else grad_residual.element_size())
+    kernels = triton_backward if z.is_cuda else interpreted_backward_kernels()
+    f32 = dict(dtype=torch.float32, device=z.device)
+    stats = torch.empty((n_rows, 2) if cfg.num_chunks > 1 else (1,), **f32)
+    final = cfg.blocks == 1
+    partials = torch.empty((1,) if final else (cfg.blocks, n), **f32)
+    g_r = grad_new_residual if grad_new_residual is not None else grad_out
+    d_r = grad_residual if grad_residual is not None else grad_x
+    eps32, offset32 = as_float32(eps), as_float32(weight_offset)
+    log2 = lambda v: v.bit_length() - 1  # noqa: E731
+    with contextlib.nullcontext() if z.is_cuda else np.errstate(all="ignore"):
+        if n_rows and cfg.num_chunks > 1:
+            kernels.row_stats_kernel[(n_rows,)](
+                z, z.stride(0), grad_out, grad_out.stride(0), weight, stats, n_rows, n, float(n), eps32, offset32,
+                HAS_OFFSET=offset32 != 0, CHUNK=cfg.chunk, LOG2_CHUNK=log2(cfg.chunk), NUM_CHUNKS=cfg.num_chunks,
+                LOG2_NUM_CHUNKS=log2(cfg.num_chunks), LOG2_SPLIT=log2(cfg.split),
+                num_warps=cfg.num_warps, enable_fp_fusion=False)
+        kernels.rms_norm_backward_kernel[(cfg.blocks, cfg.num_chunks)](
+            z, z.stride(0), grad_out, grad_out.stride(0), g_r, g_r.stride(0), weight, grad_x, grad_x.stride(0),
+            d_r, d_r.stride(0), stats, partials, grad_weight, n_rows, n, float(n), eps32, offset32,
+            HAS_RESIDUAL=grad_residual is not None, HAS_GRAD_RESIDUAL=grad_new_residual is not None,
+            HAS_OFFSET=offset32 != 0, LLAMA=mode == "llama", ROWS=cfg.rows, LOG2_ROWS=log2(cfg.rows),
+            STEPS=cfg.steps, LOG2_STEPS=log2(cfg.steps), CHUNK=cfg.chunk, LOG2_CHUNK=log2(cfg.chunk),
+            NUM_CHUNKS=cfg.num_chunks, LOG2_SPLIT=log2(cfg.split), FINAL=final,
+            num_warps=cfg.num_warps, enable_fp_fusion=False)
+        if not final:
+            width = min(COLUMN_TREE_WIDTH, cfg.chunk * cfg.num_chunks)
+            kernels.column_tree_kernel[(-(-n // width),)](
+                partials, grad_weight, cfg.blocks, n, ROWS=cfg.tree_rows, LOG2_ROWS=log2(cfg.tree_rows),
+                STEPS=cfg.tree_steps, LOG2_STEPS=log2(cfg.tree_steps), WIDTH=width, num_warps=4,
+                enable_fp_fusion=False)

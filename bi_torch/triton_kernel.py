@@ -74,6 +74,14 @@ def pairwise_sum(q, ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.cons
 
 
 @triton.jit
+def inverse_rms(s, n_cols_f32, eps, ROWS: tl.constexpr):
+    """Step 4: mean = s / n, r = sqrt(mean + eps), inv = 1 / r, each an IEEE float32 operation."""
+    mean = tl.div_rn(s, tl.full((ROWS,), n_cols_f32, tl.float32))
+    r = tl.sqrt_rn(mean + eps)
+    return tl.div_rn(tl.full((ROWS,), 1.0, tl.float32), r)
+
+
+@triton.jit
 def load_z(x_ptr, x_stride, r_ptr, r_stride, new_r_ptr, new_r_stride, rows, cols, mask,
            HAS_RESIDUAL: tl.constexpr, KEEP: tl.constexpr, STREAM: tl.constexpr):
     """Step 1: v = f32(z), z = rnR(x + residual) stored as the new residual (or z = x).
@@ -145,10 +153,7 @@ def rms_norm_kernel(
         s = pairwise_sum(sums, ROWS, NUM_CHUNKS, LOG2_NUM_CHUNKS, LOG2_NUM_CHUNKS)
         # The second pass re-reads the new residual this program's other threads wrote.
         tl.debug_barrier()
-    # Step 4: each an IEEE float32 operation.
-    mean = tl.div_rn(s, tl.full((ROWS,), n_cols_f32, tl.float32))
-    r = tl.sqrt_rn(mean + eps)
-    inv = tl.div_rn(tl.full((ROWS,), 1.0, tl.float32), r)[:, None]
+    inv = inverse_rms(s, n_cols_f32, eps, ROWS)[:, None]
     if NUM_CHUNKS == 1:
         scale_store(v, inv, w, out_ptr, out_stride, rows, cols, mask, LLAMA, STREAM)
     else:

@@ -65,3 +65,49 @@ def _warps(block_elements: int, programs: int, input_bytes: int) -> int:
     if programs <= SMALL_GRID:
         warps = max(warps, min(16, next_power_of_two(max(1, block_elements * input_bytes // (128 * 32)))))
     return warps
+
+
+# The backward's tile: rows summed by the tile's own tree before the binary counter takes over, so
+# more rows per tile mean fewer counter levels per column held in registers.
+BACKWARD_TILE = 8192
+# At most 2**4 steps per block: each counter level is a float32 row of the tile's width.
+MAX_BACKWARD_LEVELS = 4
+# Aim for this many row blocks (programs per column chunk) when there are rows enough.
+BACKWARD_PROGRAMS = 256
+# The tree over the blocks' partial sums: columns per program, rows per tile.
+COLUMN_TREE_WIDTH = 256
+COLUMN_TREE_ROWS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardConfig:
+    rows: int  # rows per tile (a power of two)
+    steps: int  # tiles per block (a power of two): a block is rows * steps aligned rows
+    blocks: int  # row blocks: partial sums of grad_weight, combined by the column tree
+    chunk: int  # columns per tile, a power of two
+    num_chunks: int  # column chunks (1: whole rows; more: long rows, inv and c from a stats pass)
+    num_warps: int
+    split: int  # as LaunchConfig.split
+    tree_rows: int  # column tree: partial rows per tile
+    tree_steps: int  # column tree: tiles per program (their product covers the padded blocks)
+
+    @property
+    def block_rows(self) -> int:
+        return self.rows * self.steps
+
+
+def backward_config(n: int, n_rows: int, itemsize: int, residual_itemsize: int = 0) -> BackwardConfig:
+    """The backward's tiling. A block is never larger than the row count's power of two: the row
+    tree pads only to that (a larger padding would add +0.0 to a -0.0 sum). Never changes bits."""
+    width = next_power_of_two(n)
+    rows_pow2 = next_power_of_two(max(n_rows, 1))
+    chunk, num_chunks = (width, 1) if width <= MAX_WHOLE_ROW else (MAX_WHOLE_ROW, width // MAX_WHOLE_ROW)
+    rows = max(1, min(16, BACKWARD_TILE // chunk, rows_pow2))
+    steps = max(1, min(1 << MAX_BACKWARD_LEVELS, rows_pow2 // (rows * BACKWARD_PROGRAMS)))
+    blocks = -(-max(n_rows, 1) // (rows * steps))
+    tree_rows = min(COLUMN_TREE_ROWS, next_power_of_two(blocks))
+    tree_steps = next_power_of_two(blocks) // tree_rows
+    # Each element of the tile is read twice (z and the output gradient) and written once or twice.
+    warps = _warps(rows * chunk, blocks * num_chunks, 2 * itemsize + residual_itemsize)
+    return BackwardConfig(rows, steps, blocks, chunk, num_chunks, warps, split_width(chunk, itemsize), tree_rows,
+                          tree_steps)
