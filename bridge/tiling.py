@@ -103,7 +103,8 @@ def backward_config(n: int, n_rows: int, itemsize: int, residual_itemsize: int =
     rows_pow2 = next_power_of_two(max(n_rows, 1))
     chunk, num_chunks = (width, 1) if width <= MAX_WHOLE_ROW else (MAX_WHOLE_ROW, width // MAX_WHOLE_ROW)
     rows = max(1, min(16, BACKWARD_TILE // chunk, rows_pow2))
-    steps = max(1, min(1 << MAX_BACKWARD_LEVELS, rows_pow2 // (rows * BACKWARD_PROGRAMS)))
+    # A power of two (the block must be a subtree), rounded down: at least BACKWARD_PROGRAMS blocks.
+    steps = 1 << max(0, min(MAX_BACKWARD_LEVELS, (rows_pow2 // (rows * BACKWARD_PROGRAMS)).bit_length() - 1))
     blocks = -(-max(n_rows, 1) // (rows * steps))
     tree_rows = min(COLUMN_TREE_ROWS, next_power_of_two(blocks))
     tree_steps = next_power_of_two(blocks) // tree_rows
