@@ -126,10 +126,13 @@ def rms_norm_backward_kernel(
             inv = inverse_rms(pairwise_sum(v * v, ROWS, CHUNK, LOG2_CHUNK, LOG2_SPLIT), n_cols_f32, eps, ROWS)[:, None]
         else:
             inv = tl.load(stats_ptr + rows * 2, mask=rows < n_rows, other=1.0)
-        # B1-B3.
+        # B1-B3, and B7 first: g and h are then dead before the row's second tree.
         xhat = v * inv
         h = round_to(xhat, dx_ptr.dtype.element_ty) if LLAMA else xhat
         a = g * w
+        # B7: rows past the end are the tree's +0.0 padding.
+        p = row_tree(tl.where(mask, g * h, 0.0), ROWS, CHUNK, LOG2_ROWS)
+        total, lefts = push(p, lefts, step, LOG2_STEPS)
         # B4: c from the row's tree over b (masked columns are +0.0 leaves: g and w load as 0).
         if NUM_CHUNKS == 1:
             t = pairwise_sum(a * xhat, ROWS, CHUNK, LOG2_CHUNK, LOG2_SPLIT)
@@ -146,9 +149,6 @@ def rms_norm_backward_kernel(
         else:
             dz = dv
         tl.store(dx_ptr + rows * dx_stride + cols, encode(dz, dx_ptr.dtype.element_ty), mask=mask)
-        # B7: rows past the end are the tree's +0.0 padding.
-        p = row_tree(tl.where(mask, g * h, 0.0), ROWS, CHUNK, LOG2_ROWS)
-        total, lefts = push(p, lefts, step, LOG2_STEPS)
     wcols = tl.reshape(cols, (CHUNK,))
     if FINAL:
         tl.store(dw_ptr + wcols, encode(total, dw_ptr.dtype.element_ty), mask=wcols < n_cols)
