@@ -64,3 +64,41 @@ def test_only_two_pass_rows_carry_eviction_hints(residual: bool) -> None:
     expected = [("st" if residual else "ld", "evict_last"), ("ld", "evict_first"), ("st", "evict_first")]
     for op, policy in expected:
         assert re.search(rf"\b{op}\.global\.L1::{policy}\.L2::cache_hint", two_pass), f"no {op} with {policy} in the PTX"
+
+
+def _backward_ptx(chunk: int, warps: int, rows: int, steps: int) -> str:
+    from bi_torch import triton_backward
+
+    signature = {name: "*bf16" for name in ("z_ptr", "g_ptr", "gr_ptr", "w_ptr", "dx_ptr", "dr_ptr", "dw_ptr")}
+    signature.update({name: "*fp32" for name in ("stats_ptr", "partial_ptr")})
+    signature.update({name: "i32" for name in ("z_stride", "g_stride", "gr_stride", "dx_stride", "dr_stride",
+                                                "n_rows", "n_cols")})
+    signature.update({name: "fp32" for name in ("n_cols_f32", "eps", "weight_offset")})
+    log2 = lambda v: v.bit_length() - 1  # noqa: E731
+    constexprs = {"HAS_RESIDUAL": True, "HAS_GRAD_RESIDUAL": True, "HAS_OFFSET": False, "LLAMA": True, "ROWS": rows,
+                  "LOG2_ROWS": log2(rows), "STEPS": steps, "LOG2_STEPS": log2(steps), "CHUNK": chunk,
+                  "LOG2_CHUNK": log2(chunk), "NUM_CHUNKS": 1, "LOG2_SPLIT": log2(tiling.split_width(chunk, 2)),
+                  "FINAL": False}
+    signature.update({name: "constexpr" for name in constexprs})
+    source = triton.compiler.ASTSource(fn=triton_backward.rms_norm_backward_kernel, signature=signature,
+                                       constexprs=constexprs)
+    try:
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": warps, "enable_fp_fusion": False})
+    except Exception as e:  # no CUDA toolchain in this triton build: nothing to inspect
+        pytest.skip(f"triton cannot compile for sm_90 here: {type(e).__name__}: {e}")
+    return compiled.asm["ptx"]
+
+
+def test_backward_rounds_every_step_and_keeps_rows_distributed() -> None:
+    chunk, warps, rows, steps = 4096, 8, 2, 4
+    ptx = _backward_ptx(chunk, warps, rows, steps)
+    # Every step of B1-B7 is one rounding: no contraction into FMA, IEEE division and square root.
+    assert not re.search(r"\bfma\.", ptx), "a multiply was fused into an add (FMA) in the backward"
+    assert re.search(r"\bdiv\.rn\.f32\b", ptx) and re.search(r"\bsqrt\.rn\.f32\b", ptx)
+    # Per owned element: v*v, xhat, a, g*h, a*xhat, xhat*c, inv*(...): 7 multiplies, plus scalars.
+    per_thread = rows * chunk // (32 * warps)
+    muls = len(re.findall(r"\bmul\.rn\.f32\b", ptx))
+    assert muls <= 7 * per_thread + 16, f"{muls} float32 multiplies per thread for {per_thread} elements"
+    adds = len(re.findall(r"\badd\.rn\.f32\b", ptx))
+    assert adds < rows * chunk // 4, f"{adds} float32 adds per thread: the rows are replicated across threads"
