@@ -7,7 +7,7 @@ torch and jax and a missing framework only makes its backends unavailable.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -15,6 +15,9 @@ from . import reference
 
 # (x, weight, eps, residual, mode, weight_offset) -> out, or (out, new_residual) with a residual.
 RunFn = Callable[..., object]
+# (x, weight, grad_out, eps, residual, grad_new_residual, mode, weight_offset) -> what
+# reference.rms_norm_backward returns: (grad_x, grad_weight), or (grad_x, grad_residual, grad_weight).
+BackwardFn = Callable[..., Tuple[np.ndarray, ...]]
 
 
 @dataclasses.dataclass
@@ -23,6 +26,13 @@ class Backend:
     description: str
     probe: Callable[[], Optional[str]]  # None when usable, else why not
     make_runner: Callable[[], RunFn]
+    # Raises NotImplementedError (from the framework) where the kernel has no backward yet.
+    make_backward_runner: Callable[[], BackwardFn]
+
+
+def _reference_backward(x, weight, grad_out, eps, residual, grad_new_residual, mode, weight_offset):
+    return reference.rms_norm_backward(x, weight, grad_out, eps, residual, grad_new_residual, mode=mode,
+                                       weight_offset=weight_offset)
 
 
 def _torch_probe(device: str) -> Optional[str]:
@@ -56,6 +66,29 @@ def _torch_runner(device: str) -> RunFn:
     return run
 
 
+def _torch_backward_runner(device: str) -> BackwardFn:
+    import torch
+
+    import bi_torch
+
+    def run(x, weight, grad_out, eps, residual, grad_new_residual, mode, weight_offset):
+        inputs = [bi_torch.from_numpy(a, device).requires_grad_() for a in (x, weight, residual) if a is not None]
+        with torch.enable_grad():
+            result = bi_torch.rms_norm(*inputs[:2], eps, inputs[2] if residual is not None else None, mode=mode,
+                                       weight_offset=weight_offset)
+        outputs, cotangents = [result if residual is None else result[0]], [grad_out]
+        if grad_new_residual is not None:
+            outputs.append(result[1])
+            cotangents.append(grad_new_residual)
+        # Every input reaches out, so none is unused (no allow_unused): an absent grad_new_residual only
+        # leaves the new residual out of the graph's outputs.
+        grads = torch.autograd.grad(outputs, inputs, [bi_torch.from_numpy(g, device) for g in cotangents])
+        grad_x, grad_weight, *grad_residual = (bi_torch.to_numpy(g) for g in grads)
+        return (grad_x, *grad_residual, grad_weight)
+
+    return run
+
+
 def _jax_probe(interpret: bool) -> Optional[str]:
     try:
         import jax
@@ -70,19 +103,22 @@ def _jax_probe(interpret: bool) -> Optional[str]:
     return None
 
 
-def _jax_runner(interpret: bool) -> RunFn:
+def _jax_put(interpret: bool) -> Callable[[np.ndarray], object]:
+    """numpy -> jax.Array on the device the backend runs on (the CPU in interpret mode)."""
     import jax
     import jax.numpy as jnp
 
+    device = jax.devices("cpu")[0] if interpret else jax.devices()[0]
+    return lambda a: jax.device_put(jnp.asarray(a), device)
+
+
+def _jax_runner(interpret: bool) -> RunFn:
     import bi_jax
 
-    device = jax.devices("cpu")[0] if interpret else jax.devices()[0]
-
-    def to_jax(a: Optional[np.ndarray]):
-        return None if a is None else jax.device_put(jnp.asarray(a), device)
+    put = _jax_put(interpret)
 
     def run(x, weight, eps, residual, mode, weight_offset):
-        result = bi_jax.rms_norm(to_jax(x), to_jax(weight), eps, to_jax(residual), mode=mode,
+        result = bi_jax.rms_norm(put(x), put(weight), eps, None if residual is None else put(residual), mode=mode,
                                  weight_offset=weight_offset, interpret=interpret)
         if residual is None:
             return np.asarray(result)
@@ -91,15 +127,41 @@ def _jax_runner(interpret: bool) -> RunFn:
     return run
 
 
+def _jax_backward_runner(interpret: bool) -> BackwardFn:
+    import jax
+
+    import bi_jax
+
+    put = _jax_put(interpret)
+
+    def run(x, weight, grad_out, eps, residual, grad_new_residual, mode, weight_offset):
+        def norm(*args):
+            return bi_jax.rms_norm(args[0], args[1], eps, args[2] if len(args) > 2 else None, mode=mode,
+                                   weight_offset=weight_offset, interpret=interpret)
+
+        _, vjp = jax.vjp(norm, *(put(a) for a in (x, weight, residual) if a is not None))
+        cotangent = put(grad_out)
+        if residual is not None:
+            # JAX needs a cotangent for every output: zeros for an absent grad_new_residual, which the
+            # contract makes the same bits (B6 adds +0.0 either way).
+            g_r = np.zeros_like(residual) if grad_new_residual is None else grad_new_residual
+            cotangent = (cotangent, put(g_r))
+        grad_x, grad_weight, *grad_residual = (np.asarray(g) for g in vjp(cotangent))
+        return (grad_x, *grad_residual, grad_weight)
+
+    return run
+
+
 BACKENDS: List[Backend] = [
     Backend("reference", "numpy float32 reference (bridge.reference)", lambda: None,
-            lambda: lambda x, w, eps, r, mode, off: reference.rms_norm(x, w, eps, r, mode=mode, weight_offset=off)),
+            lambda: lambda x, w, eps, r, mode, off: reference.rms_norm(x, w, eps, r, mode=mode, weight_offset=off),
+            lambda: _reference_backward),
     Backend("triton-interpret", "bi_torch on CPU tensors (Triton interpreter)",
-            lambda: _torch_probe("cpu"), lambda: _torch_runner("cpu")),
+            lambda: _torch_probe("cpu"), lambda: _torch_runner("cpu"), lambda: _torch_backward_runner("cpu")),
     Backend("triton-gpu", "bi_torch on CUDA tensors (compiled Triton)",
-            lambda: _torch_probe("cuda"), lambda: _torch_runner("cuda")),
+            lambda: _torch_probe("cuda"), lambda: _torch_runner("cuda"), lambda: _torch_backward_runner("cuda")),
     Backend("pallas-interpret", "bi_jax with interpret=True on CPU",
-            lambda: _jax_probe(True), lambda: _jax_runner(True)),
+            lambda: _jax_probe(True), lambda: _jax_runner(True), lambda: _jax_backward_runner(True)),
     Backend("pallas-gpu", "bi_jax compiled Pallas (Triton lowering) on GPU",
-            lambda: _jax_probe(False), lambda: _jax_runner(False)),
+            lambda: _jax_probe(False), lambda: _jax_runner(False), lambda: _jax_backward_runner(False)),
 ]

@@ -8,12 +8,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 from . import golden
 from .backends import BACKENDS
 from .contract import CONTRACT_VERSION, DTYPES
-from .verify import CROSS_FRAMEWORK, QUICK_MAX_N, format_table, terminal_progress, verify
+from .verify import CROSS_FRAMEWORK, NOT_IMPLEMENTED, QUICK_MAX_N, BackendReport, Progress, verify
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +60,43 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def terminal_progress(stream=None) -> Progress:
+    """A one-line progress bar on a terminal; on a log, a line per quarter of each backend's work."""
+    def show(backend: str, done: int, total: int) -> None:
+        out = stream or sys.stderr
+        if not out.isatty():
+            if done == total or (4 * done) // total != (4 * (done - 1)) // total:
+                out.write(f"{backend}: {done}/{total}\n")
+            return
+        width = 30
+        filled = width * done // max(total, 1)
+        out.write(f"\r{backend:<18} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        if done == total:
+            out.write("\r" + " " * (width + 40) + "\r")
+        out.flush()
+    return show
+
+
+def format_table(reports: Sequence[BackendReport]) -> str:
+    """A line per backend and pass (forward, backward); an unavailable backend gets one, with the reason."""
+    header = (f"{'backend':<18} {'pass':<8} {'status':<15} {'cases':>5} {'checks':>6} {'mismatch':>8} "
+              f"{'invariance':>10}  first mismatch / note")
+    lines = [header, "-" * len(header)]
+    for r in reports:
+        if r.status == "unavailable" or (r.status == "error" and r.reason):
+            lines.append(f"{r.backend:<18} {'':<8} {r.status:<15} {'':>5} {'':>6} {'':>8} {'':>10}  {r.reason}")
+            continue
+        for label, p in (("forward", r.forward), ("backward", r.backward)):
+            if p is None:
+                continue
+            inv = f"{p.invariance_checks - p.invariance_mismatches}/{p.invariance_checks}"
+            note = p.first_mismatch or p.reason or (f"{p.seconds:.1f}s" if p.status == "ok" else "")
+            name = r.backend if label == "forward" else ""
+            lines.append(f"{name:<18} {label:<8} {p.status:<15} {p.cases:>5} {p.checks:>6} {p.mismatches:>8} "
+                         f"{inv:>10}  {note}")
+    return "\n".join(lines)
+
+
 def _verify(args: argparse.Namespace) -> int:
     reports = verify(args.backend, args.dtype, args.quick, args.corpus, progress=terminal_progress(), jobs=args.jobs)
     failed = [r for r in reports if r.status in ("mismatch", "error") or (args.backend and r.status == "unavailable")]
@@ -70,6 +107,9 @@ def _verify(args: argparse.Namespace) -> int:
         print(format_table(reports))
         print("OK: every available backend matches the golden corpus bit for bit." if not failed
               else f"FAILED: {', '.join(r.backend for r in failed)}")
+        lacking = [r.backend for r in reports if r.backward is not None and r.backward.status == NOT_IMPLEMENTED]
+        if lacking:
+            print(f"Backward not implemented (not a failure): {', '.join(lacking)}")
     return 1 if failed else 0
 
 

@@ -1,6 +1,8 @@
 """The golden corpus: inputs and expected outputs generated from the reference, checked in.
 
-Each case is one deterministic, uncompressed zip (`<name>.npz`) of arrays stored as raw bit
+Forward cases are made here, backward cases in `golden_backward` (on this module's helpers);
+the manifest lists them apart ("cases", "backward_cases"), and regenerate, check_regeneration
+and the loaders cover both. Each case is one deterministic, uncompressed zip (`<name>.npz`) of arrays stored as raw bit
 patterns (uint16/uint32, so bfloat16 needs no pickle), plus a manifest with SHA-256 digests.
 Regenerating writes identical bytes on any machine: the data come from a seeded generator, the
 expected outputs from `bridge.reference`, and the zip entries carry a fixed timestamp.
@@ -15,12 +17,15 @@ import json
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from . import reference
 from .contract import CONTRACT_VERSION
+
+if TYPE_CHECKING:
+    from .golden_backward import BackwardCase, BackwardSpec
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"
 MANIFEST = "manifest.json"
@@ -82,7 +87,7 @@ def case_specs() -> List[CaseSpec]:
     return specs
 
 
-def _pattern_row(rng: np.random.Generator, pattern: str, n: int, dtype: str) -> np.ndarray:
+def pattern_row(rng: np.random.Generator, pattern: str, n: int, dtype: str) -> np.ndarray:
     """One float64 row of the named pattern, scaled to the range of `dtype`."""
     f16 = dtype == "float16"
     sign = rng.choice([-1.0, 1.0], n)
@@ -113,22 +118,33 @@ def _pattern_row(rng: np.random.Generator, pattern: str, n: int, dtype: str) -> 
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
-def _as(values: np.ndarray, dtype: str) -> np.ndarray:
+def as_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float64 values rounded to float32, then to `dtype` (bfloat16 as ml_dtypes.bfloat16)."""
     with np.errstate(over="ignore"):
         return values.astype(np.float32).astype(reference.numpy_dtype(dtype))
+
+
+def pattern_rows(rng: np.random.Generator, patterns: Tuple[str, ...], n: int, dtype: str, as_: str,
+                 row: Callable[..., np.ndarray] = pattern_row) -> np.ndarray:
+    """One row per pattern from `row(rng, pattern, n, dtype)`, scaled to `dtype`'s range, stored as `as_`."""
+    return as_dtype(np.stack([row(rng, p, n, dtype) for p in patterns]), as_)
+
+
+def random_weight(rng: np.random.Generator, n: int, dtype: str) -> np.ndarray:
+    """Weights around 1 with one -0.0 (a signed zero and, at times, negative weights)."""
+    w = 1.0 + 0.25 * rng.standard_normal(n)
+    w[rng.integers(0, n)] = -0.0
+    return as_dtype(w, dtype)
 
 
 def generate_case(spec: CaseSpec) -> GoldenCase:
     """Inputs from a generator seeded by the case name; expected outputs from the reference."""
     rng = np.random.default_rng(zlib.crc32(spec.name.encode()))
-    x = _as(np.stack([_pattern_row(rng, p, spec.n, spec.dtype) for p in spec.patterns]), spec.dtype)
-    w = 1.0 + 0.25 * rng.standard_normal(spec.n)
-    w[rng.integers(0, spec.n)] = -0.0  # a signed zero and a negative weight
-    weight = _as(w, spec.dtype)
+    x = pattern_rows(rng, spec.patterns, spec.n, spec.dtype, spec.dtype)
+    weight = random_weight(rng, spec.n, spec.dtype)
     residual = None
     if spec.residual != "none":
-        r_dtype = spec.dtype if spec.residual == "same" else "float32"
-        residual = _as(np.stack([_pattern_row(rng, p, spec.n, spec.dtype) for p in spec.patterns]), r_dtype)
+        residual = pattern_rows(rng, spec.patterns, spec.n, spec.dtype, residual_dtype(spec.dtype, spec.residual))
     out, new_residual = {}, None
     for mode, offset in spec.outputs:
         result = reference.rms_norm(x, weight, spec.eps, residual, mode=mode, weight_offset=offset)
@@ -139,8 +155,14 @@ def generate_case(spec: CaseSpec) -> GoldenCase:
     return GoldenCase(spec, x, weight, residual, out, new_residual)
 
 
-def _out_key(mode: str, offset: float) -> str:
-    return f"out_{mode}_offset{offset:g}"
+def residual_dtype(dtype: str, kind: str) -> Optional[str]:
+    """R for a residual kind ("none", "same", "float32") of a case in dtype D; None without one."""
+    return {"none": None, "same": dtype, "float32": "float32"}[kind]
+
+
+def output_key(what: str, mode: str, offset: float) -> str:
+    """The zip entry of one stored output, e.g. "out_llama_offset0" or "grad_x_fp32_offset1"."""
+    return f"{what}_{mode}_offset{offset:g}"
 
 
 def _arrays(case: GoldenCase) -> Dict[str, np.ndarray]:
@@ -149,7 +171,7 @@ def _arrays(case: GoldenCase) -> Dict[str, np.ndarray]:
         arrays["residual"] = case.residual
         arrays["new_residual"] = case.new_residual
     for (mode, offset), out in case.out.items():
-        arrays[_out_key(mode, offset)] = out
+        arrays[output_key("out", mode, offset)] = out
     return arrays
 
 
@@ -165,49 +187,58 @@ def _zip_bytes(arrays: Dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def _manifest_entry(spec: CaseSpec, case: GoldenCase, digest: str) -> dict:
-    entry = dataclasses.asdict(spec)
-    entry["patterns"] = list(spec.patterns)
-    entry["outputs"] = [list(pair) for pair in spec.outputs]
-    entry["file"] = f"{spec.name}.npz"
-    entry["sha256"] = digest
-    entry["dtypes"] = {k: reference.dtype_name(v.dtype) for k, v in sorted(_arrays(case).items())}
-    return entry
+def _rendered(spec: CaseSpec | BackwardSpec, arrays: Dict[str, np.ndarray], **extra) -> Tuple[str, bytes, dict]:
+    """(file name, bytes, manifest entry) of one case: the spec's fields, `extra`, the file, its
+    SHA-256 and the dtype of every stored array (the zip holds only bit patterns)."""
+    data = _zip_bytes(arrays)
+    entry = {**dataclasses.asdict(spec), **extra, "file": f"{spec.name}.npz",
+             "sha256": hashlib.sha256(data).hexdigest(),
+             "dtypes": {k: reference.dtype_name(v.dtype) for k, v in sorted(arrays.items())}}
+    return entry["file"], data, entry
 
 
-def render() -> Iterator[Tuple[str, bytes, dict]]:
-    """(file name, bytes, manifest entry) for every case, freshly generated."""
+# The manifest's two lists: forward cases (the v1 corpus, unchanged) and backward cases.
+FORWARD, BACKWARD = "cases", "backward_cases"
+
+
+def render() -> Iterator[Tuple[str, str, bytes, dict]]:
+    """(manifest list, file name, bytes, manifest entry) for every case, forward then backward."""
+    from . import golden_backward  # built on this module's helpers, so imported here and not at the top
+
     for spec in case_specs():
-        case = generate_case(spec)
-        data = _zip_bytes(_arrays(case))
-        yield f"{spec.name}.npz", data, _manifest_entry(spec, case, hashlib.sha256(data).hexdigest())
+        yield (FORWARD,) + _rendered(spec, _arrays(generate_case(spec)))
+    for spec in golden_backward.case_specs():
+        yield (BACKWARD,) + _rendered(spec, golden_backward.arrays(golden_backward.generate_case(spec)),
+                                      kind="backward")
 
 
-def _manifest_bytes(entries: List[dict]) -> bytes:
-    doc = {"contract_version": CONTRACT_VERSION, "cases": entries}
+def _manifest_bytes(entries: Dict[str, List[dict]]) -> bytes:
+    doc = {"contract_version": CONTRACT_VERSION, **entries}
     return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
 
 def regenerate(directory: Path = DEFAULT_DIR) -> int:
     """Write every case file and the manifest; removes stale case files. Returns the case count."""
     directory.mkdir(parents=True, exist_ok=True)
-    entries, names = [], set()
-    for file_name, data, entry in render():
+    entries: Dict[str, List[dict]] = {FORWARD: [], BACKWARD: []}
+    names = set()
+    for section, file_name, data, entry in render():
         (directory / file_name).write_bytes(data)
-        entries.append(entry)
+        entries[section].append(entry)
         names.add(file_name)
     for stale in directory.glob("*.npz"):
         if stale.name not in names:
             stale.unlink()
     (directory / MANIFEST).write_bytes(_manifest_bytes(entries))
-    return len(entries)
+    return len(names)
 
 
 def check_regeneration(directory: Path = DEFAULT_DIR) -> List[str]:
     """Regenerate in memory and list every file whose bytes differ from the checked-in corpus."""
-    problems, entries, names = [], [], set()
-    for file_name, data, entry in render():
-        entries.append(entry)
+    problems, names = [], set()
+    entries: Dict[str, List[dict]] = {FORWARD: [], BACKWARD: []}
+    for section, file_name, data, entry in render():
+        entries[section].append(entry)
         names.add(file_name)
         path = directory / file_name
         if not path.exists() or path.read_bytes() != data:
@@ -220,29 +251,46 @@ def check_regeneration(directory: Path = DEFAULT_DIR) -> List[str]:
 
 
 def load_manifest(directory: Path = DEFAULT_DIR) -> dict:
+    """The manifest: "cases" lists the forward cases, "backward_cases" the backward ones."""
     path = directory / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"golden corpus manifest not found at {path}; run `bi-norm golden --regenerate`")
     return json.loads(path.read_text())
 
 
-def load_corpus(directory: Path = DEFAULT_DIR, *, verify_digests: bool = True) -> List[GoldenCase]:
-    """Every case of the checked-in corpus, digests verified against the manifest."""
-    cases = []
-    for entry in load_manifest(directory)["cases"]:
+def load_entries(directory: Path, section: str, verify_digests: bool) -> Iterator[Tuple[dict, Dict[str, np.ndarray]]]:
+    """(manifest entry, arrays by name) for every case in one of the manifest's lists."""
+    manifest = load_manifest(directory)
+    if section not in manifest:
+        raise ValueError(f"golden corpus: the manifest has no {section!r}; run `bi-norm golden --regenerate`")
+    for entry in manifest[section]:
         data = (directory / entry["file"]).read_bytes()
         if verify_digests and hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise ValueError(f"golden corpus: {entry['file']} does not match its SHA-256 in the manifest")
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            arrays = {
+            yield entry, {
                 name[:-4]: np.lib.format.read_array(io.BytesIO(zf.read(name))).view(
                     reference.numpy_dtype(entry["dtypes"][name[:-4]]))
                 for name in zf.namelist()
             }
+
+
+def load_corpus(directory: Path = DEFAULT_DIR, *, verify_digests: bool = True) -> List[GoldenCase]:
+    """Every forward case of the checked-in corpus, digests verified against the manifest."""
+    cases = []
+    for entry, arrays in load_entries(directory, FORWARD, verify_digests):
         outputs = tuple((m, float(o)) for m, o in entry["outputs"])
         spec = CaseSpec(entry["name"], entry["dtype"], entry["n"], entry["residual"], tuple(entry["patterns"]),
                         entry["eps"], outputs)
-        out = {pair: arrays[_out_key(*pair)] for pair in outputs}
+        out = {pair: arrays[output_key("out", *pair)] for pair in outputs}
         cases.append(GoldenCase(spec, arrays["x"], arrays["weight"], arrays.get("residual"), out,
                                 arrays.get("new_residual")))
     return cases
+
+
+def load_backward_corpus(directory: Path = DEFAULT_DIR, *, verify_digests: bool = True) -> List[BackwardCase]:
+    """Every backward case of the checked-in corpus, digests verified against the manifest."""
+    from . import golden_backward
+
+    return [golden_backward.case_from(entry, arrays) for entry, arrays in load_entries(directory, BACKWARD,
+                                                                                        verify_digests)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, wait
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from . import crossframework, golden
+from . import crossframework, golden, golden_backward
 from .backends import BACKENDS, Backend
 from .compare import first_mismatch
 
@@ -21,17 +20,22 @@ QUICK_MAX_N = 1025
 INVARIANCE_SIZES = (7, 128, 1000, 4096, 65536)
 INVARIANCE_BATCHES = (1, 2, 5, 33)
 QUICK_INVARIANCE_BATCHES = (1, 5)
+# The backward's sweep is shorter: grad_x rows of the backward corpus's cases at these n.
+BACKWARD_INVARIANCE_SIZES = (128, 4096)
+BACKWARD_INVARIANCE_BATCHES = (1, 5, 33)
 # The cross-framework row: bi_torch's result handed to JAX zero-copy and compared there.
 CROSS_FRAMEWORK = "torch-jax-dlpack"
 # On CPU both kernels run in interpreters: the cross check keeps to short rows there.
 CROSS_CPU_MAX_N = 129
 BACKEND_BY_NAME = {b.name: b for b in BACKENDS}
+NOT_IMPLEMENTED = "not implemented"
 
 
 @dataclasses.dataclass
-class BackendReport:
-    backend: str
-    status: str  # "ok", "mismatch", "error" or "unavailable"
+class PassReport:
+    """One direction (forward or backward) of one backend: the corpus and the invariance sweep."""
+
+    status: str = "ok"  # "ok", "mismatch", "error" or "not implemented" (a backward the kernel lacks)
     reason: str = ""
     cases: int = 0
     checks: int = 0
@@ -41,90 +45,138 @@ class BackendReport:
     first_mismatch: str = ""
     seconds: float = 0.0
 
+    def note(self, where: str, problem: Optional[str], invariance: bool = False) -> None:
+        """Count one bitwise comparison; problem is first_mismatch's answer (None: equal)."""
+        if invariance:
+            self.invariance_checks += 1
+            self.invariance_mismatches += problem is not None
+        else:
+            self.checks += 1
+            self.mismatches += problem is not None
+        if problem is not None and not self.first_mismatch:
+            self.first_mismatch = f"{where}: {problem}"
+
+
+@dataclasses.dataclass
+class BackendReport:
+    backend: str
+    status: str  # "ok", "mismatch", "error" or "unavailable"; a backward not implemented leaves it "ok"
+    reason: str = ""  # why unavailable, or why its worker process failed
+    forward: PassReport = dataclasses.field(default_factory=PassReport)
+    backward: Optional[PassReport] = None  # None: not run (unavailable, or the cross-framework row)
+
 
 Progress = Callable[[str, int, int], None]
 
 
-def _select_cases(cases: Sequence[golden.GoldenCase], dtypes: Optional[Sequence[str]], quick: bool):
+@dataclasses.dataclass
+class Plan:
+    """What one backend runs: corpus cases, invariance cases and batch sizes, for both directions."""
+
+    cases: list
+    invariance_cases: list
+    batches: Sequence[int]
+    backward_cases: list
+    backward_invariance_cases: list
+    backward_batches: Sequence[int]
+
+    def steps(self) -> int:
+        return (len(self.cases) + len(self.invariance_cases) + len(self.backward_cases)
+                + len(self.backward_invariance_cases))
+
+
+class _Ticker:
+    """Progress in cases done out of the plan's steps."""
+
+    def __init__(self, backend: str, total: int, progress: Progress) -> None:
+        self.backend, self.total, self.progress, self.done = backend, total, progress, 0
+
+    def __call__(self) -> None:
+        self.reach(self.done + 1)
+
+    def reach(self, done: int) -> None:
+        """Move on to `done` steps (after a pass that crashed, past the cases it did not run)."""
+        if done > self.done:
+            self.done = done
+            self.progress(self.backend, done, self.total)
+
+
+def _select_cases(cases: Sequence, dtypes: Optional[Sequence[str]], quick: bool) -> list:
     return [c for c in cases if (not dtypes or c.spec.dtype in dtypes) and (not quick or c.spec.n <= QUICK_MAX_N)]
-
-
-def _invariance_cases(cases: Sequence[golden.GoldenCase], quick: bool):
-    sizes = (128,) if quick else INVARIANCE_SIZES
-    return [c for c in cases if c.spec.n in sizes and c.spec.residual in ("none", "float32")]
 
 
 def _outputs(result, has_residual: bool):
     return result if has_residual else (result, None)
 
 
-def _check_corpus(run, cases, report: BackendReport, progress: Progress, total: int, done: int) -> int:
+def _check_corpus(run, cases, report: PassReport, tick: _Ticker) -> None:
     for case in cases:
         report.cases += 1
         for (mode, offset), expected in case.out.items():
             out, new_res = _outputs(run(case.x, case.weight, case.spec.eps, case.residual, mode, offset),
                                     case.residual is not None)
-            pairs = [("out", expected, out)]
+            where = f"{case.spec.name} {mode}/{offset:g}"
+            report.note(f"{where} out", first_mismatch(expected, out))
             if case.residual is not None:
-                pairs.append(("new_residual", case.new_residual, new_res))
-            for what, exp, got in pairs:
-                report.checks += 1
-                problem = first_mismatch(exp, got)
-                if problem:
-                    report.mismatches += 1
-                    report.first_mismatch = report.first_mismatch or f"{case.spec.name} {mode}/{offset:g} {what}: {problem}"
-        done += 1
-        progress(report.backend, done, total)
-    return done
+                report.note(f"{where} new_residual", first_mismatch(case.new_residual, new_res))
+        tick()
+
+
+def _check_backward_corpus(run, cases, report: PassReport, tick: _Ticker) -> None:
+    for case in cases:
+        report.cases += 1
+        names = golden_backward.output_names(case.residual is not None)
+        for (mode, offset), expected in case.expected.items():
+            got = run(case.x, case.weight, case.grad_out, case.spec.eps, case.residual, case.grad_new_residual,
+                      mode, offset)
+            for what, exp, g in zip(names, expected, got):
+                report.note(f"{case.spec.name} {mode}/{offset:g} {what}", first_mismatch(exp, g))
+        tick()
 
 
 def _neighbours(rng: np.random.Generator, like: np.ndarray, rows: int) -> np.ndarray:
     return (rng.standard_normal((rows, like.shape[-1])) * 4).astype(np.float32).astype(like.dtype)
 
 
-def _check_invariance(run, cases, batches, report: BackendReport, progress: Progress, total: int, done: int) -> int:
+def _in_batch(rng: np.random.Generator, rows: Sequence[Optional[np.ndarray]], batch: int):
+    """(pos, arrays): each one-row array at row pos of `batch` random rows, in a 3-D leading shape
+    (batch, 1, n) as a model's (batch, seq, hidden) activations have; None stays None."""
+    pos = (batch * 5) // 7
+    batched = []
+    for row in rows:
+        if row is not None:
+            row, other = _neighbours(rng, row, batch), row
+            row[pos] = other[0]
+            row = row.reshape(batch, 1, -1)
+        batched.append(row)
+    return pos, batched
+
+
+def _sweep(cases, batches, report: PassReport, tick: _Ticker, names: Sequence[str], arrays, call) -> None:
+    """Row 0 of each case alone vs inside batches: row 0 of each of arrays(case) (None: absent) goes
+    into call(case, rows), which returns the arrays `names`, compared at the row's position."""
     rng = np.random.default_rng(0)
     for case in cases:
-        mode, offset = case.spec.outputs[0]
-        x, res = case.x[:1], None if case.residual is None else case.residual[:1]
-        alone = _outputs(run(x, case.weight, case.spec.eps, res, mode, offset), res is not None)
+        rows = [None if a is None else a[:1] for a in arrays(case)]
+        alone = call(case, rows)
         for batch in batches:
-            pos = (batch * 5) // 7
-            xb = _neighbours(rng, x, batch)
-            xb[pos] = x[0]
-            rb = None
-            if res is not None:
-                rb = _neighbours(rng, res, batch)
-                rb[pos] = res[0]
-            # A 3-D leading shape, as a model's (batch, seq, hidden) activations have.
-            got = _outputs(run(xb.reshape(batch, 1, -1), case.weight, case.spec.eps,
-                               None if rb is None else rb.reshape(batch, 1, -1), mode, offset), rb is not None)
-            for what, exp, g in zip(("out", "new_residual"), alone, got):
-                if exp is None:
-                    continue
-                report.invariance_checks += 1
-                problem = first_mismatch(exp[0], g[pos, 0])
-                if problem:
-                    report.invariance_mismatches += 1
-                    report.first_mismatch = report.first_mismatch or (
-                        f"invariance {case.spec.name} batch {batch} row {pos} {what}: {problem}")
-        done += 1
-        progress(report.backend, done, total)
-    return done
+            pos, batched = _in_batch(rng, rows, batch)
+            for what, exp, got in zip(names, alone, call(case, batched)):
+                if exp is not None:
+                    report.note(f"invariance {case.spec.name} batch {batch} row {pos} {what}",
+                                first_mismatch(exp[0], got[pos, 0]), invariance=True)
+        tick()
 
 
-def run_backend(backend: Backend, cases, invariance_cases, batches, progress: Progress) -> BackendReport:
-    report = BackendReport(backend.name, "ok")
-    reason = backend.probe()
-    if reason is not None:
-        report.status, report.reason = "unavailable", reason
-        return report
+def _run_pass(check: Callable[[PassReport], None], backward: bool) -> PassReport:
+    """check(report) timed; a crash is the pass's error (a backward the framework lacks: not implemented)."""
+    report = PassReport()
     start = time.perf_counter()
-    total = len(cases) + len(invariance_cases)
     try:
-        run = backend.make_runner()
-        done = _check_corpus(run, cases, report, progress, total, 0)
-        _check_invariance(run, invariance_cases, batches, report, progress, total, done)
+        check(report)
+    except NotImplementedError as e:
+        report.status = NOT_IMPLEMENTED if backward else "error"
+        report.reason = f"{type(e).__name__}: {e}"
     except Exception as e:  # a backend that crashes is reported, not fatal to the others
         report.status, report.reason = "error", f"{type(e).__name__}: {e}"
     report.seconds = time.perf_counter() - start
@@ -133,52 +185,86 @@ def run_backend(backend: Backend, cases, invariance_cases, batches, progress: Pr
     return report
 
 
+def _overall(report: BackendReport) -> str:
+    statuses = [p.status for p in (report.forward, report.backward) if p is not None]
+    return "error" if "error" in statuses else "mismatch" if "mismatch" in statuses else "ok"
+
+
+def run_backend(backend: Backend, plan: Plan, progress: Progress) -> BackendReport:
+    report = BackendReport(backend.name, "ok")
+    reason = backend.probe()
+    if reason is not None:
+        report.status, report.reason = "unavailable", reason
+        return report
+    tick = _Ticker(backend.name, plan.steps(), progress)
+
+    def forward(r: PassReport) -> None:
+        run = backend.make_runner()
+        _check_corpus(run, plan.cases, r, tick)
+        _sweep(plan.invariance_cases, plan.batches, r, tick, ("out", "new_residual"), lambda c: (c.x, c.residual),
+               lambda c, rows: _outputs(run(rows[0], c.weight, c.spec.eps, rows[1], *c.spec.outputs[0]),
+                                        rows[1] is not None))
+
+    def backward(r: PassReport) -> None:
+        run = backend.make_backward_runner()
+        _check_backward_corpus(run, plan.backward_cases, r, tick)
+        # grad_x and grad_residual only: grad_weight sums every row of the batch.
+        _sweep(plan.backward_invariance_cases, plan.backward_batches, r, tick, ("grad_x", "grad_residual"),
+               lambda c: (c.x, c.grad_out, c.residual, c.grad_new_residual),
+               lambda c, rows: run(rows[0], c.weight, rows[1], c.spec.eps, *rows[2:], *c.spec.outputs[0])[:-1])
+
+    report.forward = _run_pass(forward, backward=False)
+    tick.reach(len(plan.cases) + len(plan.invariance_cases))
+    report.backward = _run_pass(backward, backward=True)
+    tick.reach(plan.steps())
+    report.status = _overall(report)
+    return report
+
+
 def run_cross_framework(cases, progress: Progress) -> BackendReport:
-    """bi_torch and bi_jax on the same inputs, bits compared on the device through DLPack."""
+    """bi_torch and bi_jax on the same inputs, bits compared on the device through DLPack (forward only)."""
     report = BackendReport(CROSS_FRAMEWORK, "ok")
     reason = crossframework.probe()
     if reason is not None:
         report.status, report.reason = "unavailable", reason
         return report
-    start = time.perf_counter()
-    try:
+
+    def check(r: PassReport) -> None:
         device = crossframework.best_device()
-        if device == "cpu":
-            cases = [c for c in cases if c.spec.n <= CROSS_CPU_MAX_N]
-        for done, case in enumerate(cases, 1):
-            report.cases += 1
+        chosen = [c for c in cases if c.spec.n <= CROSS_CPU_MAX_N] if device == "cpu" else cases
+        for done, case in enumerate(chosen, 1):
+            r.cases += 1
             for mode, offset in case.out:
-                report.checks += 1
-                problem = crossframework.cross_check(case.x, case.weight, case.spec.eps, case.residual, mode, offset,
-                                                     device=device)
-                if problem:
-                    report.mismatches += 1
-                    report.first_mismatch = report.first_mismatch or f"{case.spec.name} {mode}/{offset:g} {problem}"
-            progress(report.backend, done, len(cases))
-        report.reason = f"on {device}"
-    except Exception as e:  # reported like a crashing backend
-        report.status, report.reason = "error", f"{type(e).__name__}: {e}"
-    report.seconds = time.perf_counter() - start
-    if report.status == "ok" and report.mismatches:
-        report.status = "mismatch"
+                r.note(f"{case.spec.name} {mode}/{offset:g}", crossframework.cross_check(
+                    case.x, case.weight, case.spec.eps, case.residual, mode, offset, device=device))
+            progress(report.backend, done, len(chosen))
+        r.reason = f"on {device}"
+
+    report.forward = _run_pass(check, backward=False)
+    report.status = _overall(report)
     return report
 
 
-def _plan(dtypes: Optional[Sequence[str]], quick: bool, corpus_dir: Path):
-    """The corpus cases, the invariance cases and the batch sizes one backend runs."""
+def _plan(dtypes: Optional[Sequence[str]], quick: bool, corpus_dir: Path) -> Plan:
+    """What every backend runs; loading it also checks the corpus's digests."""
     cases = _select_cases(golden.load_corpus(corpus_dir), dtypes, quick)
-    return cases, _invariance_cases(cases, quick), QUICK_INVARIANCE_BATCHES if quick else INVARIANCE_BATCHES
+    backward_cases = _select_cases(golden.load_backward_corpus(corpus_dir), dtypes, quick)
+    sizes, backward_sizes = ((128,), (128,)) if quick else (INVARIANCE_SIZES, BACKWARD_INVARIANCE_SIZES)
+    return Plan(cases, [c for c in cases if c.spec.n in sizes and c.spec.residual in ("none", "float32")],
+                QUICK_INVARIANCE_BATCHES if quick else INVARIANCE_BATCHES,
+                backward_cases, [c for c in backward_cases if c.spec.n in backward_sizes],
+                QUICK_INVARIANCE_BATCHES if quick else BACKWARD_INVARIANCE_BATCHES)
 
 
-def _run(name: str, cases, invariance_cases, batches, progress: Progress) -> BackendReport:
+def _run(name: str, plan: Plan, progress: Progress) -> BackendReport:
     if name == CROSS_FRAMEWORK:
-        return run_cross_framework(cases, progress)
-    return run_backend(BACKEND_BY_NAME[name], cases, invariance_cases, batches, progress)
+        return run_cross_framework(plan.cases, progress)
+    return run_backend(BACKEND_BY_NAME[name], plan, progress)
 
 
 def _run_in_worker(name: str, dtypes, quick: bool, corpus_dir: Path, queue) -> BackendReport:
     """One backend in a process of its own; progress goes back through queue."""
-    return _run(name, *_plan(dtypes, quick, corpus_dir), lambda *event: queue.put(event))
+    return _run(name, _plan(dtypes, quick, corpus_dir), lambda *event: queue.put(event))
 
 
 def verify(
@@ -189,13 +275,14 @@ def verify(
     progress: Optional[Progress] = None,
     jobs: int = 1,
 ) -> List[BackendReport]:
-    """Run the corpus and the invariance sweep through each named backend (default: all), then the
-    cross-framework check; with jobs > 1, that many backends at a time, each in its own process."""
+    """Run the corpus and the invariance sweep, forward then backward, through each named backend
+    (default: all), then the cross-framework check; with jobs > 1, that many backends at a time,
+    each in its own process."""
     names = list(backend_names) if backend_names else [b.name for b in BACKENDS] + [CROSS_FRAMEWORK]
     progress = progress or (lambda *a: None)
     plan = _plan(dtypes, quick, corpus_dir)  # also checks the corpus before any worker starts
     if jobs <= 1 or len(names) == 1:
-        return [_run(name, *plan, progress) for name in names]
+        return [_run(name, plan, progress) for name in names]
     # Compiles and interpreters dominate, and they are per process: backends side by side finish
     # in the time of the slowest. Each worker imports its framework afresh (spawn, not fork).
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several JAX processes share a GPU
@@ -215,30 +302,3 @@ def verify(
             except Exception as e:  # the worker process died (a crash in native code, say)
                 reports.append(BackendReport(name, "error", f"worker process failed: {type(e).__name__}: {e}"))
         return reports
-
-
-def terminal_progress(stream=None) -> Progress:
-    """A one-line progress bar on a terminal; on a log, a line per quarter of each backend's work."""
-    def show(backend: str, done: int, total: int) -> None:
-        out = stream or sys.stderr
-        if not out.isatty():
-            if done == total or (4 * done) // total != (4 * (done - 1)) // total:
-                out.write(f"{backend}: {done}/{total}\n")
-            return
-        width = 30
-        filled = width * done // max(total, 1)
-        out.write(f"\r{backend:<18} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-        if done == total:
-            out.write("\r" + " " * (width + 40) + "\r")
-        out.flush()
-    return show
-
-
-def format_table(reports: Sequence[BackendReport]) -> str:
-    header = f"{'backend':<18} {'status':<11} {'cases':>5} {'checks':>6} {'mismatch':>8} {'invariance':>10}  first mismatch / note"
-    lines = [header, "-" * len(header)]
-    for r in reports:
-        inv = f"{r.invariance_checks - r.invariance_mismatches}/{r.invariance_checks}"
-        note = r.first_mismatch or r.reason or (f"{r.seconds:.1f}s" if r.status == "ok" else "")
-        lines.append(f"{r.backend:<18} {r.status:<11} {r.cases:>5} {r.checks:>6} {r.mismatches:>8} {inv:>10}  {note}")
-    return "\n".join(lines)

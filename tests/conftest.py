@@ -22,6 +22,12 @@ def cases_by_name(corpus):
     return {case.spec.name: case for case in corpus}
 
 
+@pytest.fixture(scope="session")
+def backward_corpus():
+    """The backward cases (bridge.golden_backward.BackwardCase) by name, in the manifest's order."""
+    return {case.spec.name: case for case in golden.load_backward_corpus()}
+
+
 def _cuda_available() -> bool:
     try:
         import torch

@@ -12,13 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bridge import golden
+from bridge import golden, verify
+from bridge.backends import Backend
 from bridge.cli import main
 
-REPORT_KEYS = {"backend", "status", "cases", "checks", "mismatches", "invariance_checks", "invariance_mismatches",
-               "first_mismatch"}
-# A case that --quick still runs (n <= 1025) and the invariance sweep uses (n = 128, residual none).
+REPORT_KEYS = {"backend", "status", "reason", "forward", "backward"}
+PASS_KEYS = {"status", "reason", "cases", "checks", "mismatches", "invariance_checks", "invariance_mismatches",
+             "first_mismatch", "seconds"}
+# Cases that --quick still runs (n <= 1025) and the invariance sweeps use (n = 128).
 VICTIM = "bfloat16-n128-res_none"
+BACKWARD_VICTIM = "bwd-bfloat16-n128-r7-res_same"
 
 
 @pytest.fixture
@@ -28,13 +31,14 @@ def corpus_copy(tmp_path: Path) -> Path:
     return directory
 
 
-def _flip_expected_bit(directory: Path, case: str) -> str:
-    """Flip the lowest bit of element (2, 5) of one stored output and re-sign the file in the manifest,
-    so that digests pass and only the bitwise comparison can notice. Returns the output's key."""
+def _flip_expected_bit(directory: Path, case: str, output: str = "out_") -> str:
+    """Flip the lowest bit of element (2, 5) of one stored output (the first whose name starts with
+    `output`) and re-sign the file in the manifest, so that digests pass and only the bitwise
+    comparison can notice. Returns the output's key."""
     path = directory / f"{case}.npz"
     with zipfile.ZipFile(path) as zf:
         entries = {name: zf.read(name) for name in zf.namelist()}
-    key = next(name for name in sorted(entries) if name.startswith("out_"))
+    key = next(name for name in sorted(entries) if name.startswith(output))
     array = np.lib.format.read_array(io.BytesIO(entries[key]))
     array[2, 5] ^= 1
     payload = io.BytesIO()
@@ -46,7 +50,7 @@ def _flip_expected_bit(directory: Path, case: str) -> str:
             zf.writestr(name, data)
     path.write_bytes(buf.getvalue())
     manifest = json.loads((directory / golden.MANIFEST).read_text())
-    for entry in manifest["cases"]:
+    for entry in manifest["cases"] + manifest["backward_cases"]:
         if entry["name"] == case:
             entry["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
     (directory / golden.MANIFEST).write_text(json.dumps(manifest))
@@ -58,16 +62,26 @@ def test_verify_reference_json(capsys) -> None:
     doc = json.loads(capsys.readouterr().out)
     assert doc["contract_version"] == "1.1" and doc["ok"] is True
     [report] = doc["backends"]
-    assert REPORT_KEYS <= set(report)
-    assert report["backend"] == "reference" and report["status"] == "ok"
-    assert report["cases"] > 0 and report["checks"] >= 2 * report["cases"] and report["invariance_checks"] > 0
-    assert report["mismatches"] == report["invariance_mismatches"] == 0 and report["first_mismatch"] == ""
+    assert set(report) == REPORT_KEYS and report["backend"] == "reference" and report["status"] == "ok"
+    for direction in ("forward", "backward"):
+        result = report[direction]
+        assert set(result) == PASS_KEYS and result["status"] == "ok", direction
+        assert result["cases"] > 0 and result["checks"] >= 2 * result["cases"] and result["invariance_checks"] > 0
+        assert result["mismatches"] == result["invariance_mismatches"] == 0 and result["first_mismatch"] == ""
+    # --quick keeps to n <= 1025 in both directions: fewer cases than the whole corpus.
+    assert report["backward"]["cases"] < len(golden.load_backward_corpus())
 
 
 def test_verify_table(capsys) -> None:
     assert main(["verify", "--backend", "reference", "--quick", "--dtype", "float16"]) == 0
-    out = capsys.readouterr().out
-    assert "reference" in out and "OK: every available backend matches" in out
+    lines = capsys.readouterr().out.splitlines()
+    forward = next(line for line in lines if line.startswith("reference"))
+    backward = lines[lines.index(forward) + 1]
+    assert forward.split()[1:3] == ["forward", "ok"] and backward.split()[:2] == ["backward", "ok"]
+    # --dtype float16: the float16 backward cases with n <= 1025 only.
+    count = sum(c.spec.dtype == "float16" and c.spec.n <= 1025 for c in golden.load_backward_corpus())
+    assert int(backward.split()[2]) == count
+    assert lines[-1] == "OK: every available backend matches the golden corpus bit for bit."
 
 
 @pytest.mark.parametrize("argv", [
@@ -93,16 +107,55 @@ def test_verify_catches_a_flipped_expected_bit(corpus_copy: Path, capsys) -> Non
     assert main(["verify", "--backend", "reference", "--quick", "--json", "--corpus", str(corpus_copy)]) == 1
     doc = json.loads(capsys.readouterr().out)
     [report] = doc["backends"]
-    assert doc["ok"] is False and report["status"] == "mismatch" and report["mismatches"] == 1
+    forward = report["forward"]
+    assert doc["ok"] is False and report["status"] == forward["status"] == "mismatch" and forward["mismatches"] == 1
     mode, offset = key[len("out_"):].split("_offset")
-    assert report["first_mismatch"].startswith(f"{VICTIM} {mode}/{offset} out: 1 of ")
-    assert "first at index (2, 5)" in report["first_mismatch"]
-    # The invariance sweep recomputes from the inputs, which are intact.
-    assert report["invariance_mismatches"] == 0
+    assert forward["first_mismatch"].startswith(f"{VICTIM} {mode}/{offset} out: 1 of ")
+    assert "first at index (2, 5)" in forward["first_mismatch"]
+    # The invariance sweep recomputes from the inputs, which are intact; the backward is untouched.
+    assert forward["invariance_mismatches"] == 0 and report["backward"]["status"] == "ok"
 
     assert main(["verify", "--backend", "reference", "--quick", "--corpus", str(corpus_copy)]) == 1
     table = capsys.readouterr().out
     assert f"{VICTIM} {mode}/{offset} out" in table and "FAILED: reference" in table
+
+
+def test_verify_catches_a_flipped_expected_gradient_bit(corpus_copy: Path, capsys) -> None:
+    key = _flip_expected_bit(corpus_copy, BACKWARD_VICTIM, "grad_x_")
+    assert main(["verify", "--backend", "reference", "--quick", "--json", "--corpus", str(corpus_copy)]) == 1
+    [report] = json.loads(capsys.readouterr().out)["backends"]
+    backward = report["backward"]
+    assert report["status"] == backward["status"] == "mismatch" and report["forward"]["status"] == "ok"
+    assert backward["mismatches"] == 1 and backward["invariance_mismatches"] == 0
+    mode, offset = key[len("grad_x_"):].split("_offset")
+    assert backward["first_mismatch"].startswith(f"{BACKWARD_VICTIM} {mode}/{offset} grad_x: 1 of ")
+    assert "first at index (2, 5)" in backward["first_mismatch"]
+    assert main(["golden", "--check", "--dir", str(corpus_copy)]) == 1
+    assert f"differs from regeneration: {BACKWARD_VICTIM}.npz" in capsys.readouterr().out
+
+
+def test_a_backward_not_implemented_is_reported_and_not_a_failure(monkeypatch, capsys) -> None:
+    def no_backward(*args):
+        raise NotImplementedError("no backward yet")
+
+    reference = verify.BACKEND_BY_NAME["reference"]
+    monkeypatch.setitem(verify.BACKEND_BY_NAME, "reference", Backend(
+        "reference", "the reference without a backward", reference.probe, reference.make_runner, lambda: no_backward))
+    argv = ["verify", "--backend", "reference", "--quick", "--dtype", "float16", "--jobs", "1"]
+    assert main(argv + ["--json"]) == 0
+    [report] = json.loads(capsys.readouterr().out)["backends"]
+    assert report["status"] == report["forward"]["status"] == "ok" and report["forward"]["checks"] > 0
+    assert report["backward"]["status"] == "not implemented" and report["backward"]["checks"] == 0
+    assert report["backward"]["reason"] == "NotImplementedError: no backward yet"
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.split()[:2] == ["backward", "not"] and line.endswith("NotImplementedError: no backward yet")
+               for line in lines)
+    assert lines[-1] == "Backward not implemented (not a failure): reference"
+
+
+def _without_seconds(report: dict) -> dict:
+    return {k: _without_seconds(v) if isinstance(v, dict) else v for k, v in report.items() if k != "seconds"}
 
 
 def test_verify_in_worker_processes_reports_like_one_process(corpus_copy: Path, capsys) -> None:
@@ -115,8 +168,8 @@ def test_verify_in_worker_processes_reports_like_one_process(corpus_copy: Path, 
     side_by_side = json.loads(capsys.readouterr().out)["backends"]
     assert [r["backend"] for r in side_by_side] == ["reference", "triton-interpret"]
     for one, two in zip(alone, side_by_side):
-        del one["seconds"], two["seconds"]
-        assert two == one and two["mismatches"] == 1 and VICTIM in two["first_mismatch"]
+        assert _without_seconds(two) == _without_seconds(one)
+        assert two["forward"]["mismatches"] == 1 and VICTIM in two["forward"]["first_mismatch"]
 
 
 def test_verify_jobs_must_be_positive() -> None:

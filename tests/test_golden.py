@@ -7,25 +7,31 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from bridge import golden
+from bridge import golden, golden_backward, reference
+from bridge.contract import next_power_of_two
 
 
 def test_regeneration_reproduces_identical_bytes() -> None:
     assert golden.check_regeneration() == []
 
 
-def test_load_corpus_rejects_a_changed_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("load,specs,victim", [
+    (golden.load_corpus, golden.case_specs, "float16-n128-res_same"),
+    (golden.load_backward_corpus, golden_backward.case_specs, "bwd-float16-n129-r7-res_same"),
+])
+def test_load_rejects_a_changed_file(tmp_path: Path, load, specs, victim: str) -> None:
     corpus_dir = tmp_path / "golden"
     shutil.copytree(golden.DEFAULT_DIR, corpus_dir)
-    assert len(golden.load_corpus(corpus_dir)) == len(golden.case_specs())  # the copy loads as it is
-    victim = corpus_dir / "float16-n128-res_same.npz"
-    data = bytearray(victim.read_bytes())
+    assert len(load(corpus_dir)) == len(specs())  # the copy loads as it is
+    path = corpus_dir / f"{victim}.npz"
+    data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
-    victim.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="float16-n128-res_same.npz does not match its SHA-256"):
-        golden.load_corpus(corpus_dir)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{victim}.npz does not match its SHA-256"):
+        load(corpus_dir)
 
 
 def test_corpus_covers_the_contract(corpus) -> None:
@@ -43,21 +49,109 @@ def test_corpus_covers_the_contract(corpus) -> None:
         assert set(case.out) == set(case.spec.outputs)
 
 
-def test_manifest_lists_every_case_loaded(corpus) -> None:
+def test_manifest_lists_every_case_loaded(corpus, backward_corpus) -> None:
     # The kernel tests parametrise over the manifest's names: this keeps them covering every case.
-    names = [entry["name"] for entry in golden.load_manifest()["cases"]]
+    manifest = golden.load_manifest()
+    names = [entry["name"] for entry in manifest["cases"]]
     assert [c.spec.name for c in corpus] == names
     assert len(names) > 100
+    # Backward cases in a list of their own, so that callers of "cases" see only forward cases.
+    backward = manifest["backward_cases"]
+    assert [entry["name"] for entry in backward] == list(backward_corpus) and len(backward) > 50
+    assert all(entry["kind"] == "backward" for entry in backward)
+    assert not {e["file"] for e in backward} & {e["file"] for e in manifest["cases"]}
 
 
 def test_corpus_size() -> None:
-    total = sum(p.stat().st_size for p in golden.DEFAULT_DIR.iterdir())
-    assert total < 8 * 2**20, f"golden corpus is {total / 2**20:.1f} MiB"
+    sizes = {p.name: p.stat().st_size for p in golden.DEFAULT_DIR.iterdir()}
+    backward = sum(size for name, size in sizes.items() if name.startswith("bwd-"))
+    forward = sum(sizes.values()) - backward
+    assert forward < 8 * 2**20, f"forward corpus is {forward / 2**20:.1f} MiB"
+    assert backward < 7 * 2**20, f"backward corpus is {backward / 2**20:.1f} MiB"
+
+
+def test_backward_corpus_covers_the_contract(backward_corpus) -> None:
+    cases = list(backward_corpus.values())
+    specs = [c.spec for c in cases]
+    pairs = {(s.dtype, mode, offset) for s in specs for mode, offset in s.outputs}
+    assert pairs == {(d, m, o) for d in golden.DTYPES for m in ("llama", "fp32") for o in (0.0, 1.0)}
+    # Every residual kind with and without grad_new_residual, per dtype (float32's "same" is float32).
+    variants = {(s.dtype, s.residual, s.grad_new_residual) for s in specs}
+    assert variants == {(d, r, g) for d in golden.DTYPES for r, g in golden_backward.VARIANTS
+                        if not (d == "float32" and r == "same")}
+    assert {s.n for s in specs} >= {1, 3, 127, 128, 129, 1000, 4096, 5120, 8192, 16384, 65536}
+    assert {p for s in specs for p in s.x_patterns} == set(golden.PATTERNS)
+    assert {p for s in specs for p in s.g_patterns} == set(golden_backward.G_PATTERNS) | {"mixed"}
+    rows = {len(s.x_patterns) for s in specs}
+    # Row counts whose +0.0 padding is several power-of-two blocks (65: 63 = 32+16+...), and one row.
+    assert {1, 3, 7, 33, 65, 100} <= rows
+    assert max(len(s.x_patterns) for s in specs if s.n >= 4096) <= 3  # interpreters run these in CI
+    assert sum(len(s.x_patterns) * s.n for s in specs) < 400_000
+    for case in cases:  # each case holds what its spec says
+        shape = (len(case.spec.x_patterns), case.spec.n)
+        assert case.x.shape == case.grad_out.shape == shape and len(case.spec.g_patterns) == shape[0]
+        assert (case.residual is None) == (case.spec.residual == "none")
+        assert (case.grad_new_residual is not None) == case.spec.grad_new_residual
+        assert set(case.expected) == set(case.spec.outputs)
+        for outputs in case.expected.values():
+            assert [a.shape for a in outputs] == [shape] * (len(outputs) - 1) + [(case.spec.n,)]
+
+
+def _single_row_leaves(case, mode: str, offset: float) -> np.ndarray:
+    """p = rn(g * h) of every row, as rnD(p): a one-row call's grad_weight is its row's leaf."""
+    return np.stack([reference.rms_norm_backward(
+        case.x[i:i + 1], case.weight, case.grad_out[i:i + 1], case.spec.eps,
+        None if case.residual is None else case.residual[i:i + 1], mode=mode, weight_offset=offset)[-1]
+        for i in range(case.x.shape[0])])
+
+
+NEG_ZERO = {"float32": 0x80000000, "bfloat16": 0x8000, "float16": 0x8000}
+
+
+def test_backward_corpus_has_columns_of_negative_zero_leaves(backward_corpus) -> None:
+    """Columns whose every leaf p is -0.0: their tree is -0.0 without padding and +0.0 with the
+    contract's +0.0 padding, which catches -0.0 padding, padding too far and a missing one."""
+    seen = set()
+    for case in backward_corpus.values():
+        rows = case.x.shape[0]
+        if rows > 7:
+            continue  # 2^-rows of the columns at most: none in practice
+        for (mode, offset), outputs in case.expected.items():
+            # A zero g makes p exactly ±0 (h is finite there), so rnD(p) = -0.0 means p = -0.0.
+            leaves = _single_row_leaves(case, mode, offset)
+            column = np.all((reference.bits(leaves) == NEG_ZERO[case.spec.dtype]) & (case.grad_out == 0), axis=0)
+            if not column.any():
+                continue
+            padded = next_power_of_two(rows) != rows
+            want = 0 if padded else NEG_ZERO[case.spec.dtype]
+            assert np.all(reference.bits(outputs[-1])[column] == want), case.spec.name
+            seen.add((case.spec.dtype, padded))
+    assert seen == {(d, p) for d in golden.DTYPES for p in (False, True)}
+
+
+def test_backward_corpus_has_negative_zero_dv_with_absent_grad_new_residual(backward_corpus) -> None:
+    """dz = dv + 0.0 turns a -0.0 dv into +0.0: some cases must have such a dv, for every dtype."""
+    dtypes = set()
+    for case in backward_corpus.values():
+        # A float32 residual, so that grad_residual is dz itself (rnR rounds nothing in float32).
+        if case.spec.residual != "float32" or case.grad_new_residual is not None:
+            continue
+        for (mode, offset), (grad_x, grad_residual, _) in case.expected.items():
+            # With g_r = -0.0 everywhere, dz = dv + (-0.0) is dv itself, so grad_residual shows dv.
+            minus_zero = np.full(case.residual.shape, -0.0, np.float32)
+            dv = reference.rms_norm_backward(case.x, case.weight, case.grad_out, case.spec.eps, case.residual,
+                                             minus_zero, mode=mode, weight_offset=offset)[1]
+            negative = reference.bits(dv) == NEG_ZERO["float32"]
+            if negative.any():
+                assert np.all(reference.bits(grad_residual)[negative] == 0), case.spec.name
+                assert np.all(reference.bits(grad_x)[negative] == 0), case.spec.name
+                dtypes.add(case.spec.dtype)
+    assert dtypes == set(golden.DTYPES)
 
 
 def test_import_bridge_needs_no_framework() -> None:
     # A subprocess: this test session may already have torch or jax loaded.
-    code = ("import sys, bridge, bridge.golden, bridge.verify, bridge.cli; "
+    code = ("import sys, bridge, bridge.golden, bridge.golden_backward, bridge.verify, bridge.cli; "
             "assert 'torch' not in sys.modules and 'jax' not in sys.modules, "
             "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'jax'))")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
