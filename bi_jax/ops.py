@@ -2,7 +2,8 @@
 
 Rows are independent, so a batch sharded over its leading axes runs the kernel on each shard's
 rows (custom_partitioning, no gather), and jax.vmap batches the pallas_call itself: either
-way each row's bits equal a single-device, unbatched run.
+way each row's bits equal a single-device, unbatched run. A custom_vjp, outermost (JAX cannot
+differentiate custom_partitioning or custom_vmap), gives the contract's backward (bi_jax.backward).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Optional, Tuple, Union
 import jax
 import jax.numpy as jnp
 from jax import custom_batching, lax
+from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
@@ -21,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from bridge.contract import as_float32, check_rms_norm_args
 from bridge.tiling import launch_config
 
+from .backward import backward_fn
 from .pallas_kernel import rms_norm_kernel
 
 # Pallas-Triton indexes with int32.
@@ -143,6 +146,39 @@ def _rows_fn(eps: float, mode: str, weight_offset: float, interpret: bool, has_r
     return _batched(_sharded(fn, 2))
 
 
+@functools.lru_cache(maxsize=None)
+def _differentiable(eps: float, mode: str, weight_offset: float, interpret: bool, has_residual: bool):
+    """_rows_fn with the contract's gradients w.r.t. x, weight and the residual (jax.custom_vjp).
+
+    The backward keeps what the forward normalised (x, or the new residual) and the weight, and
+    recomputes inv from them (NUMERICS.md: the same bits). Forward mode (jax.jvp) is not defined.
+    """
+    forward = _rows_fn(eps, mode, weight_offset, interpret, has_residual)
+
+    @jax.custom_vjp
+    def rows(*args):
+        return forward(*args)
+
+    def rows_fwd(*primals):
+        args = [p.value for p in primals]
+        result = forward(*args)
+        return result, (result[1] if has_residual else args[0], args[1])
+
+    def rows_bwd(saved, cotangent):
+        z2, weight = saved
+        g, g_r = cotangent if has_residual else (cotangent, None)
+        if isinstance(g, SymbolicZero):  # only the new residual was used: out's gradient is zeros
+            g = jnp.zeros(z2.shape, weight.dtype)
+        # An unused new residual has a symbolic-zero gradient: absent, which B6 counts as +0.0.
+        g_r = None if isinstance(g_r, SymbolicZero) else g_r
+        fn = backward_fn(eps, mode, weight_offset, interpret, has_residual, g_r is not None)
+        grads = fn(z2, weight, g, *(() if g_r is None else (g_r,)))
+        return (grads[0], grads[-1]) + ((grads[1],) if has_residual else ())
+
+    rows.defvjp(rows_fwd, rows_bwd, symbolic_zeros=True)
+    return rows
+
+
 def rms_norm(
     x: jax.Array,
     weight: jax.Array,
@@ -184,7 +220,7 @@ def rms_norm(
 def _apply(x, weight, residual, *, eps, mode, weight_offset, interpret):
     """Jitted so eager calls hit a compile cache; inlined into the caller's jit otherwise."""
     n = x.shape[-1]
-    fn = _rows_fn(eps, mode, weight_offset, interpret, residual is not None)
+    fn = _differentiable(eps, mode, weight_offset, interpret, residual is not None)
     x2 = x.reshape(-1, n)
     if residual is None:
         return fn(x2, weight).reshape(x.shape)

@@ -47,6 +47,17 @@ class ExactOps:
             return jnp.where(v == v, v * v, v)
         return _ptx("mul.rn.f32 $0, $1, $1;", v)
 
+    def mul(self, a: jax.Array, b: jax.Array) -> jax.Array:
+        """a * b rounded on its own, for a product that feeds an add or a subtraction (no FMA)."""
+        if self.interpret:
+            # As in square, a data-dependent select keeps LLVM from fusing the product into its
+            # consumer. It tests both operands: a predicate on a broadcast operand alone is loop
+            # invariant, and LLVM unswitches the loop on it (seen: inv * (...) + g_r became an FMA).
+            # The branches differ only when a or b is NaN, and then both are NaN (the payload is
+            # never stored: encode writes every NaN canonically).
+            return jnp.where((a == a) & (b == b), a * b, a + b)
+        return _ptx("mul.rn.f32 $0, $1, $2;", a, b)
+
     def div(self, a: jax.Array, b: jax.Array) -> jax.Array:
         # Barriers on both sides: XLA would turn a / const into a * (1/const), and v * (1/r) into v / r.
         if self.interpret:
@@ -73,6 +84,22 @@ class ExactOps:
                 q = even + odd
         return q.reshape(rows)
 
+    def row_tree(self, p: jax.Array, rows: int, width: int) -> jax.Array:
+        """B7 inside a tile: the pairwise tree over the rows of a (rows, width) block, per column.
+
+        On GPU each level is a reduction over an axis of 2 (one add, exact in any order), as in
+        pairwise_sum; in interpret mode slices, which XLA does not reorder.
+        """
+        while rows > 1:
+            rows //= 2
+            p = p[0::2] + p[1::2] if self.interpret else p.reshape(rows, 2, width).sum(1)
+        return p.reshape(width)
+
+    def positive_zero(self, shape: tuple) -> jax.Array:
+        """+0.0 to add to a value: XLA's CPU simplifier folds x + 0.0 into x, which keeps -0.0."""
+        zero = jnp.zeros(shape, jnp.float32)
+        return lax.optimization_barrier(zero) if self.interpret else zero
+
     def barrier(self) -> None:
         if not self.interpret:  # one program is one thread in interpret mode
             plgpu.debug_barrier()
@@ -96,6 +123,13 @@ def encode(y: jax.Array, dtype) -> jax.Array:
 def round_to(y: jax.Array, dtype) -> jax.Array:
     """rn(y) to dtype, back in float32, NaN bits unspecified: for a value only a later encode stores."""
     return y.astype(dtype).astype(jnp.float32)
+
+
+def inverse_rms(ops: ExactOps, s: jax.Array, n_cols: int, eps: float, rows: int) -> jax.Array:
+    """Step 4: mean = s / n, r = sqrt(mean + eps), inv = 1 / r, each an IEEE float32 operation."""
+    mean = ops.div(s, jnp.full((rows,), float(n_cols), jnp.float32))
+    r = ops.sqrt(mean + jnp.float32(eps))
+    return ops.div(jnp.full((rows,), 1.0, jnp.float32), r)
 
 
 def load_z(x_ref, r_ref, new_r_ref, offsets, mask, has_residual: bool, keep: str | None,
@@ -166,10 +200,7 @@ def rms_norm_kernel(
         s = ops.pairwise_sum(sums, R, num_chunks, num_chunks)
         # The second pass re-reads the new residual this program's other threads wrote.
         ops.barrier()
-    # Step 4: each an IEEE float32 operation.
-    mean = ops.div(s, jnp.full((R,), float(n_cols), jnp.float32))
-    r = ops.sqrt(mean + jnp.float32(eps))
-    inv = ops.div(jnp.full((R,), 1.0, jnp.float32), r)[:, None]
+    inv = inverse_rms(ops, s, n_cols, eps, R)[:, None]
     if num_chunks == 1:
         scale_store(v, inv, w, out_ref, offsets, mask, llama, stream)
     else:

@@ -1,0 +1,163 @@
+"""The Pallas backward kernels: NUMERICS.md contract v1.1, steps B1-B7.
+
+Mirrors bi_torch/triton_backward.py line for line, and reuses the forward's helpers (rounding,
+ExactOps with the pairwise trees, steps 1-5), so the backward recomputes exactly the forward's v
+and inv. Every product that feeds an add or a subtraction is ExactOps.mul (ptxas would fuse a
+plain one into an FMA, and so would LLVM in interpret mode); the row tree is ExactOps.row_tree.
+
+grad_weight is the pairwise tree over rows without atomics. A program owns an aligned block of
+steps * rows rows (a power of two, so a subtree of the row tree): each step's rows are summed
+by a tree over the tile's rows, and the steps' sums are combined by a binary counter (push), whose
+levels hold the left siblings still waiting for their right half. The blocks' float32 sums go to
+a partials buffer and column_tree_kernel combines them with the same counter: the tree's upper
+levels. Nothing depends on the number of programs, SMs or warps.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from .pallas_kernel import ExactOps, encode, inverse_rms, load_weight, round_to
+
+
+def push_level(p, left, step, level: int):
+    """One level of the binary counter: the carry reaches level when step's lower level bits are all
+    ones; then an odd bit means a left sibling is waiting (p = left + p), an even one parks p there."""
+    arrives = (step & ((1 << level) - 1)) == ((1 << level) - 1)
+    odd = ((step >> level) & 1) == 1
+    merged = jnp.where(arrives & odd, left + p, p)
+    return merged, jnp.where(arrives & ~odd, p, left)
+
+
+def push(p, lefts, step, levels: int):
+    """Add the step-th leaf sum p to the counter; after the last step (all bits ones) p is the root."""
+    parked = ()
+    for level in range(levels):
+        p, left = push_level(p, lefts[level], step, level)
+        parked = parked + (left,)
+    return p, parked
+
+
+def load_rows(ref, offsets, mask) -> jax.Array:
+    return plgpu.load(ref.at[offsets], mask=mask, other=0.0).astype(jnp.float32)
+
+
+def row_stats_kernel(
+    z_ref, g_ref, w_ref, stats_ref, *, n_cols: int, eps: float, weight_offset: float, chunk: int, num_chunks: int,
+    split: int, interpret: bool,
+):
+    """Long rows: inv (steps 2-4) and c (B4) of one row, from aligned chunks of the row's trees."""
+    ops = ExactOps(interpret)
+    rows = pl.program_id(0) + jnp.zeros((1, 1), jnp.int32)
+    cols = jnp.arange(chunk, dtype=jnp.int32)[None, :]
+    chunk_ids = jnp.arange(num_chunks, dtype=jnp.int32)[None, :]
+
+    def square_sum(k, sums):
+        ccols = k * chunk + cols
+        v = load_rows(z_ref, rows * n_cols + ccols, ccols < n_cols)
+        return jnp.where(chunk_ids == k, ops.pairwise_sum(ops.square(v), 1, chunk, split)[:, None], sums)
+
+    sums = lax.fori_loop(0, num_chunks, square_sum, jnp.zeros((1, num_chunks), jnp.float32))
+    inv = inverse_rms(ops, ops.pairwise_sum(sums, 1, num_chunks, num_chunks), n_cols, eps, 1)
+
+    def grad_sum(k, sums):
+        ccols = k * chunk + cols
+        mask = ccols < n_cols
+        xhat = load_rows(z_ref, rows * n_cols + ccols, mask) * inv[:, None]
+        a = ops.mul(load_rows(g_ref, rows * n_cols + ccols, mask), load_weight(w_ref, ccols, n_cols, weight_offset))
+        # Masked columns are +0.0 leaves (a = 0 * offset would be -0.0 for a negative offset).
+        b = jnp.where(mask, ops.mul(a, xhat), 0.0)
+        return jnp.where(chunk_ids == k, ops.pairwise_sum(b, 1, chunk, split)[:, None], sums)
+
+    sums = lax.fori_loop(0, num_chunks, grad_sum, jnp.zeros((1, num_chunks), jnp.float32))
+    t = ops.pairwise_sum(sums, 1, num_chunks, num_chunks)
+    c = ops.div(t, jnp.full((1,), float(n_cols), jnp.float32))
+    row = rows.reshape(1)
+    plgpu.store(stats_ref.at[row * 2], inv)
+    plgpu.store(stats_ref.at[row * 2 + 1], c)
+
+
+def rms_norm_backward_kernel(
+    z_ref, g_ref, gr_ref, w_ref, dx_ref, dr_ref, stats_ref, partial_ref, dw_ref, *,
+    n_rows: int, n_cols: int, eps: float, weight_offset: float, has_residual: bool, has_grad_residual: bool,
+    llama: bool, rows_per_tile: int, steps: int, chunk: int, num_chunks: int, split: int, final: bool,
+    interpret: bool,
+):
+    """grad_x (and grad_residual) of a block of steps * rows rows, and that block's grad_weight sum.
+
+    z is what the forward normalised (x, or the new residual). With num_chunks == 1 a tile holds
+    whole rows and inv and c are computed here; long rows take them from row_stats_kernel and the
+    grid's second axis walks the chunks. final: a single block, whose sum is grad_weight itself.
+    """
+    ops, R, levels = ExactOps(interpret), rows_per_tile, steps.bit_length() - 1
+    block = pl.program_id(0)
+    cols = pl.program_id(1) * chunk + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+    col_mask = cols < n_cols
+    w = load_weight(w_ref, cols, n_cols, weight_offset)
+    lefts = (jnp.zeros((chunk,), jnp.float32),) * levels
+    total = jnp.zeros((chunk,), jnp.float32)
+
+    def tile(step, carry):
+        # Offsets are int32 (Pallas-Triton indexes with int32): the wrapper bounds rows * n below 2**31.
+        rows = (block * steps + step) * R + jnp.arange(R, dtype=jnp.int32)[:, None]
+        mask = (rows < n_rows) & col_mask
+        offsets = rows * n_cols + cols
+        v = load_rows(z_ref, offsets, mask)
+        g = load_rows(g_ref, offsets, mask)
+        if num_chunks == 1:
+            inv = inverse_rms(ops, ops.pairwise_sum(ops.square(v), R, chunk, split), n_cols, eps, R)[:, None]
+        else:
+            inv = plgpu.load(stats_ref.at[rows * 2], mask=rows < n_rows, other=1.0)
+        # B1-B3.
+        xhat = v * inv
+        h = round_to(xhat, dx_ref.dtype) if llama else xhat
+        a = ops.mul(g, w)
+        # B4: c from the row's tree over b (masked columns are +0.0 leaves, whatever the offset).
+        if num_chunks == 1:
+            t = ops.pairwise_sum(jnp.where(mask, ops.mul(a, xhat), 0.0), R, chunk, split)
+            c = ops.div(t, jnp.full((R,), float(n_cols), jnp.float32))[:, None]
+        else:
+            c = plgpu.load(stats_ref.at[rows * 2 + 1], mask=rows < n_rows, other=0.0)
+        # B5, B6.
+        dv = ops.mul(inv, a - ops.mul(xhat, c))
+        if has_residual:
+            # An absent grad of the new residual is +0.0, and the add is kept: -0.0 becomes +0.0.
+            g_r = load_rows(gr_ref, offsets, mask) if has_grad_residual else ops.positive_zero(dv.shape)
+            dz = dv + g_r
+            plgpu.store(dr_ref.at[offsets], encode(dz, dr_ref.dtype), mask=mask)
+        else:
+            dz = dv
+        plgpu.store(dx_ref.at[offsets], encode(dz, dx_ref.dtype), mask=mask)
+        # B7: rows past the end are the tree's +0.0 padding.
+        p = ops.row_tree(jnp.where(mask, ops.mul(g, h), 0.0), R, chunk)
+        return push(p, carry[1], step, levels)
+
+    total = lax.fori_loop(0, steps, tile, (total, lefts))[0]
+    wcols = cols.reshape(chunk)
+    if final:
+        plgpu.store(dw_ref.at[wcols], encode(total, dw_ref.dtype), mask=wcols < n_cols)
+    else:
+        plgpu.store(partial_ref.at[block * n_cols + wcols], total, mask=wcols < n_cols)
+
+
+def column_tree_kernel(
+    partial_ref, dw_ref, *, n_blocks: int, n_cols: int, rows_per_tile: int, steps: int, width: int, interpret: bool,
+):
+    """B7's upper levels: the tree over the blocks' float32 sums (+0.0 past the last), then rnD."""
+    ops, levels = ExactOps(interpret), steps.bit_length() - 1
+    cols = pl.program_id(0) * width + jnp.arange(width, dtype=jnp.int32)[None, :]
+    lefts = (jnp.zeros((width,), jnp.float32),) * levels
+    total = jnp.zeros((width,), jnp.float32)
+
+    def tile(step, carry):
+        rows = step * rows_per_tile + jnp.arange(rows_per_tile, dtype=jnp.int32)[:, None]
+        p = plgpu.load(partial_ref.at[rows * n_cols + cols], mask=(rows < n_blocks) & (cols < n_cols), other=0.0)
+        return push(ops.row_tree(p, rows_per_tile, width), carry[1], step, levels)
+
+    total = lax.fori_loop(0, steps, tile, (total, lefts))[0]
+    wcols = cols.reshape(width)
+    plgpu.store(dw_ref.at[wcols], encode(total, dw_ref.dtype), mask=wcols < n_cols)
