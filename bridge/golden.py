@@ -258,7 +258,8 @@ def load_manifest(directory: Path = DEFAULT_DIR) -> dict:
     return json.loads(path.read_text())
 
 
-def load_entries(directory: Path, section: str, verify_digests: bool) -> Iterator[Tuple[dict, Dict[str, np.ndarray]]]:
+def _load_entries(directory: Path, section: str,
+                  verify_digests: bool) -> Iterator[Tuple[dict, Dict[str, np.ndarray]]]:
     """(manifest entry, arrays by name) for every case in one of the manifest's lists."""
     manifest = load_manifest(directory)
     if section not in manifest:
@@ -278,7 +279,7 @@ def load_entries(directory: Path, section: str, verify_digests: bool) -> Iterato
 def load_corpus(directory: Path = DEFAULT_DIR, *, verify_digests: bool = True) -> List[GoldenCase]:
     """Every forward case of the checked-in corpus, digests verified against the manifest."""
     cases = []
-    for entry, arrays in load_entries(directory, FORWARD, verify_digests):
+    for entry, arrays in _load_entries(directory, FORWARD, verify_digests):
         outputs = tuple((m, float(o)) for m, o in entry["outputs"])
         spec = CaseSpec(entry["name"], entry["dtype"], entry["n"], entry["residual"], tuple(entry["patterns"]),
                         entry["eps"], outputs)
@@ -292,5 +293,5 @@ def load_backward_corpus(directory: Path = DEFAULT_DIR, *, verify_digests: bool 
     """Every backward case of the checked-in corpus, digests verified against the manifest."""
     from . import golden_backward
 
-    return [golden_backward.case_from(entry, arrays) for entry, arrays in load_entries(directory, BACKWARD,
-                                                                                        verify_digests)]
+    return [golden_backward.case_from(entry, arrays)
+            for entry, arrays in _load_entries(directory, BACKWARD, verify_digests)]

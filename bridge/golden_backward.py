@@ -162,7 +162,7 @@ def arrays(case: BackwardCase) -> Dict[str, np.ndarray]:
 
 
 def case_from(entry: dict, stored: Dict[str, np.ndarray]) -> BackwardCase:
-    """A case from its manifest entry and its arrays (golden.load_entries)."""
+    """A case from its manifest entry and the arrays read from its zip."""
     fields = {f.name: entry[f.name] for f in dataclasses.fields(BackwardSpec)}
     spec = BackwardSpec(**{**fields, "x_patterns": tuple(fields["x_patterns"]),
                            "g_patterns": tuple(fields["g_patterns"]),
