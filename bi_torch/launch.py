@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from bridge.contract import as_float32
-from bridge.tiling import COLUMN_TREE_WIDTH, backward_config, launch_config
+from bridge.tiling import backward_config, column_tree_width, launch_config
 
 from . import triton_backward, triton_kernel
 
@@ -125,9 +125,13 @@ def launch_backward(
             STEPS=cfg.steps, LOG2_STEPS=log2(cfg.steps), CHUNK=cfg.chunk, LOG2_CHUNK=log2(cfg.chunk),
             NUM_CHUNKS=cfg.num_chunks, LOG2_SPLIT=log2(cfg.split), FINAL=final,
             num_warps=cfg.num_warps, enable_fp_fusion=False)
-        if not final:
-            width = min(COLUMN_TREE_WIDTH, cfg.chunk * cfg.num_chunks)
-            kernels.column_tree_kernel[(-(-n // width),)](
-                partials, grad_weight, cfg.blocks, n, ROWS=cfg.tree_rows, LOG2_ROWS=log2(cfg.tree_rows),
-                STEPS=cfg.tree_steps, LOG2_STEPS=log2(cfg.tree_steps), WIDTH=width, num_warps=4,
-                enable_fp_fusion=False)
+        # The tree's upper levels: each level sums aligned groups of the previous level's rows.
+        n_src, src = cfg.blocks, partials
+        for group in cfg.tree_groups:
+            n_dst = -(-n_src // group)
+            dst = grad_weight if n_dst == 1 else torch.empty((n_dst, n), **f32)
+            width = column_tree_width(group, n)
+            kernels.column_tree_kernel[(-(-n // width), n_dst)](
+                src, dst, n_src, n, GROUP=group, LOG2_GROUP=log2(group), WIDTH=width, FINAL=n_dst == 1,
+                num_warps=4, enable_fp_fusion=False)
+            n_src, src = n_dst, dst

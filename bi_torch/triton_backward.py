@@ -9,8 +9,8 @@ grad_weight is the pairwise tree over rows without atomics. A program owns an al
 STEPS * ROWS rows (a power of two, so a subtree of the row tree): each step's ROWS rows are summed
 by a tree over the tile's rows, and the steps' sums are combined by a binary counter (push), whose
 levels hold the left siblings still waiting for their right half. The blocks' float32 sums go to
-a partials buffer and column_tree_kernel combines them with the same counter: the tree's upper
-levels. Nothing depends on the number of programs, SMs or warps.
+a partials buffer and column_tree_kernel combines them in aligned groups: the tree's upper
+levels, one launch per level. Nothing depends on the number of programs, SMs or warps.
 """
 
 import sys
@@ -42,11 +42,14 @@ def row_tree(p, ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_ROWS: tl.constexpr
 @triton.jit
 def push_level(p, left, step, LEVEL: tl.constexpr):
     """One level of the binary counter: the carry reaches LEVEL when step's lower LEVEL bits are all
-    ones; then an odd bit means a left sibling is waiting (p = left + p), an even one parks p there."""
-    arrives = (step & ((1 << LEVEL) - 1)) == ((1 << LEVEL) - 1)
-    odd = ((step >> LEVEL) & 1) == 1
-    merged = tl.where(arrives & odd, left + p, p)
-    return merged, tl.where(arrives & (~odd), p, left)
+    ones; then an odd bit means a left sibling is waiting (p = left + p), an even one parks p there.
+    The condition is the same for the whole program: a branch, not a select per element."""
+    if (step & ((1 << LEVEL) - 1)) == ((1 << LEVEL) - 1):
+        if ((step >> LEVEL) & 1) == 1:
+            p = left + p
+        else:
+            left = p
+    return p, left
 
 
 @triton.jit
@@ -157,18 +160,17 @@ def rms_norm_backward_kernel(
 
 
 @triton.jit
-def column_tree_kernel(
-    partial_ptr, dw_ptr, n_blocks, n_cols,
-    ROWS: tl.constexpr, LOG2_ROWS: tl.constexpr, STEPS: tl.constexpr, LOG2_STEPS: tl.constexpr,
-    WIDTH: tl.constexpr,
-):
-    """B7's upper levels: the tree over the blocks' float32 sums (+0.0 past the last), then rnD."""
+def column_tree_kernel(src_ptr, dst_ptr, n_src, n_cols, GROUP: tl.constexpr, LOG2_GROUP: tl.constexpr,
+                       WIDTH: tl.constexpr, FINAL: tl.constexpr):
+    """One of B7's upper levels: the tree over an aligned group of GROUP rows of float32 sums
+    (+0.0 past the last) for WIDTH columns; the last level rounds to D, into grad_weight."""
+    group = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * WIDTH + tl.arange(0, WIDTH)[None, :]
-    lefts = (tl.full((WIDTH,), 0.0, tl.float32),) * LOG2_STEPS
-    total = tl.full((WIDTH,), 0.0, tl.float32)
-    for step in tl.range(0, STEPS):
-        rows = (step * ROWS + tl.arange(0, ROWS)[:, None]).to(tl.int64)
-        p = tl.load(partial_ptr + rows * n_cols + cols, mask=(rows < n_blocks) & (cols < n_cols), other=0.0)
-        total, lefts = push(row_tree(p, ROWS, WIDTH, LOG2_ROWS), lefts, step, LOG2_STEPS)
+    rows = group * GROUP + tl.arange(0, GROUP)[:, None]
+    p = tl.load(src_ptr + rows * n_cols + cols, mask=(rows < n_src) & (cols < n_cols), other=0.0)
+    total = row_tree(p, GROUP, WIDTH, LOG2_GROUP)
     wcols = tl.reshape(cols, (WIDTH,))
-    tl.store(dw_ptr + wcols, encode(total, dw_ptr.dtype.element_ty), mask=wcols < n_cols)
+    if FINAL:
+        tl.store(dst_ptr + wcols, encode(total, dst_ptr.dtype.element_ty), mask=wcols < n_cols)
+    else:
+        tl.store(dst_ptr + group * n_cols + wcols, total, mask=wcols < n_cols)

@@ -7,6 +7,7 @@ aligned power-of-two chunk is a subtree of the row's pairwise tree, and rows are
 from __future__ import annotations
 
 import dataclasses
+from typing import Tuple
 
 from .contract import next_power_of_two
 
@@ -67,16 +68,21 @@ def _warps(block_elements: int, programs: int, input_bytes: int) -> int:
     return warps
 
 
-# The backward's tile: rows summed by the tile's own tree before the binary counter takes over, so
-# more rows per tile mean fewer counter levels per column held in registers.
-BACKWARD_TILE = 8192
-# At most 2**4 steps per block: each counter level is a float32 row of the tile's width.
-MAX_BACKWARD_LEVELS = 4
-# Aim for this many row blocks (programs per column chunk) when there are rows enough.
-BACKWARD_PROGRAMS = 256
-# The tree over the blocks' partial sums: columns per program, rows per tile.
-COLUMN_TREE_WIDTH = 256
-COLUMN_TREE_ROWS = 16
+# The backward's tile: rows summed by the tile's own tree before the binary counter takes over, at
+# most BACKWARD_TILE_ROWS of them. H200, bf16, 16384 x 4096: 4 rows of 4096 on 16 warps, 8 steps,
+# 184 us (55 % of copy) against 211 us with 2 rows and 16 steps (scripts/tune_backward.py).
+BACKWARD_TILE = 16384
+BACKWARD_TILE_ROWS = 4
+# At most 2**3 steps per block: each counter level is a float32 row of the tile's width in registers.
+MAX_BACKWARD_LEVELS = 3
+# Aim for at least this many row blocks when there are rows enough (4 per SM on an H200).
+BACKWARD_PROGRAMS = 512
+# The tree over the blocks' partial sums, one launch per level: each program sums an aligned group
+# of COLUMN_TREE_GROUP partial rows for COLUMN_TREE_TILE / group columns. Every level is a grid of
+# its own, so the upper tree runs at the partials' bandwidth (one program per column slice,
+# looping over the blocks, took 60 us for 512 x 4096 partials on an H200).
+COLUMN_TREE_GROUP = 16
+COLUMN_TREE_TILE = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +94,27 @@ class BackwardConfig:
     num_chunks: int  # column chunks (1: whole rows; more: long rows, inv and c from a stats pass)
     num_warps: int
     split: int  # as LaunchConfig.split
-    tree_rows: int  # column tree: partial rows per tile
-    tree_steps: int  # column tree: tiles per program (their product covers the padded blocks)
+    tree_groups: Tuple[int, ...]  # the column tree's group size per level; their product: blocks' power of two
 
     @property
     def block_rows(self) -> int:
         return self.rows * self.steps
+
+
+def column_tree_groups(blocks: int) -> Tuple[int, ...]:
+    """Group sizes of the column tree's levels, lowest first. A group never exceeds the power of two
+    of what is left, so the levels pad to exactly the blocks' power of two (no +0.0 added on top)."""
+    groups, left = [], blocks
+    while left > 1:
+        group = min(COLUMN_TREE_GROUP, next_power_of_two(left))
+        groups.append(group)
+        left = -(-left // group)
+    return tuple(groups)
+
+
+def column_tree_width(group: int, n: int) -> int:
+    """Columns per program of a column-tree level whose groups have `group` rows."""
+    return max(1, min(COLUMN_TREE_TILE // group, next_power_of_two(n)))
 
 
 def backward_config(n: int, n_rows: int, itemsize: int, residual_itemsize: int = 0) -> BackwardConfig:
@@ -102,13 +123,11 @@ def backward_config(n: int, n_rows: int, itemsize: int, residual_itemsize: int =
     width = next_power_of_two(n)
     rows_pow2 = next_power_of_two(max(n_rows, 1))
     chunk, num_chunks = (width, 1) if width <= MAX_WHOLE_ROW else (MAX_WHOLE_ROW, width // MAX_WHOLE_ROW)
-    rows = max(1, min(16, BACKWARD_TILE // chunk, rows_pow2))
+    rows = max(1, min(BACKWARD_TILE_ROWS, BACKWARD_TILE // chunk, rows_pow2))
     # A power of two (the block must be a subtree), rounded down: at least BACKWARD_PROGRAMS blocks.
     steps = 1 << max(0, min(MAX_BACKWARD_LEVELS, (rows_pow2 // (rows * BACKWARD_PROGRAMS)).bit_length() - 1))
     blocks = -(-max(n_rows, 1) // (rows * steps))
-    tree_rows = min(COLUMN_TREE_ROWS, next_power_of_two(blocks))
-    tree_steps = next_power_of_two(blocks) // tree_rows
     # Each element of the tile is read twice (z and the output gradient) and written once or twice.
     warps = _warps(rows * chunk, blocks * num_chunks, 2 * itemsize + residual_itemsize)
-    return BackwardConfig(rows, steps, blocks, chunk, num_chunks, warps, split_width(chunk, itemsize), tree_rows,
-                          tree_steps)
+    return BackwardConfig(rows, steps, blocks, chunk, num_chunks, warps, split_width(chunk, itemsize),
+                          column_tree_groups(blocks))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from bridge import tiling
@@ -22,11 +24,12 @@ def test_backward_blocks_are_aligned_subtrees_of_the_row_tree(programs: int, lev
             rows_pow2 = next_power_of_two(max(n_rows, 1))
             where = f"n={n} rows={n_rows}: {cfg}"
             # Powers of two: a block is a complete subtree, and so is a tile inside it.
-            for value in (cfg.rows, cfg.steps, cfg.chunk, cfg.num_chunks, cfg.tree_rows, cfg.tree_steps):
+            for value in (cfg.rows, cfg.steps, cfg.chunk, cfg.num_chunks) + cfg.tree_groups:
                 assert value & (value - 1) == 0, where
             # Never padded past the row count's power of two: that would add +0.0 to a -0.0 sum.
             assert cfg.block_rows <= rows_pow2, where
             assert cfg.blocks * cfg.block_rows >= n_rows and (cfg.blocks - 1) * cfg.block_rows < max(n_rows, 1), where
-            assert cfg.tree_rows * cfg.tree_steps == next_power_of_two(cfg.blocks), where
+            assert math.prod(cfg.tree_groups) == next_power_of_two(cfg.blocks), where
+            assert all(g <= tiling.COLUMN_TREE_GROUP for g in cfg.tree_groups), where
             assert cfg.chunk * cfg.num_chunks == next_power_of_two(n), where
             assert cfg.steps <= 1 << levels, where
