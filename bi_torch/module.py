@@ -10,7 +10,9 @@ from .ops import rms_norm
 
 
 class RMSNorm(torch.nn.Module):
-    """Batch-invariant RMSNorm. Inference only for now: call it under torch.no_grad()/inference_mode().
+    """Batch-invariant RMSNorm (bi_torch.rms_norm): trains, with gradients w.r.t. the input, the
+    weight and the residual as NUMERICS.md's backward defines them (batch-invariant grad_x,
+    deterministic grad_weight); forward(x, residual) returns (out, new_residual), out of place.
 
     weight_offset=1.0 with zero-initialised weights gives Gemma's (1 + w) convention.
     """

@@ -3,6 +3,12 @@
 The custom ops give torch.compile(fullgraph=True) an opaque node with a fake implementation
 (no graph breaks) and keep CUDA-graph capture free of host synchronisation: validation reads
 only shapes, dtypes, strides and devices.
+
+Which calls train: `rms_norm` (with or without a residual) and `rms_norm_batch_invariant` without a
+residual (it is `rms_norm(mode="fp32")`, out of place) differentiate w.r.t. x, weight and residual
+(bi_torch/autograd.py, NUMERICS.md's backward). The in-place calls, `fused_add_rms_norm_` and
+`rms_norm_batch_invariant` with a residual, overwrite what a backward would need: inference only,
+they raise RuntimeError when grad mode is on and a tensor requires grad.
 """
 
 from __future__ import annotations
@@ -94,9 +100,14 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optio
             raise ValueError(f"{name}: expected a tensor on {x.device} (x's device); got {t.device}")
     if weight.dim() == 1 and weight.shape[0] > 1 and weight.stride(0) != 1:
         raise ValueError(f"weight: must be contiguous; got stride {weight.stride(0)}")
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, residual)):
-        raise NotImplementedError("bi_torch RMSNorm has no autograd support yet: a tensor requires grad. Run it under "
-                           "torch.no_grad() or torch.inference_mode(), or detach the inputs explicitly.")
+    if inplace and torch.is_grad_enabled():
+        for name, t in (("x", x), ("residual", residual), ("weight", weight)):
+            if t is not None and t.requires_grad:
+                raise RuntimeError(
+                    f"{name}: requires grad, but the in-place call (fused_add_rms_norm_, or rms_norm_batch_invariant "
+                    f"with a residual) overwrites x and residual and has no backward. To train, call "
+                    f"bi_torch.rms_norm(x, weight, eps, residual), which returns (out, new_residual) and "
+                    f"differentiates; for inference, run under torch.no_grad() or torch.inference_mode().")
     x_rows = _rows(x, "x")
     if residual is not None:
         r_rows = _rows(residual, "residual")
@@ -166,6 +177,8 @@ def rms_norm(
 
     Returns out, or (out, new_residual) when a residual (x's dtype or float32) is given.
     CUDA tensors run the compiled kernel, CPU tensors the same kernel under Triton's interpreter.
+    Differentiable w.r.t. x, weight and residual (first order; the gradients of NUMERICS.md's
+    backward: grad_residual in the residual's dtype). The forward's bits do not depend on grad mode.
     """
     _validate(x, weight, eps, residual, mode, weight_offset, inplace=False)
     if residual is None:
@@ -184,7 +197,8 @@ def fused_add_rms_norm_(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """In place, vLLM's convention: x <- normalized output, residual <- x + residual. Returns (x, residual).
 
-    All checks run before the kernel: on any error both tensors are left untouched.
+    All checks run before the kernel: on any error both tensors are left untouched. Inference only:
+    with grad mode on, a tensor that requires grad raises RuntimeError (train with rms_norm).
     """
     if not isinstance(residual, torch.Tensor):
         raise TypeError(f"residual: expected a torch.Tensor; got {type(residual).__name__}")
@@ -201,8 +215,9 @@ def rms_norm_batch_invariant(
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Drop-in for vLLM's function of this name: mode "fp32" (x*inv*w in float32, as its Triton path).
 
-    Without residual returns a new tensor; with one it updates input and residual in place and
-    returns (input, residual), as vLLM's fused_add_rms_norm path does, but batch invariant.
+    Without residual returns a new tensor (and differentiates, as rms_norm); with one it updates
+    input and residual in place and returns (input, residual), as vLLM's fused_add_rms_norm path
+    does, but batch invariant: inference only, like fused_add_rms_norm_.
     """
     if residual is None:
         return rms_norm(input, weight, eps, mode="fp32")

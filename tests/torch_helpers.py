@@ -6,12 +6,16 @@ NaN payloads and signed zeros included, and bfloat16 needs no float conversion o
 
 from __future__ import annotations
 
+import zlib
 from typing import Optional, Tuple
 
 import numpy as np
+import pytest
 import torch
 
 import bi_torch
+import bi_torch.launch
+import bridge.tiling
 from bridge import reference
 from bridge.compare import assert_bitwise_equal
 
@@ -86,3 +90,81 @@ def bi(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: Optio
     if residual is None:
         return result, None
     return result
+
+
+def ref_backward(x: np.ndarray, weight: np.ndarray, grad_out: np.ndarray, eps: float = 1e-6,
+                 residual: Optional[np.ndarray] = None, grad_new_residual: Optional[np.ndarray] = None,
+                 mode: str = "llama", weight_offset: float = 0.0
+                 ) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
+    """bridge.reference.rms_norm_backward over any leading shape, as (grad_x, grad_residual or None, grad_weight)."""
+    n = x.shape[-1]
+
+    def flat(a):
+        return None if a is None else a.reshape(-1, n)
+
+    result = reference.rms_norm_backward(flat(x), weight, flat(grad_out), eps, flat(residual), flat(grad_new_residual),
+                                         mode=mode, weight_offset=weight_offset)
+    grad_x, grad_residual, grad_weight = result if residual is not None else (result[0], None, result[1])
+    return grad_x.reshape(x.shape), None if grad_residual is None else grad_residual.reshape(x.shape), grad_weight
+
+
+def bi_backward(x: torch.Tensor, weight: torch.Tensor, grad_out: Optional[torch.Tensor], eps: float = 1e-6,
+                residual: Optional[torch.Tensor] = None, grad_new_residual: Optional[torch.Tensor] = None,
+                mode: str = "llama", weight_offset: float = 0.0, fn=None
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """Gradients of bi_torch.rms_norm (or fn, same signature) through torch.autograd.grad, as
+    (grad_x, grad_residual or None, grad_weight). The inputs become leaves on their own memory and
+    strides. An output whose gradient is None is left out of autograd.grad, so its gradient
+    reaches the backward as None (unused), not as zeros."""
+    fn = fn or bi_torch.rms_norm
+    x, weight = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    leaves = (x, weight) if residual is None else (x, residual.detach().requires_grad_(), weight)
+    result = fn(x, weight, eps, None if residual is None else leaves[1], mode=mode, weight_offset=weight_offset)
+    outputs = (result,) if residual is None else result
+    pairs = [(o, g) for o, g in zip(outputs, (grad_out, grad_new_residual)) if g is not None]
+    grads = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs])
+    return (grads[0], None, grads[1]) if residual is None else grads
+
+
+def seeded_rng(*parts) -> np.random.Generator:
+    """A generator seeded from a test's parameters (hash() of str is salted per process)."""
+    return np.random.default_rng(zlib.crc32("|".join(str(p) for p in parts).encode()))
+
+
+def backward_inputs(rng: np.random.Generator, shape, dtype: str, res_kind: Optional[str], with_gr: bool,
+                    specials: bool = False) -> Tuple[Optional[np.ndarray], ...]:
+    """numpy (x, weight, grad_out, residual or None, grad_new_residual or None); res_kind is None,
+    "same" (x's dtype) or "float32"; with_gr: whether the new residual gets a gradient."""
+    r_dtype = None if res_kind is None else dtype if res_kind == "same" else "float32"
+    x, g = random_rows(rng, shape, dtype, specials=specials), random_rows(rng, shape, dtype, specials=specials)
+    r = None if r_dtype is None else random_rows(rng, shape, r_dtype, specials=specials)
+    g_r = random_rows(rng, shape, r_dtype) if with_gr else None
+    return x, random_weight(rng, shape[-1], dtype), g, r, g_r
+
+
+def check_backward(args, eps: float, mode: str, offset: float, what: str, device="cpu", **kw
+                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """Autograd's gradients of one call (backward_inputs' numpy arrays, run on `device`) against
+    the reference, bit for bit; returns them (torch). kw goes to bi_backward (fn=...)."""
+    expected = ref_backward(*args[:3], eps, *args[3:], mode, offset)
+    x, w, g, r, g_r = (to_torch(a, device) for a in args)
+    got = bi_backward(x, w, g, eps, r, g_r, mode, offset, **kw)
+    for name, e, a in zip(("grad_x", "grad_residual", "grad_weight"), expected, got):
+        assert (e is None) == (a is None), f"{what}: {name}"
+        if e is not None:
+            assert_bits(e, a, f"{what}: {name}")
+    return got
+
+
+# Launch configurations of the backward, as overrides of bridge.tiling's tuning constants (which
+# backward_config reads at call time) and of the column tree's width (bi_torch.launch imports it):
+# the default; few rows per tile, many steps per block and a narrow column tree; one program's
+# block as large as the counter allows (a single block, the kernel's FINAL path, for small batches).
+BACKWARD_CONFIGS = ({}, {"BACKWARD_TILE": 256, "BACKWARD_PROGRAMS": 4, "COLUMN_TREE_ROWS": 2, "COLUMN_TREE_WIDTH": 32},
+                    {"BACKWARD_PROGRAMS": 1, "MAX_BACKWARD_LEVELS": 6})
+
+
+def patch_backward_config(patch: pytest.MonkeyPatch, overrides: dict) -> None:
+    """Apply one of BACKWARD_CONFIGS with a monkeypatch (or one of its contexts)."""
+    for name, value in overrides.items():
+        patch.setattr(bi_torch.launch if name == "COLUMN_TREE_WIDTH" else bridge.tiling, name, value)
