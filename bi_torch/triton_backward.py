@@ -25,7 +25,7 @@ from . import triton_kernel
 _forward = (sys.modules.get("bi_torch._triton_kernel_interpreted", triton_kernel)
             if triton.knobs.runtime.interpret else triton_kernel)
 encode, inverse_rms, load_weight = _forward.encode, _forward.inverse_rms, _forward.load_weight
-pairwise_sum, round_to = _forward.pairwise_sum, _forward.round_to
+pairwise_sum, round_to, widen = _forward.pairwise_sum, _forward.round_to, _forward.widen
 
 
 @triton.jit
@@ -64,7 +64,7 @@ def push(p, lefts, step, LEVELS: tl.constexpr):
 
 @triton.jit
 def load_rows(ptr, stride, rows, cols, mask):
-    return tl.load(ptr + rows * stride + cols, mask=mask, other=0.0).to(tl.float32)
+    return widen(tl.load(ptr + rows * stride + cols, mask=mask, other=0.0))
 
 
 @triton.jit

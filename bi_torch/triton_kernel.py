@@ -44,10 +44,21 @@ def encode(y, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def widen(x):
+    """f32(x), exact. The interpreter's bfloat16 -> float32 conversion flushes or garbles subnormals
+    (Triton 3.9: 0x0004 -> 0): there the 16 bits are shifted into a float32 pattern instead."""
+    if INTERPRETED and x.dtype == tl.bfloat16:
+        out = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        out = x.to(tl.float32)
+    return out
+
+
+@triton.jit
 def round_to(y, DTYPE: tl.constexpr):
     """rn(y) to DTYPE, back in float32, NaN bits unspecified: for a value only a later encode stores."""
     if INTERPRETED and DTYPE == tl.bfloat16:
-        out = encode(y, DTYPE).to(tl.float32)  # the bit-pattern rounding needs NaNs set apart
+        out = widen(encode(y, DTYPE))  # the bit-pattern rounding needs NaNs set apart
     else:
         out = y.to(DTYPE).to(tl.float32)
     return out
@@ -88,20 +99,20 @@ def load_z(x_ptr, x_stride, r_ptr, r_stride, new_r_ptr, new_r_stride, rows, cols
 
     KEEP and STREAM are the eviction policies for z, which a second pass reads again, and for the rest.
     """
-    v = tl.load(x_ptr + rows * x_stride + cols, mask=mask, other=0.0,
-                eviction_policy=STREAM if HAS_RESIDUAL else KEEP).to(tl.float32)
+    v = widen(tl.load(x_ptr + rows * x_stride + cols, mask=mask, other=0.0,
+                      eviction_policy=STREAM if HAS_RESIDUAL else KEEP))
     if HAS_RESIDUAL:
-        res = tl.load(r_ptr + rows * r_stride + cols, mask=mask, other=0.0, eviction_policy=STREAM).to(tl.float32)
+        res = widen(tl.load(r_ptr + rows * r_stride + cols, mask=mask, other=0.0, eviction_policy=STREAM))
         z = encode(v + res, new_r_ptr.dtype.element_ty)
         tl.store(new_r_ptr + rows * new_r_stride + cols, z, mask=mask, eviction_policy=KEEP)
-        v = z.to(tl.float32)
+        v = widen(z)
     return v
 
 
 @triton.jit
 def load_weight(w_ptr, cols, n_cols, weight_offset, HAS_OFFSET: tl.constexpr):
     """Step 5: w = f32(weight), plus the offset when it is non-zero."""
-    w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    w = widen(tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0))
     if HAS_OFFSET:
         w = w + weight_offset
     return w
@@ -164,6 +175,6 @@ def rms_norm_kernel(
         for i in tl.range(0, NUM_CHUNKS):
             ccols = (NUM_CHUNKS - 1 - i) * CHUNK + cols
             mask = row_mask & (ccols < n_cols)
-            v = tl.load(z_ptr + rows * z_stride + ccols, mask=mask, other=0.0, eviction_policy=STREAM).to(tl.float32)
+            v = widen(tl.load(z_ptr + rows * z_stride + ccols, mask=mask, other=0.0, eviction_policy=STREAM))
             w = load_weight(w_ptr, ccols, n_cols, weight_offset, HAS_OFFSET)
             scale_store(v, inv, w, out_ptr, out_stride, rows, ccols, mask, LLAMA, STREAM)

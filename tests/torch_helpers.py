@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import bi_torch
-import bi_torch.launch
 import bridge.tiling
 from bridge import reference
 from bridge.compare import assert_bitwise_equal
@@ -157,14 +156,14 @@ def check_backward(args, eps: float, mode: str, offset: float, what: str, device
 
 
 # Launch configurations of the backward, as overrides of bridge.tiling's tuning constants (which
-# backward_config reads at call time) and of the column tree's width (bi_torch.launch imports it):
-# the default; few rows per tile, many steps per block and a narrow column tree; one program's
-# block as large as the counter allows (a single block, the kernel's FINAL path, for small batches).
-BACKWARD_CONFIGS = ({}, {"BACKWARD_TILE": 256, "BACKWARD_PROGRAMS": 4, "COLUMN_TREE_ROWS": 2, "COLUMN_TREE_WIDTH": 32},
-                    {"BACKWARD_PROGRAMS": 1, "MAX_BACKWARD_LEVELS": 6})
+# backward_config and column_tree_width read at call time): the default; few rows per tile, many
+# steps per block and a narrow column tree of many levels; one program's block as large as the
+# counter allows (a single block, the kernel's FINAL path, for small batches).
+BACKWARD_CONFIGS = ({}, {"BACKWARD_TILE": 256, "BACKWARD_PROGRAMS": 4, "COLUMN_TREE_GROUP": 2, "COLUMN_TREE_TILE": 64},
+                    {"BACKWARD_PROGRAMS": 1, "MAX_BACKWARD_LEVELS": 6, "BACKWARD_TILE_ROWS": 16})
 
 
 def patch_backward_config(patch: pytest.MonkeyPatch, overrides: dict) -> None:
     """Apply one of BACKWARD_CONFIGS with a monkeypatch (or one of its contexts)."""
     for name, value in overrides.items():
-        patch.setattr(bi_torch.launch if name == "COLUMN_TREE_WIDTH" else bridge.tiling, name, value)
+        patch.setattr(bridge.tiling, name, value)
