@@ -42,14 +42,11 @@ def row_tree(p, ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_ROWS: tl.constexpr
 @triton.jit
 def push_level(p, left, step, LEVEL: tl.constexpr):
     """One level of the binary counter: the carry reaches LEVEL when step's lower LEVEL bits are all
-    ones; then an odd bit means a left sibling is waiting (p = left + p), an even one parks p there.
-    The condition is the same for the whole program: a branch, not a select per element."""
-    if (step & ((1 << LEVEL) - 1)) == ((1 << LEVEL) - 1):
-        if ((step >> LEVEL) & 1) == 1:
-            p = left + p
-        else:
-            left = p
-    return p, left
+    ones; then an odd bit means a left sibling is waiting (p = left + p), an even one parks p there."""
+    arrives = (step & ((1 << LEVEL) - 1)) == ((1 << LEVEL) - 1)
+    odd = ((step >> LEVEL) & 1) == 1
+    merged = tl.where(arrives & odd, left + p, p)
+    return merged, tl.where(arrives & (~odd), p, left)
 
 
 @triton.jit
