@@ -112,8 +112,9 @@ def test_entry_matches_the_class_forward(key):
     pairwise tree, IEEE sqrt and a division; measured: up to 4 ulps, 5-30% of elements. In 16-bit
     dtypes the final rounding hides that: measured bitwise or one element off, bounded here by
     <= 1% of elements and 2 ulps (in mode "llama" a flipped rounding of the intermediate, times
-    |w| < 2.5, can move the output by 2). The other mode differs by 1 ulp in ~25% of 16-bit elements (in float32 the modes are
-    the same bits, NUMERICS.md), the other offset everywhere: either fails these bounds.
+    |w| < 2.5, can move the output by 2). The other mode differs by 1 ulp in ~25% of 16-bit
+    elements (in float32 the modes are the same bits, NUMERICS.md), the other offset everywhere:
+    either fails these bounds.
     """
     entry, cls = TABLE[key], _class(key)
     assert table_entry(cls) is entry
