@@ -56,7 +56,8 @@ class ExactOps:
             # The branches differ only when a or b is NaN, and then both are NaN (the payload is
             # never stored: encode writes every NaN canonically).
             return jnp.where((a == a) & (b == b), a * b, a + b)
-        return _ptx("mul.rn.f32 $0, $1, $2;", a, b)
+        shape = jnp.broadcast_shapes(a.shape, b.shape)  # the inline assembly takes equal shapes only
+        return _ptx("mul.rn.f32 $0, $1, $2;", jnp.broadcast_to(a, shape), jnp.broadcast_to(b, shape))
 
     def div(self, a: jax.Array, b: jax.Array) -> jax.Array:
         # Barriers on both sides: XLA would turn a / const into a * (1/const), and v * (1/r) into v / r.

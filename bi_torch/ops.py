@@ -13,6 +13,7 @@ they raise RuntimeError when grad mode is on and a tensor requires grad.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple, Union
 
 import numpy as np
@@ -24,6 +25,13 @@ from bridge.contract import check_rms_norm_args
 from .launch import launch
 
 _NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+class InterpreterWarning(UserWarning):
+    """CPU tensors reached bi_torch on a machine with a CUDA GPU: they run under the Triton interpreter."""
+
+
+_warned_cpu = False  # the InterpreterWarning is given once per process
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -82,11 +90,38 @@ def _rows_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() < b_end and b.data_ptr() < a_end
 
 
+def _weight_dtype_error(x: torch.Tensor, weight: torch.Tensor) -> TypeError:
+    """The contract takes the weight in x's dtype. Mixed dtypes come from float32 norm weights fed
+    16-bit activations: torch.autocast over a float32 model, or a model keeping norms in float32."""
+    d, w = dtype_name(x.dtype), dtype_name(weight.dtype)
+    message = (f"weight: expected dtype {d} (x's dtype); got {w}. bi-norm computes in one dtype: cast the weight, "
+               f"weight.to(x.dtype) (differentiable; the bits are then those of the rounded weight), or the module, "
+               f"module.to(torch.{d})")
+    if torch.is_autocast_enabled(x.device.type):
+        message += (f". Under torch.autocast, x arrived in {d} while the weight stayed {w}: autocast does not cast "
+                    f"bi-norm's arguments; run the model in one dtype, model.to(torch.{d}), instead of autocast")
+    return TypeError(message)
+
+
+def _warn_cpu_once() -> None:
+    global _warned_cpu
+    if _warned_cpu or not torch.cuda.is_available():
+        return
+    _warned_cpu = True
+    warnings.warn("x: a CPU tensor, on a machine with a CUDA GPU: bi_torch runs CPU tensors under the Triton "
+                  "interpreter, orders of magnitude slower than the GPU (same bits). Move the tensors with .cuda() "
+                  "(a model: model.cuda()); to keep CPU tensors and silence this, "
+                  "warnings.filterwarnings('ignore', category=bi_torch.InterpreterWarning).",
+                  InterpreterWarning, stacklevel=4)
+
+
 def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optional[torch.Tensor], mode: str,
               weight_offset: float, inplace: bool) -> None:
     for name, t in (("x", x), ("weight", weight), ("residual", residual)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor; got {type(t).__name__}")
+    if weight.dtype != x.dtype and weight.dtype in _NAMES and x.dtype in _NAMES and weight.shape == x.shape[-1:]:
+        raise _weight_dtype_error(x, weight)
     check_rms_norm_args(
         x_shape=tuple(x.shape), x_dtype=dtype_name(x.dtype), weight_shape=tuple(weight.shape),
         weight_dtype=dtype_name(weight.dtype), eps=eps,
@@ -95,6 +130,8 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optio
         mode=mode, weight_offset=weight_offset)
     if x.device.type not in ("cuda", "cpu"):
         raise ValueError(f"x: expected a CUDA tensor (or a CPU tensor, run by the Triton interpreter); got {x.device}")
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        _warn_cpu_once()
     for name, t in (("weight", weight), ("residual", residual)):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name}: expected a tensor on {x.device} (x's device); got {t.device}")

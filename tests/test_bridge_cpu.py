@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from jax.sharding import NamedSharding, PartitionSpec
+from jax_backward_helpers import flushed
 
 import bi_jax
 import bi_torch
@@ -405,3 +406,55 @@ def test_first_bit_difference_compares_bits_and_names_the_index():
     assert crossframework.first_bit_difference(nan, nan.at[1].set(-0.0)) == (
         "1 of 2 elements differ; first at index (1,): a 0.0 (0x00000000), b -0.0 (0x80000000)")
     assert crossframework.first_bit_difference(a, a[:2]) == "a is bfloat16[4, 8], b is bfloat16[2, 8]"
+
+
+# ---------------------------------------------------------------- gradients across frameworks
+
+
+@pytest.mark.parametrize("dtype,residual,mode,offset", CROSS_CASES)
+def test_cross_check_backward_agrees_with_the_reference(dtype, residual, mode, offset):
+    x, w, r = _inputs(dtype, residual)
+    g = _inputs(dtype, "none")[0][::-1].copy()  # another array of x's shape and dtype
+    gr = None if r is None or residual == "same" else (r * np.float32(0.5)).astype(r.dtype)
+    assert crossframework.cross_check_backward(x, w, g, 1e-6, r, gr, mode, offset, device="cpu") is None
+    # And both sides are the contract's: torch's gradients equal the reference.
+    expected = reference.rms_norm_backward(x.reshape(-1, 100), w, g.reshape(-1, 100), 1e-6,
+                                           None if r is None else r.reshape(-1, 100),
+                                           None if gr is None else gr.reshape(-1, 100), mode=mode,
+                                           weight_offset=offset)
+    got = crossframework._bi_torch_backward(*(None if a is None else torch_from_numpy(a) for a in (x, w, g)), 1e-6,
+                                            None if r is None else torch_from_numpy(r),
+                                            None if gr is None else torch_from_numpy(gr), mode, offset)
+    for e, t in zip(expected, got):
+        assert_bitwise_equal(e, numpy_of_torch(t).reshape(e.shape))
+
+
+def test_cross_check_backward_on_golden_cases(backward_corpus):
+    """Short-row cases without subnormals (XLA:CPU flushes them in interpret mode,
+    tests/jax_backward_helpers.py): every residual kind, with and without grad_new_residual."""
+    cases = {}  # the first such case of each (residual kind, grad_new_residual stored)
+    for case in backward_corpus.values():
+        (mode, offset) = next(iter(case.expected))
+        rows, cols = flushed(case.x, case.weight, case.grad_out, case.spec.eps, case.residual,
+                             case.grad_new_residual, mode, offset)
+        if case.spec.n <= 129 and not rows.any() and not cols.any():
+            cases.setdefault((case.spec.residual, case.spec.grad_new_residual), (case, mode, offset))
+    assert set(cases) == {("none", False), ("same", False), ("same", True), ("float32", False), ("float32", True)}
+    for case, mode, offset in cases.values():
+        problem = crossframework.cross_check_backward(case.x, case.weight, case.grad_out, case.spec.eps, case.residual,
+                                                      case.grad_new_residual, mode, offset, device="cpu")
+        assert problem is None, f"{case.spec.name} {mode}/{offset:g}: {problem}"
+
+
+def test_cross_check_backward_reports_the_first_difference(monkeypatch):
+    x, w, r = _inputs("bfloat16", "float32", shape=(3, 100))
+    g = _inputs("bfloat16", "none", shape=(3, 100))[0][::-1].copy()
+    honest = crossframework._bi_jax_backward
+
+    def perturbed(*args):
+        grad_x, grad_residual, grad_weight = honest(*args)
+        return grad_x, grad_residual, grad_weight.at[7].set(-grad_weight[7])
+
+    monkeypatch.setattr(crossframework, "_bi_jax_backward", perturbed)
+    problem = crossframework.cross_check_backward(x, w, g, 1e-6, r, None, "llama", 0.0, device="cpu")
+    assert problem is not None and problem.startswith("grad_weight: 1 of 100 elements differ; first at index (7,): ")
