@@ -27,7 +27,7 @@ from jax.experimental.pallas import triton as plgpu
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bridge.contract import as_float32, next_power_of_two
-from bridge.tiling import COLUMN_TREE_WIDTH, backward_config
+from bridge.tiling import backward_config, column_tree_width
 
 from .pallas_backward import column_tree_kernel, rms_norm_backward_kernel, row_stats_kernel
 from .pallas_kernel import encode
@@ -110,14 +110,19 @@ def backward_rows(
         body, out_shape=[outputs[k] for k in out_names], grid=(cfg.blocks, cfg.num_chunks),
         input_output_aliases=aliases, compiler_params=_params(cfg.num_warps), interpret=interpret,
         name="bi_norm_rms_norm_backward")(*(inputs[k] for k in in_names))))
+    # The tree's upper levels: each level sums aligned groups of the previous level's rows.
+    n_src, level = cfg.blocks, results.get("partial")
+    for group in cfg.tree_groups:
+        n_dst, width = -(-n_src // group), column_tree_width(group, n)
+        tree_kernel = functools.partial(column_tree_kernel, n_src=n_src, n_cols=n, group=group, width=width,
+                                        final=n_dst == 1, interpret=interpret)
+        shape = ((n,), dw_dtype) if n_dst == 1 else ((n_dst * n,), jnp.float32)
+        level = pl.pallas_call(
+            tree_kernel, out_shape=jax.ShapeDtypeStruct(*shape), grid=(pl.cdiv(n, width), n_dst),
+            compiler_params=_params(4), interpret=interpret, name="bi_norm_column_tree")(level)
+        n_src = n_dst
     if not final:
-        width = min(COLUMN_TREE_WIDTH, cfg.chunk * cfg.num_chunks)
-        tree_kernel = functools.partial(
-            column_tree_kernel, n_blocks=cfg.blocks, n_cols=n, rows_per_tile=cfg.tree_rows, steps=cfg.tree_steps,
-            width=width, interpret=interpret)
-        results["dw"] = pl.pallas_call(
-            tree_kernel, out_shape=jax.ShapeDtypeStruct((n,), dw_dtype), grid=(pl.cdiv(n, width),),
-            compiler_params=_params(4), interpret=interpret, name="bi_norm_column_tree")(results["partial"])
+        results["dw"] = level
     grad_residual = results["dr"].reshape(z2.shape) if has_residual else None
     return results["dx"].reshape(z2.shape), grad_residual, results["dw"]
 

@@ -9,8 +9,8 @@ grad_weight is the pairwise tree over rows without atomics. A program owns an al
 steps * rows rows (a power of two, so a subtree of the row tree): each step's rows are summed
 by a tree over the tile's rows, and the steps' sums are combined by a binary counter (push), whose
 levels hold the left siblings still waiting for their right half. The blocks' float32 sums go to
-a partials buffer and column_tree_kernel combines them with the same counter: the tree's upper
-levels. Nothing depends on the number of programs, SMs or warps.
+a partials buffer and column_tree_kernel combines them in aligned groups: the tree's upper
+levels, one launch per level. Nothing depends on the number of programs, SMs or warps.
 """
 
 from __future__ import annotations
@@ -144,20 +144,17 @@ def rms_norm_backward_kernel(
         plgpu.store(partial_ref.at[block * n_cols + wcols], total, mask=wcols < n_cols)
 
 
-def column_tree_kernel(
-    partial_ref, dw_ref, *, n_blocks: int, n_cols: int, rows_per_tile: int, steps: int, width: int, interpret: bool,
-):
-    """B7's upper levels: the tree over the blocks' float32 sums (+0.0 past the last), then rnD."""
-    ops, levels = ExactOps(interpret), steps.bit_length() - 1
+def column_tree_kernel(src_ref, dst_ref, *, n_src: int, n_cols: int, group: int, width: int, final: bool,
+                       interpret: bool):
+    """One of B7's upper levels: the tree over an aligned group of `group` rows of float32 sums
+    (+0.0 past the last) for `width` columns; the last level rounds to D, into grad_weight."""
+    ops, block = ExactOps(interpret), pl.program_id(1)
     cols = pl.program_id(0) * width + jnp.arange(width, dtype=jnp.int32)[None, :]
-    lefts = (jnp.zeros((width,), jnp.float32),) * levels
-    total = jnp.zeros((width,), jnp.float32)
-
-    def tile(step, carry):
-        rows = step * rows_per_tile + jnp.arange(rows_per_tile, dtype=jnp.int32)[:, None]
-        p = plgpu.load(partial_ref.at[rows * n_cols + cols], mask=(rows < n_blocks) & (cols < n_cols), other=0.0)
-        return push(ops.row_tree(p, rows_per_tile, width), carry[1], step, levels)
-
-    total = lax.fori_loop(0, steps, tile, (total, lefts))[0]
+    rows = block * group + jnp.arange(group, dtype=jnp.int32)[:, None]
+    p = plgpu.load(src_ref.at[rows * n_cols + cols], mask=(rows < n_src) & (cols < n_cols), other=0.0)
+    total = ops.row_tree(p, group, width)
     wcols = cols.reshape(width)
-    plgpu.store(dw_ref.at[wcols], encode(total, dw_ref.dtype), mask=wcols < n_cols)
+    if final:
+        plgpu.store(dst_ref.at[wcols], encode(total, dst_ref.dtype), mask=wcols < n_cols)
+    else:
+        plgpu.store(dst_ref.at[block * n_cols + wcols], total, mask=wcols < n_cols)
