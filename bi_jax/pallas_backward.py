@@ -112,10 +112,12 @@ def rms_norm_backward_kernel(
             inv = inverse_rms(ops, ops.pairwise_sum(ops.square(v), R, chunk, split), n_cols, eps, R)[:, None]
         else:
             inv = plgpu.load(stats_ref.at[rows * 2], mask=rows < n_rows, other=1.0)
-        # B1-B3.
+        # B1-B3, and B7 first: g and h are then dead before the row's second tree.
         xhat = v * inv
         h = round_to(xhat, dx_ref.dtype) if llama else xhat
         a = ops.mul(g, w)
+        # B7: rows past the end are the tree's +0.0 padding.
+        total, lefts = push(ops.row_tree(jnp.where(mask, ops.mul(g, h), 0.0), R, chunk), carry[1], step, levels)
         # B4: c from the row's tree over b (masked columns are +0.0 leaves, whatever the offset).
         if num_chunks == 1:
             t = ops.pairwise_sum(jnp.where(mask, ops.mul(a, xhat), 0.0), R, chunk, split)
@@ -132,9 +134,7 @@ def rms_norm_backward_kernel(
         else:
             dz = dv
         plgpu.store(dx_ref.at[offsets], encode(dz, dx_ref.dtype), mask=mask)
-        # B7: rows past the end are the tree's +0.0 padding.
-        p = ops.row_tree(jnp.where(mask, ops.mul(g, h), 0.0), R, chunk)
-        return push(p, carry[1], step, levels)
+        return total, lefts
 
     total = lax.fori_loop(0, steps, tile, (total, lefts))[0]
     wcols = cols.reshape(chunk)

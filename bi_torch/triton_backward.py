@@ -26,16 +26,23 @@ _forward = (sys.modules.get("bi_torch._triton_kernel_interpreted", triton_kernel
             if triton.knobs.runtime.interpret else triton_kernel)
 encode, inverse_rms, load_weight = _forward.encode, _forward.inverse_rms, _forward.load_weight
 pairwise_sum, round_to, widen = _forward.pairwise_sum, _forward.round_to, _forward.widen
+INTERPRETED = _forward.INTERPRETED
 
 
 @triton.jit
 def row_tree(p, ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_ROWS: tl.constexpr):
     """B7 inside a tile: the pairwise tree over the ROWS rows of a (ROWS, WIDTH) block, per column.
 
-    Each level is a reduction over an axis of 2 (one add, exact in any order), as in pairwise_sum.
+    Each level is a reduction over an axis of 2 (one add, exact in any order), as in pairwise_sum;
+    under the interpreter the pairs are split apart and added (its sum turns -0.0 + -0.0 into +0.0).
     """
     for level in tl.static_range(LOG2_ROWS):
-        p = tl.reduce(tl.reshape(p, (ROWS >> (level + 1), 2, WIDTH)), 1, tl.standard._sum_combine)
+        pairs = tl.reshape(p, (ROWS >> (level + 1), 2, WIDTH))
+        if INTERPRETED:
+            even, odd = tl.split(tl.permute(pairs, (0, 2, 1)))
+            p = even + odd
+        else:
+            p = tl.reduce(pairs, 1, tl.standard._sum_combine)
     return tl.reshape(p, (WIDTH,))
 
 
@@ -87,7 +94,9 @@ def row_stats_kernel(
         xhat = load_rows(z_ptr, z_stride, rows, ccols, mask) * inv[:, None]
         a = load_rows(g_ptr, g_stride, rows, ccols, mask) * load_weight(w_ptr, ccols, n_cols, weight_offset,
                                                                          HAS_OFFSET)
-        sums = tl.where(chunk_ids == k, pairwise_sum(a * xhat, 1, CHUNK, LOG2_CHUNK, LOG2_SPLIT)[:, None], sums)
+        # Masked columns are +0.0 leaves (a = 0 * offset would be -0.0 for a negative offset).
+        b = tl.where(mask, a * xhat, 0.0)
+        sums = tl.where(chunk_ids == k, pairwise_sum(b, 1, CHUNK, LOG2_CHUNK, LOG2_SPLIT)[:, None], sums)
     t = pairwise_sum(sums, 1, NUM_CHUNKS, LOG2_NUM_CHUNKS, LOG2_NUM_CHUNKS)
     c = tl.div_rn(t, tl.full((1,), n_cols_f32, tl.float32))
     row = tl.reshape(rows, (1,))
@@ -131,11 +140,10 @@ def rms_norm_backward_kernel(
         h = round_to(xhat, dx_ptr.dtype.element_ty) if LLAMA else xhat
         a = g * w
         # B7: rows past the end are the tree's +0.0 padding.
-        p = row_tree(tl.where(mask, g * h, 0.0), ROWS, CHUNK, LOG2_ROWS)
-        total, lefts = push(p, lefts, step, LOG2_STEPS)
-        # B4: c from the row's tree over b (masked columns are +0.0 leaves: g and w load as 0).
+        total, lefts = push(row_tree(tl.where(mask, g * h, 0.0), ROWS, CHUNK, LOG2_ROWS), lefts, step, LOG2_STEPS)
+        # B4: c from the row's tree over b (masked columns are +0.0 leaves, whatever the offset).
         if NUM_CHUNKS == 1:
-            t = pairwise_sum(a * xhat, ROWS, CHUNK, LOG2_CHUNK, LOG2_SPLIT)
+            t = pairwise_sum(tl.where(mask, a * xhat, 0.0), ROWS, CHUNK, LOG2_CHUNK, LOG2_SPLIT)
             c = tl.div_rn(t, tl.full((ROWS,), n_cols_f32, tl.float32))[:, None]
         else:
             c = tl.load(stats_ptr + rows * 2 + 1, mask=rows < n_rows, other=0.0)

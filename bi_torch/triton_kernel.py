@@ -70,12 +70,12 @@ def pairwise_sum(q, ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.cons
 
     Down to 2**LOG2_SPLIT sums per row, each level is a reduction over an axis of 2, i.e. one add:
     exact whatever the reduction order. A reduction anchors the layout, so Triton 3.6 keeps the
-    row spread over the threads (a tl.split of the whole row would replicate it in every thread);
-    _sum_combine is the combiner the interpreter recognises and runs as a numpy sum. The last
-    levels split pairs apart and add them: one shared-memory exchange for all of them instead of
-    two barriers per level (bridge/tiling.py).
+    row spread over the threads (a tl.split of the whole row would replicate it in every thread).
+    The last levels split pairs apart and add them: one shared-memory exchange for all of them
+    instead of two barriers per level (bridge/tiling.py). The interpreter splits every level: it
+    runs a _sum_combine reduction as numpy's sum, which starts from +0.0 (-0.0 + -0.0 gives +0.0).
     """
-    SPLIT_LEVELS: tl.constexpr = LOG2_SPLIT if LOG2_WIDTH > LOG2_SPLIT else LOG2_WIDTH
+    SPLIT_LEVELS: tl.constexpr = LOG2_WIDTH if INTERPRETED or LOG2_WIDTH <= LOG2_SPLIT else LOG2_SPLIT
     for level in tl.static_range(LOG2_WIDTH - SPLIT_LEVELS):
         q = tl.reduce(tl.reshape(q, (ROWS, WIDTH >> (level + 1), 2)), 2, tl.standard._sum_combine)
     for level in tl.static_range(LOG2_WIDTH - SPLIT_LEVELS, LOG2_WIDTH):

@@ -37,6 +37,16 @@ G_PATTERNS = ("normal", "zeros", "signed_zeros", "huge", "tiny", "inf", "nan")
 SINGLE_ROW_G = ("normal", "signed_zeros", "huge", "tiny", "mixed")
 
 
+# Signs the patterns above leave to chance: grad_out all -0.0 on positive x and weights, so every b
+# and p leaf is -0.0. At a power-of-two width and row count the trees' roots are then -0.0 (a sum
+# that starts from +0.0 gives +0.0 and flips grad_x's zeros); with masked columns and a negative
+# offset a masked a = 0 * offset is -0.0, where the padding must be +0.0 (the root then +0.0).
+# (dtype, n, rows, residual kind, grad_new_residual stored); outputs EDGE_OUTPUTS.
+EDGE_CASES = (("float32", 128, 4, "none", False), ("bfloat16", 100, 3, "none", False),
+              ("float16", 20000, 1, "none", False), ("bfloat16", 4096, 2, "float32", True))
+EDGE_OUTPUTS = (("fp32", -0.5), ("llama", 0.0))
+
+
 @dataclasses.dataclass(frozen=True)
 class BackwardSpec:
     name: str
@@ -109,6 +119,10 @@ def case_specs() -> List[BackwardSpec]:
                 specs.append(BackwardSpec(name, d, n, kind, has_gr, xs, gs, 1e-5 if k % 3 == 1 else 1e-6,
                                           golden.OUTPUT_SETS[k % 2]))
                 k += 1
+    for d, n, rows, kind, has_gr in EDGE_CASES:
+        name = f"bwd-{d}-n{n}-r{rows}-res_{kind}" + ("-gr" if has_gr else "") + "-signs"
+        specs.append(BackwardSpec(name, d, n, kind, has_gr, ("positive",) * rows, ("negative_zeros",) * rows, 1e-6,
+                                  EDGE_OUTPUTS))
     return specs
 
 
@@ -118,6 +132,8 @@ def _g_row(rng: np.random.Generator, pattern: str, n: int, dtype: str) -> np.nda
     sign = rng.choice([-1.0, 1.0], n)
     if pattern == "signed_zeros":
         return sign * 0.0
+    if pattern == "negative_zeros":
+        return np.full(n, -0.0)
     if pattern == "huge":  # float32/bfloat16: a * xhat and the row tree can overflow; float16: grad_x can
         return sign * np.exp2(rng.uniform(14, 15.9, n) if f16 else rng.uniform(64, 126, n))
     if pattern == "tiny":  # D's subnormals and below: products underflow
@@ -131,17 +147,26 @@ def _g_row(rng: np.random.Generator, pattern: str, n: int, dtype: str) -> np.nda
     return golden.pattern_row(rng, pattern, n, dtype)  # normal, zeros, inf, nan: as x's rows
 
 
+def _x_row(rng: np.random.Generator, pattern: str, n: int, dtype: str) -> np.ndarray:
+    """One float64 row of x (or the residual): golden's patterns, and "positive" (|normal| + 0.1)."""
+    return np.abs(rng.standard_normal(n)) + 0.1 if pattern == "positive" else golden.pattern_row(rng, pattern, n, dtype)
+
+
 def generate_case(spec: BackwardSpec) -> BackwardCase:
     """Inputs from a generator seeded by the case name; expected gradients from the reference."""
     rng = np.random.default_rng(zlib.crc32(spec.name.encode()))
     d, n = spec.dtype, spec.n
-    x = golden.pattern_rows(rng, spec.x_patterns, n, d, d)
+    x = golden.pattern_rows(rng, spec.x_patterns, n, d, d, row=_x_row)
     weight = golden.random_weight(rng, n, d)
+    if "positive" in spec.x_patterns:
+        # w + offset >= +0.0 for EDGE_OUTPUTS' offsets (the -0.0 weight becomes exactly 0.5): every
+        # a = -0.0 * w is -0.0.
+        weight = golden.as_dtype(np.abs(weight.astype(np.float64)) + 0.5, d)
     grad_out = golden.pattern_rows(rng, spec.g_patterns, n, d, d, row=_g_row)
     r_dtype = golden.residual_dtype(d, spec.residual)
     residual = grad_new_residual = None
     if r_dtype is not None:
-        residual = golden.pattern_rows(rng, spec.x_patterns, n, d, r_dtype)
+        residual = golden.pattern_rows(rng, spec.x_patterns, n, d, r_dtype, row=_x_row)
         if spec.grad_new_residual:
             grad_new_residual = golden.pattern_rows(rng, spec.g_patterns, n, d, r_dtype, row=_g_row)
     expected = {(mode, offset): reference.rms_norm_backward(x, weight, grad_out, spec.eps, residual, grad_new_residual,

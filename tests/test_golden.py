@@ -74,14 +74,16 @@ def test_backward_corpus_covers_the_contract(backward_corpus) -> None:
     cases = list(backward_corpus.values())
     specs = [c.spec for c in cases]
     pairs = {(s.dtype, mode, offset) for s in specs for mode, offset in s.outputs}
-    assert pairs == {(d, m, o) for d in golden.DTYPES for m in ("llama", "fp32") for o in (0.0, 1.0)}
+    assert pairs >= {(d, m, o) for d in golden.DTYPES for m in ("llama", "fp32") for o in (0.0, 1.0)}
+    # A negative offset, which makes masked columns' a = 0 * offset a -0.0 (golden_backward.EDGE_CASES).
+    assert {(d, "fp32", -0.5) for d in golden.DTYPES} <= pairs
     # Every residual kind with and without grad_new_residual, per dtype (float32's "same" is float32).
     variants = {(s.dtype, s.residual, s.grad_new_residual) for s in specs}
     assert variants == {(d, r, g) for d in golden.DTYPES for r, g in golden_backward.VARIANTS
                         if not (d == "float32" and r == "same")}
     assert {s.n for s in specs} >= {1, 3, 127, 128, 129, 1000, 4096, 5120, 8192, 16384, 65536}
-    assert {p for s in specs for p in s.x_patterns} == set(golden.PATTERNS)
-    assert {p for s in specs for p in s.g_patterns} == set(golden_backward.G_PATTERNS) | {"mixed"}
+    assert {p for s in specs for p in s.x_patterns} == set(golden.PATTERNS) | {"positive"}
+    assert {p for s in specs for p in s.g_patterns} == set(golden_backward.G_PATTERNS) | {"mixed", "negative_zeros"}
     rows = {len(s.x_patterns) for s in specs}
     # Row counts whose +0.0 padding is several power-of-two blocks (65: 63 = 32+16+...), and one row.
     assert {1, 3, 7, 33, 65, 100} <= rows
