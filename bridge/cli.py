@@ -91,6 +91,8 @@ def format_table(reports: Sequence[BackendReport]) -> str:
                 continue
             inv = f"{p.invariance_checks - p.invariance_mismatches}/{p.invariance_checks}"
             note = p.first_mismatch or p.reason or (f"{p.seconds:.1f}s" if p.status == "ok" else "")
+            if p.flushed:
+                note += f"; {p.flushed} gradient rows/columns not compared: float32 subnormals, which XLA:CPU flushes"
             name = r.backend if label == "forward" else ""
             lines.append(f"{name:<18} {label:<8} {p.status:<15} {p.cases:>5} {p.checks:>6} {p.mismatches:>8} "
                          f"{inv:>10}  {note}")

@@ -36,7 +36,7 @@ for step in "${steps[@]}"; do
 done
 
 echo "==== summary ===="
-[ -f "$out/verify.txt" ] && tail -n 8 "$out/verify.txt"
+[ -f "$out/verify.txt" ] && sed -n '/^backend /,$p' "$out/verify.txt"
 [ -f "$out/gpu-tests.txt" ] && tail -n 3 "$out/gpu-tests.txt"
 [ -f "$out/bench-table.txt" ] && cat "$out/bench-table.txt"
 exit $status

@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 import torch
 from jax.sharding import NamedSharding, PartitionSpec
-from jax_backward_helpers import flushed
 
 import bi_jax
 import bi_torch
 from bridge import crossframework, dlpack, reference
 from bridge.compare import assert_bitwise_equal
 from bridge.dlpack import to_jax, to_torch
+from bridge.subnormals import flushed
 
 # The interpreters evaluate special values (inf, NaN) with numpy, which warns.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
@@ -431,7 +431,7 @@ def test_cross_check_backward_agrees_with_the_reference(dtype, residual, mode, o
 
 def test_cross_check_backward_on_golden_cases(backward_corpus):
     """Short-row cases without subnormals (XLA:CPU flushes them in interpret mode,
-    tests/jax_backward_helpers.py): every residual kind, with and without grad_new_residual."""
+    bridge/subnormals.py): every residual kind, with and without grad_new_residual."""
     cases = {}  # the first such case of each (residual kind, grad_new_residual stored)
     for case in backward_corpus.values():
         (mode, offset) = next(iter(case.expected))

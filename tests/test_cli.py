@@ -18,7 +18,7 @@ from bridge.cli import main
 
 REPORT_KEYS = {"backend", "status", "reason", "forward", "backward"}
 PASS_KEYS = {"status", "reason", "cases", "checks", "mismatches", "invariance_checks", "invariance_mismatches",
-             "first_mismatch", "seconds"}
+             "first_mismatch", "seconds", "flushed"}
 # Cases that --quick still runs (n <= 1025) and the invariance sweeps use (n = 128).
 VICTIM = "bfloat16-n128-res_none"
 BACKWARD_VICTIM = "bwd-bfloat16-n128-r7-res_same"
@@ -67,7 +67,8 @@ def test_verify_reference_json(capsys) -> None:
         result = report[direction]
         assert set(result) == PASS_KEYS and result["status"] == "ok", direction
         assert result["cases"] > 0 and result["checks"] >= 2 * result["cases"] and result["invariance_checks"] > 0
-        assert result["mismatches"] == result["invariance_mismatches"] == 0 and result["first_mismatch"] == ""
+        assert result["mismatches"] == result["invariance_mismatches"] == result["flushed"] == 0
+        assert result["first_mismatch"] == ""
     # --quick keeps to n <= 1025 in both directions: fewer cases than the whole corpus.
     assert report["backward"]["cases"] < len(golden.load_backward_corpus())
 
@@ -152,6 +153,37 @@ def test_a_backward_not_implemented_is_reported_and_not_a_failure(monkeypatch, c
     assert any(line.split()[:2] == ["backward", "not"] and line.endswith("NotImplementedError: no backward yet")
                for line in lines)
     assert lines[-1] == "Backward not implemented (not a failure): reference"
+
+
+def _flushing_reference(corrupt_elsewhere: bool):
+    """The reference's backward with XLA:CPU's flushing imitated (flushed rows and columns zeroed),
+    and optionally one more element changed outside them."""
+    from bridge import reference, subnormals
+
+    def run(x, w, g, eps, r, gr, mode, offset):
+        grads = [a.copy() for a in reference.rms_norm_backward(x, w, g, eps, r, gr, mode=mode, weight_offset=offset)]
+        rows, cols = subnormals.flushed(x, w, g, eps, r, gr, mode, offset)
+        for a in grads[:-1]:
+            a[rows] = 0
+        grads[-1][cols] = 0
+        if corrupt_elsewhere and (~rows).any():
+            grads[0][np.flatnonzero(~rows)[0], 0] = 1
+        return grads
+
+    return run
+
+
+@pytest.mark.parametrize("corrupt_elsewhere", [False, True])
+def test_a_flushing_backend_is_compared_outside_flushed_subnormals(monkeypatch, capsys, corrupt_elsewhere) -> None:
+    reference = verify.BACKEND_BY_NAME["reference"]
+    monkeypatch.setitem(verify.BACKEND_BY_NAME, "reference", Backend(
+        "reference", "a backward that flushes subnormals", reference.probe, reference.make_runner,
+        lambda: _flushing_reference(corrupt_elsewhere), flushes_subnormals=True))
+    argv = ["verify", "--backend", "reference", "--quick", "--dtype", "float32", "--jobs", "1", "--json"]
+    assert main(argv) == (1 if corrupt_elsewhere else 0)
+    [report] = json.loads(capsys.readouterr().out)["backends"]
+    assert report["backward"]["flushed"] > 0
+    assert (report["backward"]["mismatches"] > 0) == corrupt_elsewhere
 
 
 def _without_seconds(report: dict) -> dict:
