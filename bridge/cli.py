@@ -13,7 +13,8 @@ from typing import List, Optional, Sequence
 from . import golden
 from .backends import BACKENDS
 from .contract import CONTRACT_VERSION, DTYPES
-from .verify import CROSS_FRAMEWORK, NOT_IMPLEMENTED, QUICK_MAX_N, BackendReport, Progress, verify
+from .verify import CROSS_FRAMEWORK, QUICK_MAX_N, verify
+from .verify_report import NOT_IMPLEMENTED, BackendReport, Progress
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
-import time
 from concurrent.futures import ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
 from . import crossframework, golden, golden_backward, subnormals
 from .backends import BACKENDS, Backend
 from .compare import first_mismatch
+from .verify_report import BackendReport, PassReport, Progress, Ticker, overall_status, run_pass
 
 QUICK_MAX_N = 1025
 INVARIANCE_SIZES = (7, 128, 1000, 4096, 65536)
@@ -28,46 +28,8 @@ CROSS_FRAMEWORK = "torch-jax-dlpack"
 # On CPU both kernels run in interpreters: the cross check keeps to short rows there.
 CROSS_CPU_MAX_N = 129
 BACKEND_BY_NAME = {b.name: b for b in BACKENDS}
-NOT_IMPLEMENTED = "not implemented"
 
 
-@dataclasses.dataclass
-class PassReport:
-    """One direction (forward or backward) of one backend: the corpus and the invariance sweep."""
-
-    status: str = "ok"  # "ok", "mismatch", "error" or "not implemented" (a backward the kernel lacks)
-    reason: str = ""
-    cases: int = 0
-    checks: int = 0
-    mismatches: int = 0
-    invariance_checks: int = 0
-    invariance_mismatches: int = 0
-    first_mismatch: str = ""
-    seconds: float = 0.0
-    flushed: int = 0  # gradient rows and columns not compared: XLA:CPU flushes subnormals (bridge/subnormals.py)
-
-    def note(self, where: str, problem: Optional[str], invariance: bool = False) -> None:
-        """Count one bitwise comparison; problem is first_mismatch's answer (None: equal)."""
-        if invariance:
-            self.invariance_checks += 1
-            self.invariance_mismatches += problem is not None
-        else:
-            self.checks += 1
-            self.mismatches += problem is not None
-        if problem is not None and not self.first_mismatch:
-            self.first_mismatch = f"{where}: {problem}"
-
-
-@dataclasses.dataclass
-class BackendReport:
-    backend: str
-    status: str  # "ok", "mismatch", "error" or "unavailable"; a backward not implemented leaves it "ok"
-    reason: str = ""  # why unavailable, or why its worker process failed
-    forward: PassReport = dataclasses.field(default_factory=PassReport)
-    backward: Optional[PassReport] = None  # None: not run (unavailable, or the cross-framework row)
-
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclasses.dataclass
@@ -86,22 +48,6 @@ class Plan:
                 + len(self.backward_invariance_cases))
 
 
-class _Ticker:
-    """Progress in cases done out of the plan's steps."""
-
-    def __init__(self, backend: str, total: int, progress: Progress) -> None:
-        self.backend, self.total, self.progress, self.done = backend, total, progress, 0
-
-    def __call__(self) -> None:
-        self.reach(self.done + 1)
-
-    def reach(self, done: int) -> None:
-        """Move on to `done` steps (after a pass that crashed, past the cases it did not run)."""
-        if done > self.done:
-            self.done = done
-            self.progress(self.backend, done, self.total)
-
-
 def _select_cases(cases: Sequence, dtypes: Optional[Sequence[str]], quick: bool) -> list:
     return [c for c in cases if (not dtypes or c.spec.dtype in dtypes) and (not quick or c.spec.n <= QUICK_MAX_N)]
 
@@ -110,7 +56,7 @@ def _outputs(result, has_residual: bool):
     return result if has_residual else (result, None)
 
 
-def _check_corpus(run, cases, report: PassReport, tick: _Ticker) -> None:
+def _check_corpus(run, cases, report: PassReport, tick: Ticker) -> None:
     for case in cases:
         report.cases += 1
         for (mode, offset), expected in case.out.items():
@@ -123,7 +69,7 @@ def _check_corpus(run, cases, report: PassReport, tick: _Ticker) -> None:
         tick()
 
 
-def _check_backward_corpus(run, cases, report: PassReport, tick: _Ticker, flushes_subnormals: bool) -> None:
+def _check_backward_corpus(run, cases, report: PassReport, tick: Ticker, flushes_subnormals: bool) -> None:
     """With flushes_subnormals, the rows of grad_x (grad_residual) and the columns of grad_weight
     whose steps meet a float32 subnormal are left out of the comparison, and counted."""
     for case in cases:
@@ -161,7 +107,7 @@ def _in_batch(rng: np.random.Generator, rows: Sequence[Optional[np.ndarray]], ba
     return pos, batched
 
 
-def _sweep(cases, batches, report: PassReport, tick: _Ticker, names: Sequence[str], arrays, call) -> None:
+def _sweep(cases, batches, report: PassReport, tick: Ticker, names: Sequence[str], arrays, call) -> None:
     """Row 0 of each case alone vs inside batches: row 0 of each of arrays(case) (None: absent) goes
     into call(case, rows), which returns the arrays `names`, compared at the row's position."""
     rng = np.random.default_rng(0)
@@ -177,35 +123,13 @@ def _sweep(cases, batches, report: PassReport, tick: _Ticker, names: Sequence[st
         tick()
 
 
-def _run_pass(check: Callable[[PassReport], None], backward: bool) -> PassReport:
-    """check(report) timed; a crash is the pass's error (a backward the framework lacks: not implemented)."""
-    report = PassReport()
-    start = time.perf_counter()
-    try:
-        check(report)
-    except NotImplementedError as e:
-        report.status = NOT_IMPLEMENTED if backward else "error"
-        report.reason = f"{type(e).__name__}: {e}"
-    except Exception as e:  # a backend that crashes is reported, not fatal to the others
-        report.status, report.reason = "error", f"{type(e).__name__}: {e}"
-    report.seconds = time.perf_counter() - start
-    if report.status == "ok" and (report.mismatches or report.invariance_mismatches):
-        report.status = "mismatch"
-    return report
-
-
-def _overall(report: BackendReport) -> str:
-    statuses = [p.status for p in (report.forward, report.backward) if p is not None]
-    return "error" if "error" in statuses else "mismatch" if "mismatch" in statuses else "ok"
-
-
 def run_backend(backend: Backend, plan: Plan, progress: Progress) -> BackendReport:
     report = BackendReport(backend.name, "ok")
     reason = backend.probe()
     if reason is not None:
         report.status, report.reason = "unavailable", reason
         return report
-    tick = _Ticker(backend.name, plan.steps(), progress)
+    tick = Ticker(backend.name, plan.steps(), progress)
 
     def forward(r: PassReport) -> None:
         run = backend.make_runner()
@@ -222,11 +146,11 @@ def run_backend(backend: Backend, plan: Plan, progress: Progress) -> BackendRepo
                lambda c: (c.x, c.grad_out, c.residual, c.grad_new_residual),
                lambda c, rows: run(rows[0], c.weight, rows[1], c.spec.eps, *rows[2:], *c.spec.outputs[0])[:-1])
 
-    report.forward = _run_pass(forward, backward=False)
+    report.forward = run_pass(forward, backward=False)
     tick.reach(len(plan.cases) + len(plan.invariance_cases))
-    report.backward = _run_pass(backward, backward=True)
+    report.backward = run_pass(backward, backward=True)
     tick.reach(plan.steps())
-    report.status = _overall(report)
+    report.status = overall_status(report)
     return report
 
 
@@ -242,7 +166,7 @@ def run_cross_framework(cases, backward_cases, progress: Progress) -> BackendRep
     device = crossframework.best_device()
     short = (lambda c: c.spec.n <= CROSS_CPU_MAX_N) if device == "cpu" else (lambda c: True)
     chosen, chosen_backward = [c for c in cases if short(c)], [c for c in backward_cases if short(c)]
-    tick = _Ticker(report.backend, len(chosen) + len(chosen_backward), progress)
+    tick = Ticker(report.backend, len(chosen) + len(chosen_backward), progress)
 
     def forward(r: PassReport) -> None:
         for case in chosen:
@@ -268,9 +192,9 @@ def run_cross_framework(cases, backward_cases, progress: Progress) -> BackendRep
             tick()
         r.reason = f"on {device}"
 
-    report.forward = _run_pass(forward, backward=False)
-    report.backward = _run_pass(backward, backward=True)
-    report.status = _overall(report)
+    report.forward = run_pass(forward, backward=False)
+    report.backward = run_pass(backward, backward=True)
+    report.status = overall_status(report)
     return report
 
 
