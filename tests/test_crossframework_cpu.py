@@ -1,0 +1,176 @@
+"""bridge.crossframework on the CPU: each framework's kernel on the other's arrays, forward and
+backward, bit for bit against the reference and the kernel's own framework, and how a difference
+is reported. (bridge.dlpack itself: test_bridge_cpu.py.)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import bi_jax
+import bi_torch
+from bridge import crossframework, reference
+from bridge.compare import assert_bitwise_equal
+from bridge.subnormals import flushed
+from bridge_helpers import jax_on_the_cpu  # noqa: F401 (an autouse fixture: JAX on the CPU)
+from bridge_helpers import NUMPY, numpy_of_torch, random_bits, torch_from_numpy
+from torch_helpers import seeded_rng
+
+# The interpreters evaluate special values (inf, NaN) with numpy, which warns.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+
+# ---------------------------------------------------------------- kernels across frameworks
+
+
+def _inputs(dtype: str, residual: str, shape=(2, 3, 100)):
+    rng = seeded_rng("xf", dtype, residual, shape)
+    scale = np.exp2(rng.uniform(-4, 4, shape[:-1] + (1,)))
+    x = (rng.standard_normal(shape) * scale).astype(np.float32).astype(NUMPY[dtype])
+    w = rng.standard_normal(shape[-1]).astype(np.float32).astype(NUMPY[dtype])
+    r = None if residual == "none" else rng.standard_normal(shape).astype(np.float32).astype(
+        NUMPY[dtype] if residual == "same" else np.float32)
+    return x, w, r
+
+
+CROSS_CASES = [("float32", "none", "llama", 0.0), ("float32", "float32", "fp32", 1.0),
+               ("bfloat16", "none", "fp32", 0.0), ("bfloat16", "same", "llama", 1.0),
+               ("bfloat16", "float32", "llama", 0.0), ("float16", "same", "fp32", 1.0),
+               ("float16", "float32", "llama", 1.0)]
+
+
+@pytest.mark.parametrize("dtype,residual,mode,offset", CROSS_CASES)
+def test_torch_kernel_on_jax_arrays(dtype, residual, mode, offset):
+    x, w, r = _inputs(dtype, residual)
+    expected = reference.rms_norm(x, w, 1e-6, r, mode=mode, weight_offset=offset)
+    own = bi_torch.rms_norm(torch_from_numpy(x), torch_from_numpy(w), 1e-6, None if r is None else torch_from_numpy(r),
+                            mode=mode, weight_offset=offset)
+    got = crossframework.torch_rms_norm_on_jax(jnp.asarray(x), jnp.asarray(w), 1e-6,
+                                               None if r is None else jnp.asarray(r), mode=mode, weight_offset=offset)
+    if r is None:
+        expected, own, got = (expected,), (own,), (got,)
+    for what, e, o, g in zip(("out", "new_residual"), expected, own, got):
+        assert isinstance(g, jax.Array) and g.devices() == {jax.devices("cpu")[0]}
+        assert_bitwise_equal(e, np.asarray(g), f"{what} vs reference")
+        assert_bitwise_equal(numpy_of_torch(o), np.asarray(g), f"{what} vs bi_torch")
+
+
+@pytest.mark.parametrize("dtype,residual,mode,offset", CROSS_CASES)
+def test_jax_kernel_on_torch_tensors(dtype, residual, mode, offset):
+    x, w, r = _inputs(dtype, residual)
+    expected = reference.rms_norm(x, w, 1e-6, r, mode=mode, weight_offset=offset)
+    own = bi_jax.rms_norm(jnp.asarray(x), jnp.asarray(w), 1e-6, None if r is None else jnp.asarray(r), mode=mode,
+                          weight_offset=offset)
+    got = crossframework.jax_rms_norm_on_torch(torch_from_numpy(x), torch_from_numpy(w), 1e-6,
+                                               None if r is None else torch_from_numpy(r), mode=mode,
+                                               weight_offset=offset)
+    if r is None:
+        expected, own, got = (expected,), (own,), (got,)
+    for what, e, o, g in zip(("out", "new_residual"), expected, own, got):
+        assert isinstance(g, torch.Tensor) and g.device.type == "cpu"
+        assert_bitwise_equal(e, numpy_of_torch(g), f"{what} vs reference")
+        assert_bitwise_equal(np.asarray(o), numpy_of_torch(g), f"{what} vs bi_jax")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_best_device_is_the_cpu_without_a_gpu():
+    assert crossframework.best_device() == "cpu"
+
+
+def test_cross_check_agrees_on_golden_cases(corpus):
+    assert crossframework.probe() is None
+    cases = [c for c in corpus if c.spec.n == 100]  # every dtype and residual kind, all special-value rows
+    assert len(cases) == 8
+    for case in cases:
+        for mode, offset in case.out:
+            problem = crossframework.cross_check(case.x, case.weight, case.spec.eps, case.residual, mode, offset,
+                                                 device="cpu")
+            assert problem is None, f"{case.spec.name} {mode}/{offset:g}: {problem}"
+
+
+def test_cross_check_reports_the_first_difference(monkeypatch):
+    x, w, r = _inputs("bfloat16", "float32", shape=(3, 100))
+    honest = crossframework._bi_jax
+
+    def perturbed(*args):
+        out, new_residual = honest(*args)
+        return out.at[1, 42].set(out[1, 42] * 2), new_residual
+
+    monkeypatch.setattr(crossframework, "_bi_jax", perturbed)
+    problem = crossframework.cross_check(x, w, 1e-6, r, "llama", 0.0, device="cpu")
+    assert problem is not None and problem.startswith("out: 1 of 300 elements differ; first at index (1, 42): torch ")
+    assert ", jax " in problem
+
+
+def test_first_bit_difference_compares_bits_and_names_the_index():
+    bits = random_bits(seeded_rng("fbd"), (4, 8), "bfloat16")
+    flipped = bits.copy()
+    flipped.view(np.uint16)[2, 5] ^= 0x8000  # the sign bit: a different pattern whatever the value
+    a, b = jnp.asarray(bits), jnp.asarray(flipped)
+    assert crossframework.first_bit_difference(a, jnp.array(a, copy=True)) is None
+    problem = crossframework.first_bit_difference(a, b, labels=("torch", "jax"))
+    old, new = bits.view(np.uint16)[2, 5], flipped.view(np.uint16)[2, 5]
+    assert problem == (f"1 of 32 elements differ; first at index (2, 5): torch {a[2, 5].item()!r} (0x{old:04x}), "
+                       f"jax {b[2, 5].item()!r} (0x{new:04x})")
+    # Bits, not values: NaN equals the same NaN, and +0 differs from -0.
+    nan = jnp.asarray(np.array([np.nan, 0.0], np.float32))
+    assert crossframework.first_bit_difference(nan, nan) is None
+    assert crossframework.first_bit_difference(nan, nan.at[1].set(-0.0)) == (
+        "1 of 2 elements differ; first at index (1,): a 0.0 (0x00000000), b -0.0 (0x80000000)")
+    assert crossframework.first_bit_difference(a, a[:2]) == "a is bfloat16[4, 8], b is bfloat16[2, 8]"
+
+
+# ---------------------------------------------------------------- gradients across frameworks
+
+
+@pytest.mark.parametrize("dtype,residual,mode,offset", CROSS_CASES)
+def test_cross_check_backward_agrees_with_the_reference(dtype, residual, mode, offset):
+    x, w, r = _inputs(dtype, residual)
+    g = _inputs(dtype, "none")[0][::-1].copy()  # another array of x's shape and dtype
+    gr = None if r is None or residual == "same" else (r * np.float32(0.5)).astype(r.dtype)
+    assert crossframework.cross_check_backward(x, w, g, 1e-6, r, gr, mode, offset, device="cpu") is None
+    # And both sides are the contract's: torch's gradients equal the reference.
+    expected = reference.rms_norm_backward(x.reshape(-1, 100), w, g.reshape(-1, 100), 1e-6,
+                                           None if r is None else r.reshape(-1, 100),
+                                           None if gr is None else gr.reshape(-1, 100), mode=mode,
+                                           weight_offset=offset)
+    got = crossframework._bi_torch_backward(*(None if a is None else torch_from_numpy(a) for a in (x, w, g)), 1e-6,
+                                            None if r is None else torch_from_numpy(r),
+                                            None if gr is None else torch_from_numpy(gr), mode, offset)
+    for e, t in zip(expected, got):
+        assert_bitwise_equal(e, numpy_of_torch(t).reshape(e.shape))
+
+
+def test_cross_check_backward_on_golden_cases(backward_corpus):
+    """Short-row cases without subnormals (XLA:CPU flushes them in interpret mode,
+    bridge/subnormals.py): every residual kind, with and without grad_new_residual."""
+    cases = {}  # the first such case of each (residual kind, grad_new_residual stored)
+    for case in backward_corpus.values():
+        (mode, offset) = next(iter(case.expected))
+        rows, cols = flushed(case.x, case.weight, case.grad_out, case.spec.eps, case.residual,
+                             case.grad_new_residual, mode, offset)
+        if case.spec.n <= 129 and not rows.any() and not cols.any():
+            cases.setdefault((case.spec.residual, case.spec.grad_new_residual), (case, mode, offset))
+    assert set(cases) == {("none", False), ("same", False), ("same", True), ("float32", False), ("float32", True)}
+    for case, mode, offset in cases.values():
+        problem = crossframework.cross_check_backward(case.x, case.weight, case.grad_out, case.spec.eps, case.residual,
+                                                      case.grad_new_residual, mode, offset, device="cpu")
+        assert problem is None, f"{case.spec.name} {mode}/{offset:g}: {problem}"
+
+
+def test_cross_check_backward_reports_the_first_difference(monkeypatch):
+    x, w, r = _inputs("bfloat16", "float32", shape=(3, 100))
+    g = _inputs("bfloat16", "none", shape=(3, 100))[0][::-1].copy()
+    honest = crossframework._bi_jax_backward
+
+    def perturbed(*args):
+        grad_x, grad_residual, grad_weight = honest(*args)
+        return grad_x, grad_residual, grad_weight.at[7].set(-grad_weight[7])
+
+    monkeypatch.setattr(crossframework, "_bi_jax_backward", perturbed)
+    problem = crossframework.cross_check_backward(x, w, g, 1e-6, r, None, "llama", 0.0, device="cpu")
+    assert problem is not None and problem.startswith("grad_weight: 1 of 100 elements differ; first at index (7,): ")
