@@ -28,6 +28,16 @@ def backward_corpus():
     return {case.spec.name: case for case in golden.load_backward_corpus()}
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches emptied before and after a test, so that each test compiles afresh."""
+    import torch
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def _cuda_available() -> bool:
     try:
         import torch

@@ -28,18 +28,9 @@ from jax_backward_helpers import (assert_bits, assert_grads, expected, grads, no
 import bi_jax  # noqa: E402
 from bridge import golden  # noqa: E402
 
+from jax_gpu_marks import JAX_GPU_MARKS  # noqa: E402
 
-def _jax_gpu() -> bool:
-    try:
-        return jax.default_backend() == "gpu"
-    except RuntimeError:
-        return False
-
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not _jax_gpu(), reason="JAX's default backend is not a GPU (no CUDA jaxlib or no device)"),
-]
+pytestmark = JAX_GPU_MARKS
 
 BACKWARD_NAMES = [entry["name"] for entry in golden.load_manifest()["backward_cases"]]
 JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

@@ -29,18 +29,9 @@ import bi_jax  # noqa: E402
 from bridge import golden, reference  # noqa: E402
 from bridge.compare import assert_bitwise_equal  # noqa: E402
 
+from jax_gpu_marks import JAX_GPU_MARKS  # noqa: E402
 
-def _jax_gpu() -> bool:
-    try:
-        return jax.default_backend() == "gpu"
-    except RuntimeError:
-        return False
-
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not _jax_gpu(), reason="JAX's default backend is not a GPU (no CUDA jaxlib or no device)"),
-]
+pytestmark = JAX_GPU_MARKS
 
 CASE_NAMES = [entry["name"] for entry in golden.load_manifest()["cases"]]
 JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

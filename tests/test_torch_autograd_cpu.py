@@ -113,13 +113,6 @@ def test_forward_bits_do_not_depend_on_grad_mode():
 
 
 @pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-@pytest.fixture
 def backward_launches(monkeypatch):
     """Counts the backward kernel launches (the custom op's body looks launch_backward up at call time)."""
     calls = []

@@ -56,13 +56,6 @@ def _numpy(args):
     return [None if a is None else to_numpy(a) for a in args]
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 # --------------------------------------------------------------------------------------------
 # The golden backward corpus on the compiled kernel.
 # --------------------------------------------------------------------------------------------

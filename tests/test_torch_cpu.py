@@ -579,13 +579,6 @@ def test_vllm_drop_in_validates_both_paths():
 COMPILE_BACKEND = "inductor"
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _compile_inputs(dtype="bfloat16", shape=(5, 1000), seed=1):
     rng = np.random.default_rng(seed)
     n = shape[-1]

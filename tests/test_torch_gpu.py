@@ -45,13 +45,6 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(int_view(a), int_view(b))
 
 
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 # --------------------------------------------------------------------------------------------
 # The golden corpus on the compiled kernel.
 # --------------------------------------------------------------------------------------------
