@@ -4,12 +4,21 @@ Rows are independent, so a batch sharded over its leading axes runs the kernel o
 rows (custom_partitioning, no gather), and jax.vmap batches the pallas_call itself: either
 way each row's bits equal a single-device, unbatched run. A custom_vjp, outermost (JAX cannot
 differentiate custom_partitioning or custom_vmap), gives the contract's backward (bi_jax.backward).
+
+Above MAX_ELEMENTS (Pallas-Triton indexes with int32) the rows are split into pieces of `piece`
+rows, the largest power of two under the limit, one kernel call each (the last piece shorter).
+Rows are independent, so out, the new residual, grad_x and grad_residual keep their bits. For
+grad_weight each piece gives its float32 tree root and combine_roots adds them by the pairwise
+tree: aligned power-of-two blocks are subtrees of B7's tree over all rows (NUMERICS.md), so
+grad_weight has the bits of one call on all rows. The limit applies to the array rms_norm sees
+(under jax.vmap, one example); the pieces' backward kernels have no partitioning rule, so the
+split is meant for arrays on one device (a sharded batch's shards are usually under the limit).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -20,13 +29,13 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bridge.contract import as_float32, check_rms_norm_args
+from bridge.contract import as_float32, check_rms_norm_args, next_power_of_two
 from bridge.tiling import launch_config
 
-from .backward import backward_fn
+from .backward import backward_fn, backward_rows, combine_roots
 from .pallas_kernel import rms_norm_kernel
 
-# Pallas-Triton indexes with int32.
+# Pallas-Triton indexes with int32: a larger call is split into row pieces (piece_rows).
 MAX_ELEMENTS = 2**31 - 1
 
 _NAMES = {jnp.dtype(jnp.float32): "float32", jnp.dtype(jnp.bfloat16): "bfloat16", jnp.dtype(jnp.float16): "float16"}
@@ -35,6 +44,11 @@ _NAMES = {jnp.dtype(jnp.float32): "float32", jnp.dtype(jnp.bfloat16): "bfloat16"
 def dtype_name(dtype) -> str:
     """The contract's name for a JAX dtype, else its own name (which the contract rejects)."""
     return _NAMES.get(jnp.dtype(dtype), jnp.dtype(dtype).name)
+
+
+def piece_rows(n: int) -> int:
+    """The rows of one piece of a split call: the largest power of two with rows * n <= MAX_ELEMENTS."""
+    return next_power_of_two(MAX_ELEMENTS // n + 1) // 2
 
 
 def default_interpret() -> bool:
@@ -146,14 +160,47 @@ def _rows_fn(eps: float, mode: str, weight_offset: float, interpret: bool, has_r
     return _batched(_sharded(fn, 2))
 
 
+def _pieces(a: jax.Array, piece: int) -> List[jax.Array]:
+    return [a[i:i + piece] for i in range(0, a.shape[0], piece)]
+
+
+def _split_forward(forward: Callable, has_residual: bool, piece: int) -> Callable:
+    """forward over `piece`-row slices, results concatenated: each row's bits are its own."""
+    def run(x2, weight, *residual2):
+        slices = zip(_pieces(x2, piece), *(_pieces(a, piece) for a in residual2))
+        results = [forward(x, weight, *r) for x, *r in slices]
+        return tuple(map(jnp.concatenate, zip(*results))) if has_residual else jnp.concatenate(results)
+    return run
+
+
+def _split_backward(z2, weight, g, g_r, *, piece: int, **kwargs):
+    """backward_rows per `piece`-row slice; grad_weight from the pieces' float32 roots (see the module docstring)."""
+    g_rs = [None] * -(-z2.shape[0] // piece) if g_r is None else _pieces(g_r, piece)
+    grads = [backward_rows(z, weight, gp, grp, root=True, **kwargs)
+             for z, gp, grp in zip(_pieces(z2, piece), _pieces(g, piece), g_rs)]
+    roots = [grad[2] for grad in grads]
+    last = z2.shape[0] % piece
+    if last and next_power_of_two(last) < piece:
+        # In the tree over all rows the short last piece's root is added to its +0.0 padding
+        # rows' subtree up to `piece` rows, which turns a -0.0 root into +0.0.
+        roots[-1] = jnp.where(roots[-1] == 0, jnp.float32(0.0), roots[-1])
+    grad_weight = combine_roots(jnp.stack(roots), weight.dtype)
+    grad_residual = jnp.concatenate([grad[1] for grad in grads]) if kwargs["has_residual"] else None
+    return jnp.concatenate([grad[0] for grad in grads]), grad_residual, grad_weight
+
+
 @functools.lru_cache(maxsize=None)
-def _differentiable(eps: float, mode: str, weight_offset: float, interpret: bool, has_residual: bool):
+def _differentiable(eps: float, mode: str, weight_offset: float, interpret: bool, has_residual: bool,
+                    piece: Optional[int]):
     """_rows_fn with the contract's gradients w.r.t. x, weight and the residual (jax.custom_vjp).
 
     The backward keeps what the forward normalised (x, or the new residual) and the weight, and
     recomputes inv from them (NUMERICS.md: the same bits). Forward mode (jax.jvp) is not defined.
+    piece: None for one call on all rows, else the rows of each piece of a split call.
     """
     forward = _rows_fn(eps, mode, weight_offset, interpret, has_residual)
+    if piece is not None:
+        forward = _split_forward(forward, has_residual, piece)
 
     @jax.custom_vjp
     def rows(*args):
@@ -171,9 +218,15 @@ def _differentiable(eps: float, mode: str, weight_offset: float, interpret: bool
             g = jnp.zeros(z2.shape, weight.dtype)
         # An unused new residual has a symbolic-zero gradient: absent, which B6 counts as +0.0.
         g_r = None if isinstance(g_r, SymbolicZero) else g_r
-        fn = backward_fn(eps, mode, weight_offset, interpret, has_residual, g_r is not None)
-        grads = fn(z2, weight, g, *(() if g_r is None else (g_r,)))
-        return (grads[0], grads[-1]) + ((grads[1],) if has_residual else ())
+        if piece is None:
+            fn = backward_fn(eps, mode, weight_offset, interpret, has_residual, g_r is not None)
+            grads = fn(z2, weight, g, *(() if g_r is None else (g_r,)))
+            grad_x, grad_residual, grad_weight = grads[0], grads[1] if has_residual else None, grads[-1]
+        else:
+            grad_x, grad_residual, grad_weight = _split_backward(
+                z2, weight, g, g_r, piece=piece, eps=eps, mode=mode, weight_offset=weight_offset,
+                interpret=interpret, has_residual=has_residual)
+        return (grad_x, grad_weight) + ((grad_residual,) if has_residual else ())
 
     rows.defvjp(rows_fwd, rows_bwd, symbolic_zeros=True)
     return rows
@@ -207,20 +260,21 @@ def rms_norm(
         residual_dtype=None if residual is None else dtype_name(residual.dtype),
         mode=mode, weight_offset=weight_offset)
     n = x.shape[-1]
-    n_rows = x.size // n
-    if n_rows * n > MAX_ELEMENTS:
-        raise ValueError(f"x: at most {MAX_ELEMENTS} elements per call (Pallas-Triton indexes with int32); "
-                         f"got shape {x.shape}. Split the batch.")
+    if n > MAX_ELEMENTS:
+        raise ValueError(f"x: at most {MAX_ELEMENTS} elements per row (Pallas-Triton indexes with int32); "
+                         f"got shape {x.shape}")
+    # Above the limit: pieces of piece_rows(n) rows (module docstring), the bits of one call.
+    piece = piece_rows(n) if x.size > MAX_ELEMENTS else None
     interpret = default_interpret() if interpret is None else bool(interpret)
     return _apply(x, weight, residual, eps=float(eps), mode=mode, weight_offset=float(weight_offset),
-                  interpret=interpret)
+                  interpret=interpret, piece=piece)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "mode", "weight_offset", "interpret"))
-def _apply(x, weight, residual, *, eps, mode, weight_offset, interpret):
+@functools.partial(jax.jit, static_argnames=("eps", "mode", "weight_offset", "interpret", "piece"))
+def _apply(x, weight, residual, *, eps, mode, weight_offset, interpret, piece):
     """Jitted so eager calls hit a compile cache; inlined into the caller's jit otherwise."""
     n = x.shape[-1]
-    fn = _differentiable(eps, mode, weight_offset, interpret, residual is not None)
+    fn = _differentiable(eps, mode, weight_offset, interpret, residual is not None, piece)
     x2 = x.reshape(-1, n)
     if residual is None:
         return fn(x2, weight).reshape(x.shape)
