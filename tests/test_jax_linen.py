@@ -66,8 +66,9 @@ def _torch_model(rng: np.random.Generator, dtype: str, mode: str, offset: float)
 
 
 def _inputs(rng: np.random.Generator, dtype: str):
-    make = lambda: (rng.standard_normal((ROWS, N)) * 3).astype(np.float32).astype(reference.numpy_dtype(dtype))  # noqa: E731
-    return make(), make(), make(), make()  # x, residual, grad of out, grad of the new residual
+    """x, residual, the gradient of out, the gradient of the new residual."""
+    shape, to = (4, ROWS, N), reference.numpy_dtype(dtype)
+    return tuple((rng.standard_normal(shape) * 3).astype(np.float32).astype(to))
 
 
 def _torch_run(model, x, r, g, gr):
