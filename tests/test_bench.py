@@ -223,3 +223,54 @@ def test_small_token_target_compares_within_a_framework(tmp_path: Path) -> None:
     # bi-torch: 3.0 / 2.9 (liger) meets it although xla is faster; bi-jax: 2.0 / 1.5 (xla) does not.
     assert "targets bi-torch:" in table and "same-framework ratio <= 1.10 at <= 64 tokens 1/1" in table
     assert "ratio <= 1.00 0/1; same-framework ratio <= 1.10 at <= 64 tokens 0/1" in table.split("targets bi-jax:")[1]
+
+
+def test_copy_plot_written_through_the_dry_run(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    assert main(["bench", "--dry-run", "--quick", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "bench-copy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _bench_imports() -> dict:
+    """{module: the bridge.bench modules it imports}, from the package's source by `ast`, any depth."""
+    import ast
+
+    package = Path(bench.__file__).parent
+    names = {p.stem for p in package.glob("*.py")}
+    graph = {}
+    for path in package.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1 and node.module:  # from .plan import ...
+                    found.add(node.module.split(".")[0])
+                elif node.level == 1:  # from . import peers
+                    found.update(a.name for a in node.names)
+                elif node.module and node.module.startswith("bridge.bench."):
+                    found.add(node.module.split(".")[2])
+            elif isinstance(node, ast.Import):
+                found.update(a.name.split(".")[2] for a in node.names if a.name.startswith("bridge.bench."))
+        graph[path.stem] = found & names
+    return graph
+
+
+def test_bench_package_imports_go_one_way() -> None:
+    graph = _bench_imports()
+    assert {"plan", "timing", "measuring", "peers", "report", "__init__"} <= set(graph)
+    for name in ("plan", "timing", "measuring", "peers"):
+        assert "report" not in graph[name], f"{name} imports the report"
+    assert not graph["plan"] and graph["report"] <= {"plan"} and graph["peers"] <= {"plan", "timing"}
+    assert all("__init__" not in deps for deps in graph.values())
+
+    def reaches(start: str) -> set:
+        seen, todo = set(), [start]
+        while todo:
+            for dep in graph[todo.pop()] - seen:
+                seen.add(dep)
+                todo.append(dep)
+        return seen
+
+    cycles = [name for name in graph if name in reaches(name)]
+    assert not cycles, f"modules that import one that imports them back: {cycles}"
+    assert not (set(Path(bench.__file__).parent.parent.glob("bench*.py"))), "bridge/bench*.py left beside the package"

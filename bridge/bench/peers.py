@@ -1,10 +1,10 @@
 """The peers `bi-norm bench` times our kernels against (BENCHMARKS.md says how each is configured).
 
-Imported by bridge.bench on a GPU run only: it needs torch and triton (the status-quo kernel is
-defined here), and imports jax and liger_kernel inside the functions that use them. Each
+Imported by bridge.bench.measuring on a GPU run only: it needs torch and triton (the status-quo
+kernel is defined here), and imports jax and liger_kernel inside the functions that use them. Each
 factory returns a callable over one input set: torch peers `fn(x, residual)`, JAX peers
 `op(x, residual, weight)`, returning out or (out, new_residual) like bi_torch / bi_jax. A factory
-raises bench.Skip when its peer cannot run on this machine at all.
+raises bridge.bench.plan.Skip when its peer cannot run on this machine at all.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .bench import Skip
+from .plan import Skip
 
 TorchFn = Callable[[torch.Tensor, Optional[torch.Tensor]], object]
 

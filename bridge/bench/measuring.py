@@ -1,0 +1,208 @@
+"""`bi-norm bench`'s measuring loop (GPU only): every case's torch and JAX implementations built,
+checked against ours and timed, a failure noted rather than fatal. It hands its timings to a
+checkpoint callback and never imports the report.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from .plan import EPS, IMPL_BY_NAME, IMPLS, LIGER_SITE, Case, Plan, Skip, Timing, rotation_sets
+from .timing import check_close, time_copy, time_jax, time_torch, torch_sets
+
+def _no_gpu_reason() -> Optional[str]:
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    return None if torch.cuda.is_available() else "torch sees no CUDA device"
+
+
+def measure(plan: Plan, checkpoint: Callable[[List[Timing]], None]) -> Tuple[List[Timing], str]:
+    """Time every case; checkpoint(timings so far) runs after each, so a cut-off run leaves its CSV."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch and JAX share the GPU
+    if LIGER_SITE.is_dir() and str(LIGER_SITE) not in sys.path:
+        sys.path.append(str(LIGER_SITE))  # appended: the wheels there must not shadow the image's torch
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    l2_bytes = getattr(props, "L2_cache_size", 50 << 20)
+    jax_why = _jax_unavailable()
+    device = f"{torch.cuda.get_device_name(0)}, L2 {l2_bytes / 1e6:.0f} MB; {', '.join(package_versions())}"
+    unavailable: Dict[str, str] = {}
+    if jax_why:
+        unavailable.update({impl.name: jax_why for impl in IMPLS if impl.framework == "jax"})
+    timings: List[Timing] = []
+    started = time.perf_counter()
+    for i, case in enumerate(plan.cases, 1):
+        n_sets = rotation_sets(case, l2_bytes)
+        with torch.inference_mode():
+            case_timings = _measure_torch(case, n_sets, plan.peers, unavailable)
+        torch.cuda.empty_cache()  # let JAX's allocator have the memory
+        if not jax_why:
+            case_timings += _measure_jax(case, n_sets, plan.peers, unavailable)
+        for name, why in unavailable.items():
+            if name in ("bi-torch", "bi-jax") or name in plan.peers:
+                case_timings.append(Timing(case, name, None, why))
+        _flag_faster_than_copy(case_timings)
+        timings += case_timings
+        # Host seconds shown where they are large: compiles dominate the run's length.
+        done = ", ".join(f"{t.impl} {t.us:.1f}" + (f" [{t.wall_s:.0f} s]" if t.wall_s >= 2 else "")
+                         for t in case_timings if t.us is not None)
+        print(f"[{i}/{len(plan.cases)} {time.perf_counter() - started:5.0f}s] {case.shape} {case.dtype}"
+              f"{' +res' if case.residual else ''} ({n_sets} sets) µs: {done}", flush=True)
+        checkpoint(timings)
+    return timings, device
+
+
+def package_versions() -> List[str]:
+    """What a reader needs to reproduce a run: torch, triton, jax and Liger-Kernel, those installed."""
+    found = []
+    for dist, label in (("torch", "torch"), ("triton", "triton"), ("jax", "jax"), ("liger-kernel", "Liger-Kernel")):
+        try:
+            found.append(f"{label} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _flag_faster_than_copy(case_timings: List[Timing]) -> None:
+    """Note times under 90% of the copy's: no RMSNorm moves its bytes faster than a copy does."""
+    copy_us = next((t.us for t in case_timings if t.impl == "copy"), None)
+    for t in case_timings:
+        if copy_us and t.us and t.impl != "copy" and t.us < 0.9 * copy_us:
+            t.note = "; ".join(filter(None, [t.note, "suspect: faster than the copy ceiling"]))
+
+
+def _jax_unavailable() -> Optional[str]:
+    try:
+        import jax
+    except ImportError:
+        return "jax is not installed"
+    return None if jax.default_backend() == "gpu" else "JAX sees no GPU"
+
+
+def _peers_module(framework: str, peers: Sequence[str], unavailable: Dict[str, str]):
+    """bridge.bench.peers, or None (its peers marked unavailable) when it fails to import."""
+    try:
+        from . import peers as bench_peers
+    except Exception as e:  # triton broken, say: our kernels and the copy still run
+        for name in peers:
+            if IMPL_BY_NAME[name].framework == framework:
+                unavailable.setdefault(name, f"bridge.bench.peers failed to import: {e}")
+        return None
+    return bench_peers
+
+
+def _run_impl(case: Case, name: str, make: Callable, check: Callable, timer: Callable,
+              unavailable: Dict[str, str]) -> Optional[Timing]:
+    """Build, check and time one impl; a failure becomes a skipped row with the reason, never a crash."""
+    if name in unavailable:
+        return None
+    started = time.perf_counter()
+    try:
+        fn = make()
+        check(fn)
+        us, note = timer(fn)
+        return Timing(case, name, us, note, time.perf_counter() - started)
+    except Skip as e:
+        unavailable[name] = str(e)
+        print(f"  {name}: skipped for every case: {e}", flush=True)
+        return None
+    except Exception as e:  # one impl's failure must not end the run
+        why = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        print(f"  {name} at {case.shape} {case.dtype}{' +res' if case.residual else ''}: {why}", flush=True)
+        return Timing(case, name, None, why, time.perf_counter() - started)
+
+
+def _measure_torch(case: Case, n_sets: int, peers: Sequence[str], unavailable: Dict[str, str]) -> List[Timing]:
+    import torch
+
+    import bi_torch
+
+    bench_peers = _peers_module("torch", peers, unavailable)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[case.dtype]
+    g = torch.Generator(device="cuda").manual_seed(case.tokens * 7919 + case.hidden)
+    shape = (case.tokens, case.hidden)
+    xs = torch_sets(n_sets, shape, dtype, g)
+    rs = torch_sets(n_sets, shape, dtype, g) if case.residual else [None] * n_sets
+    weight = (1 + 0.1 * torch.randn(case.hidden, generator=g, device="cuda")).to(dtype)
+    sets = list(zip(xs, rs))
+
+    def ours(x, r):
+        return bi_torch.rms_norm(x, weight, EPS, r)
+
+    want = []  # our output on the first set, once our kernel has run
+
+    def check(fn):
+        result = fn(*sets[0])
+        if fn is ours:
+            want.append(result)
+        elif want:
+            check_close(case, result, want[0], lambda t: t.float().cpu().numpy())
+
+    timings = [_run_impl(case, "bi-torch", lambda: ours, check, lambda fn: time_torch(fn, sets), unavailable)]
+    for name in peers:
+        if IMPL_BY_NAME[name].framework == "torch" and bench_peers is not None:
+            make = bench_peers.TORCH_PEERS[name]
+            timings.append(_run_impl(case, name, lambda: make(weight, EPS, case.residual), check,
+                                     lambda fn: time_torch(fn, sets), unavailable))
+    _note_unchecked(timings, want, "bi-torch")
+    del xs, rs, sets, want
+    # The ceiling: copies moving the op's bytes, half read and half written, over as many sets.
+    words = (-(-case.bytes_moved // 8),)  # half the bytes, in 4-byte words
+    copies = list(zip(torch_sets(n_sets, words, torch.int32, g), torch_sets(n_sets, words, torch.int32, g)))
+    candidates = {"memcpy": lambda s, d: d.copy_(s)}
+    if bench_peers is not None:
+        candidates["triton copy"] = bench_peers.sm_copy
+    timings.append(_run_impl(case, "copy", lambda: candidates, lambda fns: None,
+                             lambda fns: time_copy(fns, copies), unavailable))
+    return [t for t in timings if t is not None]
+
+
+def _measure_jax(case: Case, n_sets: int, peers: Sequence[str], unavailable: Dict[str, str]) -> List[Timing]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import bi_jax
+
+    bench_peers = _peers_module("jax", peers, unavailable)
+    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[case.dtype]
+    normal = jax.jit(lambda key: jax.random.normal(key, (case.tokens, case.hidden), dtype))
+    keys = jax.random.split(jax.random.key(case.tokens * 7919 + case.hidden), 2 * n_sets + 1)
+    weight = (1 + 0.1 * jax.random.normal(keys[-1], (case.hidden,), jnp.float32)).astype(dtype)
+    sets = [(normal(keys[2 * i]), normal(keys[2 * i + 1]) if case.residual else None) for i in range(n_sets)]
+
+    def ours(x, r, w):
+        return bi_jax.rms_norm(x, w, EPS, r)
+
+    want = []  # our output on the first set, once our kernel has run
+
+    def check(op):
+        result = jax.jit(op)(*sets[0], weight)
+        if op is ours:
+            want.append(result)
+        elif want:
+            check_close(case, result, want[0], lambda a: np.asarray(a.astype(jnp.float32)))
+
+    timings = [_run_impl(case, "bi-jax", lambda: ours, check, lambda op: time_jax(op, sets, weight, case),
+                         unavailable)]
+    for name in peers:
+        if IMPL_BY_NAME[name].framework == "jax" and bench_peers is not None:
+            make = bench_peers.JAX_PEERS[name]
+            timings.append(_run_impl(case, name, lambda: make(EPS, case.residual), check,
+                                     lambda op: time_jax(op, sets, weight, case), unavailable))
+    _note_unchecked(timings, want, "bi-jax")
+    return [t for t in timings if t is not None]
+
+
+def _note_unchecked(timings: List[Optional[Timing]], want: list, ours: str) -> None:
+    """Where our kernel failed, the peers' outputs had nothing to be checked against: say so."""
+    for t in timings:
+        if not want and t is not None and t.impl != ours and t.us is not None:
+            t.note = "; ".join(filter(None, [t.note, f"unchecked: {ours} failed"]))

@@ -1,0 +1,197 @@
+"""`bi-norm bench`'s report: bench.csv, bench-table.txt, bench.png (GB/s, log axis) and
+bench-copy.png (% of copy, linear axis), from a list of timings; and a bench.csv read back.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+from .plan import IMPL_BY_NAME, IMPLS, SMALL_TOKENS, Case, Timing
+
+CSV_COLUMNS = ("tokens", "hidden", "dtype", "residual", "impl", "kind", "residual_add", "bytes", "us", "gbps",
+               "frac_copy", "ratio_fastest_peer", "ratio_framework_peer", "wall_s", "note")
+
+
+@dataclasses.dataclass
+class Row:
+    timing: Timing
+    gbps: Optional[float]
+    frac_copy: Optional[float]  # copy time / this time: the fraction of copy bandwidth reached
+    ratio: Optional[float]  # this time / the fastest peer's time at this case
+    # this time / the fastest time of a peer in the same framework (torch under CUDA graphs, JAX in a
+    # jitted loop): the small-token latency target compares like with like
+    framework_ratio: Optional[float]
+
+
+def label(impl_name: str, case: Case) -> str:
+    """The impl's name, marked "(add+norm)" where its residual variant is an unfused add then the norm."""
+    impl = IMPL_BY_NAME[impl_name]
+    return f"{impl_name} (add+norm)" if case.residual and not impl.fused_residual else impl_name
+
+
+def summarize(timings: Sequence[Timing]) -> Dict[Case, Dict[str, Row]]:
+    by_case: Dict[Case, Dict[str, Timing]] = {}
+    for t in timings:
+        by_case.setdefault(t.case, {})[t.impl] = t
+    summary: Dict[Case, Dict[str, Row]] = {}
+    for case, group in by_case.items():
+        copy = group.get("copy")
+        copy_us = copy.us if copy else None
+        peers = [t for t in group.values() if IMPL_BY_NAME[t.impl].kind == "peer" and t.us]
+        fastest = min((t.us for t in peers), default=None)
+        by_framework = {fw: min((t.us for t in peers if IMPL_BY_NAME[t.impl].framework == fw), default=None)
+                        for fw in ("torch", "jax")}
+
+        def ratio(us: Optional[float], peer_us: Optional[float]) -> Optional[float]:
+            return us / peer_us if us and peer_us else None
+
+        summary[case] = {
+            name: Row(t,
+                      case.bytes_moved / t.us / 1e3 if t.us else None,
+                      copy_us / t.us if t.us and copy_us else None,
+                      ratio(t.us, fastest), ratio(t.us, by_framework[IMPL_BY_NAME[name].framework]))
+            for name, t in group.items()}
+    return summary
+
+
+def fastest_peer(rows: Dict[str, Row]) -> Optional[Row]:
+    peers = [r for r in rows.values() if IMPL_BY_NAME[r.timing.impl].kind == "peer" and r.timing.us]
+    return min(peers, key=lambda r: r.timing.us) if peers else None
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def write_csv(summary: Dict[Case, Dict[str, Row]], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for case, rows in summary.items():
+            for name, row in rows.items():
+                impl = IMPL_BY_NAME[name]
+                residual_add = "" if not case.residual else "fused" if impl.fused_residual else "separate"
+                writer.writerow([case.tokens, case.hidden, case.dtype, int(case.residual), name, impl.kind,
+                                 residual_add, case.bytes_moved, _fmt(row.timing.us, ".3f"), _fmt(row.gbps, ".1f"),
+                                 _fmt(row.frac_copy, ".4f"), _fmt(row.ratio, ".4f"), _fmt(row.framework_ratio, ".4f"),
+                                 f"{row.timing.wall_s:.1f}",
+                                 row.timing.note])
+
+
+def read_csv(path: Path) -> List[Timing]:
+    """The timings a bench.csv holds (one a cut-off run left, say), to write its report again."""
+    with path.open(newline="") as f:
+        return [Timing(Case(int(r["tokens"]), int(r["hidden"]), r["dtype"], r["residual"] == "1"), r["impl"],
+                       float(r["us"]) if r["us"] else None, r["note"], float(r["wall_s"]))
+                for r in csv.DictReader(f)]
+
+
+def format_table(summary: Dict[Case, Dict[str, Row]], device: str) -> str:
+    """One line per case: our GB/s and % of copy, the fastest peer, our time over the peer's."""
+    def ours(rows: Dict[str, Row], name: str) -> str:
+        row = rows.get(name)
+        gbps = _fmt(row and row.gbps, "13.0f") or f"{'-':>13}"
+        pct = _fmt(row and row.frac_copy and 100 * row.frac_copy, "5.1f")
+        return f"{gbps} {pct + '%' if pct else '-':>6}"
+
+    head = (f"{'shape':>11} {'dtype':<8} {'res':<3} | {'bi-torch GB/s':>13} {'%copy':>6} | {'bi-jax GB/s':>13} "
+            f"{'%copy':>6} | {'fastest peer':<26} {'GB/s':>6} | {'ratio t':>7} {'ratio j':>7} | {'t/torch':>7} "
+            f"{'j/jax':>7}")
+    lines = [f"# {device}", "# GB/s = (bytes read + bytes written) / time; ratio = our time / fastest peer's time;",
+             "# t/torch, j/jax: our time / the fastest peer's of the same framework",
+             head, "-" * len(head)]
+    for case, rows in summary.items():
+        peer = fastest_peer(rows)
+        peer_text = f"{label(peer.timing.impl, case):<26} {peer.gbps:6.0f}" if peer else f"{'(none timed)':<26} {'':>6}"
+        ratios = [_fmt(rows[n].ratio if n in rows else None, "7.2f") or f"{'-':>7}" for n in ("bi-torch", "bi-jax")]
+        same = [_fmt(rows[n].framework_ratio if n in rows else None, "7.2f") or f"{'-':>7}"
+                for n in ("bi-torch", "bi-jax")]
+        lines.append(f"{case.shape:>11} {case.dtype:<8} {'yes' if case.residual else 'no':<3} | "
+                     f"{ours(rows, 'bi-torch')} | {ours(rows, 'bi-jax')} | {peer_text} | {ratios[0]} {ratios[1]} | "
+                     f"{same[0]} {same[1]}")
+    lines += ["", *target_lines(summary)]
+    return "\n".join(lines) + "\n"
+
+
+def target_lines(summary: Dict[Case, Dict[str, Row]]) -> List[str]:
+    """How many cases meet each of issue 6's targets, per kernel."""
+    lines = []
+    for name in ("bi-torch", "bi-jax"):
+        rows = [(case, rs[name]) for case, rs in summary.items() if name in rs and rs[name].timing.us]
+        checks = [
+            ("copy >= 95% at >= 512 MB", [r.frac_copy >= 0.95 for c, r in rows
+                                          if c.bytes_moved >= 512e6 and r.frac_copy is not None]),
+            ("copy >= 90% at >= 64 MB", [r.frac_copy >= 0.90 for c, r in rows
+                                         if c.bytes_moved >= 64e6 and r.frac_copy is not None]),
+            ("ratio <= 1.00", [r.ratio <= 1.0 for c, r in rows if r.ratio is not None]),
+            (f"same-framework ratio <= 1.10 at <= {SMALL_TOKENS} tokens",
+             [r.framework_ratio <= 1.10 for c, r in rows if c.tokens <= SMALL_TOKENS and r.framework_ratio is not None]),
+        ]
+        lines.append(f"targets {name}: " + "; ".join(f"{text} {sum(ok)}/{len(ok)}" for text, ok in checks))
+    return lines
+
+
+def write_plot(summary: Dict[Case, Dict[str, Row]], path: Path) -> Optional[str]:
+    """GB/s per shape, one panel per dtype and residual; returns why not when matplotlib is missing."""
+    return _plot_panels(summary, path, lambda row: row.gbps, "GB/s (read + write)", log=True)
+
+
+def write_copy_plot(summary: Dict[Case, Dict[str, Row]], path: Path) -> Optional[str]:
+    """% of copy per shape on a linear axis (a 10% gap is invisible on bench.png's log GB/s axis), one
+    panel per dtype and residual; returns why not when matplotlib is missing."""
+    return _plot_panels(summary, path, lambda row: row.frac_copy and 100 * row.frac_copy,
+                        "% of copy (copy time / time)", log=False)
+
+
+def _plot_panels(summary: Dict[Case, Dict[str, Row]], path: Path, value: Callable[[Row], Optional[float]],
+                 ylabel: str, log: bool) -> Optional[str]:
+    """value(row) per shape and impl, one panel per dtype and residual, on a log or a linear axis."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed"
+    panels = sorted({(c.dtype, c.residual) for c in summary})
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.6 * len(panels)), squeeze=False)
+    for ax, (dtype, residual) in zip(axes[:, 0], panels):
+        cases = sorted((c for c in summary if (c.dtype, c.residual) == (dtype, residual)), key=lambda c: c.bytes_moved)
+        names = [impl.name for impl in IMPLS if any(impl.name in summary[c] for c in cases)]
+        for name in names:
+            ys = [value(summary[c][name]) if name in summary[c] and value(summary[c][name]) else math.nan
+                  for c in cases]
+            style = dict(color="black", linestyle="--") if name == "copy" else dict(marker="o", markersize=3)
+            ax.plot(range(len(cases)), ys, label=name, linewidth=2.2 if IMPL_BY_NAME[name].kind == "ours" else 1,
+                    **style)
+        ax.set_xticks(range(len(cases)), [c.shape for c in cases], rotation=45, ha="right", fontsize=7)
+        if log:
+            ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{dtype}, {'with' if residual else 'no'} residual")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def write_report(timings: Sequence[Timing], out: Path, device: str) -> str:
+    """bench.csv, bench-table.txt, bench.png and bench-copy.png (when matplotlib imports) under out;
+    returns the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(timings)
+    write_csv(summary, out / "bench.csv")
+    table = format_table(summary, device)
+    (out / "bench-table.txt").write_text(table)
+    why_not = write_plot(summary, out / "bench.png")
+    if not why_not:
+        write_copy_plot(summary, out / "bench-copy.png")
+    print(f"wrote {out / 'bench.csv'}, {out / 'bench-table.txt'}"
+          + (f"; no bench.png, bench-copy.png: {why_not}" if why_not
+             else f", {out / 'bench.png'}, {out / 'bench-copy.png'}"))
+    return table
