@@ -28,7 +28,7 @@ for step in "${steps[@]}"; do
       xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
       $py -m pytest -m "gpu or codegen" -p no:cacheprovider -v -rfE --tb=short --durations=20 $xdist tests 2>&1 | tee "$out/gpu-tests.txt" | tail -n 40 || status=1 ;;
     bench)
-      if [ -f bridge/bench.py ]; then
+      if [ -f bridge/bench/__init__.py ]; then
         $py -m bridge.cli bench --out "$out" 2>&1 | tee "$out/bench.txt" || status=1
       fi ;;
     *) echo "unknown step $step"; exit 2 ;;
