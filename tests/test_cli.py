@@ -226,3 +226,10 @@ def test_golden_regenerate_restores_a_corrupted_corpus(corpus_copy: Path, capsys
     assert not (corpus_copy / "stale-case.npz").exists()
     for path in golden.DEFAULT_DIR.iterdir():
         assert (corpus_copy / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+@pytest.mark.parametrize("command", ["verify", "golden", "bench"])
+def test_every_command_prints_its_help(command: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0 and "usage: bi-norm" in capsys.readouterr().out
