@@ -1,35 +1,17 @@
-"""bridge.reference against float64 math, the golden corpus, and NUMERICS.md's stated outcomes."""
+"""bridge.reference's forward against float64 math and NUMERICS.md's stated outcomes: rnD's rounding
+and canonical NaNs, and the special values."""
 
 from __future__ import annotations
 
 import math
-import re
-from typing import Optional
 
-import ml_dtypes
 import numpy as np
 import pytest
 
-from bridge import golden
-from bridge.compare import assert_bitwise_equal, first_mismatch
+from bridge.compare import assert_bitwise_equal
 from bridge.contract import CANONICAL_NAN_BITS, next_power_of_two
-from bridge.reference import bits, encode, pairwise_sum, rms_norm
-
-NP = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
-# Unit roundoff (half an ulp, relative) and the smallest subnormal of each dtype.
-UNIT = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
-SUBNORMAL = {"float32": 2.0**-149, "bfloat16": 2.0**-133, "float16": 2.0**-24}
-U32 = UNIT["float32"]
-MODES_OFFSETS = [(m, o) for m in ("llama", "fp32") for o in (0.0, 1.0)]
-
-
-def _as(a: np.ndarray, dtype: str) -> np.ndarray:
-    return np.asarray(a, np.float64).astype(np.float32).astype(NP[dtype])
-
-
-def _bits_as(values: list, dtype: str) -> np.ndarray:
-    width = np.uint32 if dtype == "float32" else np.uint16
-    return np.array(values, width).view(NP[dtype])
+from bridge.reference import bits, encode, rms_norm
+from reference_helpers import NP, UNIT, SUBNORMAL, U32, MODES_OFFSETS, rounded, from_bits
 
 
 # --- against float64 -------------------------------------------------------------------------
@@ -54,12 +36,12 @@ def test_close_to_float64(dtype: str, mode: str, residual_kind: str) -> None:
     rng = np.random.default_rng([len(dtype), len(mode), len(residual_kind)])
     u, sub = UNIT[dtype], SUBNORMAL[dtype]
     for n in (1, 7, 128, 1000, 4096):
-        x = _as(rng.standard_normal((4, n)), dtype)
+        x = rounded(rng.standard_normal((4, n)), dtype)
         r_dtype = {"none": None, "same": dtype, "float32": "float32"}[residual_kind]
-        residual = None if r_dtype is None else _as(rng.standard_normal((4, n)), r_dtype)
+        residual = None if r_dtype is None else rounded(rng.standard_normal((4, n)), r_dtype)
         for offset in (0.0, 1.0):
             # Gemma stores w with the 1 taken out; Llama stores it whole.
-            weight = _as((0.1 if offset else 0.25) * rng.standard_normal(n) + (0.0 if offset else 1.0), dtype)
+            weight = rounded((0.1 if offset else 0.25) * rng.standard_normal(n) + (0.0 if offset else 1.0), dtype)
             got = rms_norm(x, weight, 1e-6, residual, mode=mode, weight_offset=offset)
             want, want_residual = _rms_norm_f64(x, weight, 1e-6, residual, mode, offset)
             out = (got if residual is None else got[0]).astype(np.float64)
@@ -79,65 +61,6 @@ def test_close_to_float64(dtype: str, mode: str, residual_kind: str) -> None:
             worst = np.unravel_index(np.argmax(err - rtol * np.abs(want)), err.shape)
             assert np.all(err <= rtol * np.abs(want) + atol), (
                 f"n={n} offset={offset}: out {out[worst]} vs float64 {want[worst]} at {worst}, rtol {rtol:.3g}")
-
-
-# --- the golden corpus ----------------------------------------------------------------------
-
-CASE_NAMES = [entry["name"] for entry in golden.load_manifest()["cases"]]
-
-
-@pytest.fixture(scope="module")
-def cases(corpus) -> dict:
-    return {case.spec.name: case for case in corpus}
-
-
-@pytest.mark.parametrize("name", CASE_NAMES)
-def test_reproduces_corpus(cases: dict, name: str) -> None:
-    case = cases[name]
-    for (mode, offset), expected in case.out.items():
-        got = rms_norm(case.x, case.weight, case.spec.eps, case.residual, mode=mode, weight_offset=offset)
-        if case.residual is None:
-            assert_bitwise_equal(expected, got, f"{name} {mode}/{offset:g} out")
-        else:
-            assert_bitwise_equal(expected, got[0], f"{name} {mode}/{offset:g} out")
-            assert_bitwise_equal(case.new_residual, got[1], f"{name} {mode}/{offset:g} new_residual")
-
-
-def _outputs(x, case: golden.GoldenCase, residual: Optional[np.ndarray], mode: str, offset: float):
-    got = rms_norm(x, case.weight, case.spec.eps, residual, mode=mode, weight_offset=offset)
-    return (got, None) if residual is None else got
-
-
-def test_rows_alone_equal_rows_in_batch(corpus) -> None:
-    """Row invariance: a row's bits do not depend on the batch, its position or the leading shape."""
-    rng = np.random.default_rng(1)
-    for case in corpus:
-        rows = case.x.shape[0]
-        mode, offset = case.spec.outputs[0]
-        batch_out, batch_res = _outputs(case.x, case, case.residual, mode, offset)
-        for i in range(rows):
-            res_i = None if case.residual is None else case.residual[i:i + 1]
-            out_i, new_res_i = _outputs(case.x[i:i + 1], case, res_i, mode, offset)
-            assert_bitwise_equal(batch_out[i:i + 1], out_i, f"{case.spec.name} row {i} alone")
-            if res_i is not None:
-                assert_bitwise_equal(batch_res[i:i + 1], new_res_i, f"{case.spec.name} row {i} residual alone")
-        # Leading shape (2, rows, n) with other rows beside and the rows reversed in the second half.
-        other = _as(4 * rng.standard_normal(case.x.shape), case.spec.dtype)
-        x3 = np.stack([other, case.x[::-1]])
-        res3 = None if case.residual is None else np.stack([case.residual, case.residual[::-1]])
-        out3, res_out3 = _outputs(x3, case, res3, mode, offset)
-        assert_bitwise_equal(batch_out[::-1], out3[1], f"{case.spec.name} leading shape (2, rows, n)")
-        if res3 is not None:
-            assert_bitwise_equal(batch_res[::-1], res_out3[1], f"{case.spec.name} residual, shape (2, rows, n)")
-
-
-def test_strided_rows_equal_contiguous_rows(corpus) -> None:
-    case = next(c for c in corpus if c.spec.name == "bfloat16-n128-res_same")
-    mode, offset = case.spec.outputs[0]
-    wide = np.zeros((case.x.shape[0], 3 * case.spec.n), case.x.dtype)
-    wide[:, case.spec.n:2 * case.spec.n] = case.x
-    strided = wide[:, case.spec.n:2 * case.spec.n]  # rows 3n apart
-    assert_bitwise_equal(_outputs(case.x, case, None, mode, offset)[0], _outputs(strided, case, None, mode, offset)[0])
 
 
 # --- rnD: rounding and canonical NaNs --------------------------------------------------------
@@ -205,8 +128,8 @@ DTYPES = ["float32", "bfloat16", "float16"]
 @pytest.mark.parametrize("mode,offset", MODES_OFFSETS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_zero_row_gives_signed_zeros(dtype: str, mode: str, offset: float) -> None:
-    x = _bits_as([0x0000, 0x8000] * 4, dtype) if dtype != "float32" else _bits_as([0, 0x80000000] * 4, dtype)
-    weight = _as([1.5, 1.5, -2.0, -2.0, 0.25, 0.25, -0.5, -0.5], dtype)
+    x = from_bits([0x0000, 0x8000] * 4, dtype) if dtype != "float32" else from_bits([0, 0x80000000] * 4, dtype)
+    weight = rounded([1.5, 1.5, -2.0, -2.0, 0.25, 0.25, -0.5, -0.5], dtype)
     out = rms_norm(x[None], weight, 1e-6, mode=mode, weight_offset=offset)[0]
     assert np.all(out.astype(np.float64) == 0)
     w_eff = weight.astype(np.float64) + offset
@@ -217,12 +140,12 @@ def test_zero_row_gives_signed_zeros(dtype: str, mode: str, offset: float) -> No
 @pytest.mark.parametrize("mode", ["llama", "fp32"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_overflowing_squares_give_zeros_and_nan_at_inf(dtype: str, mode: str) -> None:
-    huge = _as([2.0**70, -(2.0**65), 3.0, -1.0], dtype)
-    weight = _as([1.0, 1.0, -1.0, 1.0], dtype)
+    huge = rounded([2.0**70, -(2.0**65), 3.0, -1.0], dtype)
+    weight = rounded([1.0, 1.0, -1.0, 1.0], dtype)
     out = rms_norm(huge[None], weight, 1e-6, mode=mode)[0]
     assert np.all(out.astype(np.float64) == 0)  # s = inf, inv = 0: finite inputs give zeros
     assert list(np.signbit(out)) == [False, True, True, True]
-    with_inf = _as([np.inf, -2.0, 3.0, 0.5], dtype)
+    with_inf = rounded([np.inf, -2.0, 3.0, 0.5], dtype)
     out = rms_norm(with_inf[None], weight, 1e-6, mode=mode)[0]
     assert int(bits(out)[0]) == CANONICAL_NAN_BITS[dtype]  # inf * 0
     assert np.all(out[1:].astype(np.float64) == 0)
@@ -231,13 +154,13 @@ def test_overflowing_squares_give_zeros_and_nan_at_inf(dtype: str, mode: str) ->
 @pytest.mark.parametrize("mode", ["llama", "fp32"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nan_anywhere_makes_the_row_canonical_nan(dtype: str, mode: str) -> None:
-    x = _as([[1.0, np.nan, 2.0, -3.0], [1.0, 2.0, 3.0, 4.0]], dtype)
-    weight = _as([1.0, 0.5, -0.0, 2.0], dtype)
+    x = rounded([[1.0, np.nan, 2.0, -3.0], [1.0, 2.0, 3.0, 4.0]], dtype)
+    weight = rounded([1.0, 0.5, -0.0, 2.0], dtype)
     out = rms_norm(x, weight, 1e-6, mode=mode)
     assert np.all(bits(out[0]) == CANONICAL_NAN_BITS[dtype])
     assert not np.any(np.isnan(out[1].astype(np.float32)))  # the other row is untouched
     # inf + (-inf) in the residual add is NaN in the new residual (canonical in R) and in the row.
-    x = _as([[np.inf, 1.0, 2.0, 3.0]], dtype)
+    x = rounded([[np.inf, 1.0, 2.0, 3.0]], dtype)
     residual = np.float32([[-np.inf, 1.0, 2.0, 3.0]])
     out, new_residual = rms_norm(x, weight, 1e-6, residual, mode=mode)
     assert np.all(bits(out) == CANONICAL_NAN_BITS[dtype])
@@ -247,8 +170,8 @@ def test_nan_anywhere_makes_the_row_canonical_nan(dtype: str, mode: str) -> None
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_n1(dtype: str) -> None:
-    x = _as([[3.0], [-0.5], [1e-3], [0.0]], dtype)
-    weight = _as([-1.25], dtype)
+    x = rounded([[3.0], [-0.5], [1e-3], [0.0]], dtype)
+    weight = rounded([-1.25], dtype)
     eps = 1e-5
     for mode in ("llama", "fp32"):
         out = rms_norm(x, weight, eps, mode=mode)
@@ -261,8 +184,8 @@ def test_n1(dtype: str) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_subnormals_are_kept(dtype: str) -> None:
     tiny = SUBNORMAL[dtype] * 3  # a subnormal input: its square is 0, so s = 0 and inv = 1/sqrt(eps)
-    x = _as([[tiny, -tiny]], dtype)
-    weight = _as([1.0, 1.0], dtype)
+    x = rounded([[tiny, -tiny]], dtype)
+    weight = rounded([1.0, 1.0], dtype)
     out = rms_norm(x, weight, 1e-6, mode="fp32")
     inv = np.float32(1) / np.sqrt(np.float32(1e-6))
     want = encode(x.astype(np.float32) * inv, dtype)
@@ -272,7 +195,7 @@ def test_subnormals_are_kept(dtype: str) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_empty_batch(dtype: str) -> None:
-    weight = _as(np.ones(16), dtype)
+    weight = rounded(np.ones(16), dtype)
     for shape in ((0, 16), (2, 0, 16)):
         x = np.zeros(shape, NP[dtype])
         out, new_residual = rms_norm(x, weight, 1e-6, np.zeros(shape, np.float32))
@@ -284,52 +207,3 @@ def test_empty_batch(dtype: str) -> None:
 def test_n0_is_an_error() -> None:
     with pytest.raises(ValueError, match="n must be >= 1"):
         rms_norm(np.zeros((3, 0), np.float32), np.zeros(0, np.float32))
-
-
-# --- step 3: the pairwise tree --------------------------------------------------------------
-
-
-def _chunked_sum(q: np.ndarray, chunk: int) -> np.ndarray:
-    """How a kernel sums a long row: aligned chunks of `chunk` (a power of two), then the chunk sums."""
-    width = max(next_power_of_two(q.shape[-1]), chunk)
-    padded = np.concatenate([q, np.zeros(q.shape[:-1] + (width - q.shape[-1],), np.float32)], axis=-1)
-    chunk_sums = pairwise_sum(padded.reshape(q.shape[:-1] + (width // chunk, chunk)))
-    return pairwise_sum(chunk_sums)
-
-
-def test_pairwise_sum_is_tiling_independent() -> None:
-    rng = np.random.default_rng(4)
-    for n in (1, 2, 3, 7, 100, 1000, 1024, 1025, 5000):
-        # Mixed signs and magnitudes so that rounding differs between summation orders.
-        q = (rng.standard_normal((3, n)) * np.exp2(rng.uniform(-20, 20, (3, n)))).astype(np.float32)
-        whole = pairwise_sum(q)
-        assert whole.shape == (3,)
-        sequential = np.cumsum(q, axis=-1, dtype=np.float32)[:, -1]
-        if n >= 100:  # the check can fail: another order gives other bits
-            assert first_mismatch(whole, sequential) is not None
-        for log2_chunk in range(0, (4 * next_power_of_two(n)).bit_length()):
-            assert_bitwise_equal(whole, _chunked_sum(q, 1 << log2_chunk), f"n={n} chunk={1 << log2_chunk}")
-        for extra in (next_power_of_two(n), 3 * next_power_of_two(n) + 5):  # pad further: same bits
-            padded = np.concatenate([q, np.zeros((3, extra), np.float32)], axis=-1)
-            assert_bitwise_equal(whole, pairwise_sum(padded), f"n={n} padded by {extra}")
-
-
-# --- bridge.compare -------------------------------------------------------------------------
-
-
-def test_first_mismatch() -> None:
-    a = _as(np.arange(12.0).reshape(3, 4), "bfloat16")
-    assert first_mismatch(a, a.copy()) is None
-    nan = _bits_as([CANONICAL_NAN_BITS["bfloat16"]] * 2, "bfloat16")
-    assert first_mismatch(nan, nan.copy()) is None  # same bits: equal, although NaN != NaN
-    b = a.copy()
-    bits(b)[2, 1] ^= 1  # one bit: 9.0 -> 9.0625
-    problem = first_mismatch(a, b)
-    assert problem is not None and "1 of 12 elements differ" in problem and "index (2, 1)" in problem
-    assert re.search(r"got 9\.0625 \(0x4111\), expected 9(\.0)? \(0x4110\)", problem), problem
-    with pytest.raises(AssertionError, match=r"case x: 1 of 12 elements differ; first at index \(2, 1\)"):
-        assert_bitwise_equal(a, b, "case x")
-    zeros = np.float32([0.0])
-    assert first_mismatch(zeros, -zeros) is not None  # +0 and -0 differ bitwise
-    assert "shape" in first_mismatch(a, a[:2])
-    assert "dtype" in first_mismatch(a, a.astype(np.float32))
