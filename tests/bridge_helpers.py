@@ -43,3 +43,14 @@ def torch_bits(t: torch.Tensor) -> np.ndarray:
 
 def numpy_of_torch(t: torch.Tensor) -> np.ndarray:
     return torch_bits(t).view(NUMPY[bi_torch.dtype_name(t.dtype)])
+
+
+def cross_inputs(rng: np.random.Generator, dtype: str, residual: str, shape) -> tuple:
+    """(x, weight, residual or None) for a cross-framework check: rows of scales 2**-4..2**4, a
+    residual of x's dtype ("same") or float32, or none."""
+    scale = np.exp2(rng.uniform(-4, 4, shape[:-1] + (1,)))
+    x = (rng.standard_normal(shape) * scale).astype(np.float32).astype(NUMPY[dtype])
+    w = rng.standard_normal(shape[-1]).astype(np.float32).astype(NUMPY[dtype])
+    r = None if residual == "none" else rng.standard_normal(shape).astype(np.float32).astype(
+        NUMPY[dtype] if residual == "same" else np.float32)
+    return x, w, r

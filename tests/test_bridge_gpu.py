@@ -12,10 +12,10 @@ import zlib
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from bridge_helpers import NUMPY, cross_inputs
 from jax import lax
 
 import bi_jax
@@ -26,7 +26,6 @@ from bridge.dlpack import to_jax, to_torch
 
 pytestmark = pytest.mark.gpu
 
-NUMPY = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16)}
 TD = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # About 0.1 s of GPU time at H100 clocks: far longer than JAX needs to read the buffer.
@@ -215,13 +214,7 @@ def test_importing_bridge_dlpack_after_jax_took_the_gpu_warns():
 
 
 def _inputs(dtype: str, residual: str, shape=(4, 33, 4096)):
-    rng = np.random.default_rng(_seed("xf", dtype, residual))
-    scale = np.exp2(rng.uniform(-4, 4, shape[:-1] + (1,)))
-    x = (rng.standard_normal(shape) * scale).astype(np.float32).astype(NUMPY[dtype])
-    w = rng.standard_normal(shape[-1]).astype(np.float32).astype(NUMPY[dtype])
-    r = None if residual == "none" else rng.standard_normal(shape).astype(np.float32).astype(
-        NUMPY[dtype] if residual == "same" else np.float32)
-    return x, w, r
+    return cross_inputs(np.random.default_rng(_seed("xf", dtype, residual)), dtype, residual, shape)
 
 
 CASES = [("bfloat16", "none", "llama", 0.0), ("bfloat16", "same", "fp32", 1.0), ("bfloat16", "float32", "llama", 1.0),

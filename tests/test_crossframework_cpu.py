@@ -17,7 +17,7 @@ from bridge import crossframework, reference
 from bridge.compare import assert_bitwise_equal
 from bridge.subnormals import flushed
 from bridge_helpers import jax_on_the_cpu  # noqa: F401 (an autouse fixture: JAX on the CPU)
-from bridge_helpers import NUMPY, numpy_of_torch, random_bits, torch_from_numpy
+from bridge_helpers import cross_inputs, numpy_of_torch, random_bits, torch_from_numpy
 from torch_helpers import seeded_rng
 
 # The interpreters evaluate special values (inf, NaN) with numpy, which warns.
@@ -28,13 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.i
 
 
 def _inputs(dtype: str, residual: str, shape=(2, 3, 100)):
-    rng = seeded_rng("xf", dtype, residual, shape)
-    scale = np.exp2(rng.uniform(-4, 4, shape[:-1] + (1,)))
-    x = (rng.standard_normal(shape) * scale).astype(np.float32).astype(NUMPY[dtype])
-    w = rng.standard_normal(shape[-1]).astype(np.float32).astype(NUMPY[dtype])
-    r = None if residual == "none" else rng.standard_normal(shape).astype(np.float32).astype(
-        NUMPY[dtype] if residual == "same" else np.float32)
-    return x, w, r
+    return cross_inputs(seeded_rng("xf", dtype, residual, shape), dtype, residual, shape)
 
 
 CROSS_CASES = [("float32", "none", "llama", 0.0), ("float32", "float32", "fp32", 1.0),

@@ -12,7 +12,6 @@ import functools
 import os
 import re
 import zlib
-from typing import Optional
 
 # torch and JAX may share the GPU in one pytest process; effective only if no test initialised
 # JAX's GPU client before this module (scripts/gpu_suite.sh sets it for the whole run).
@@ -30,6 +29,7 @@ from bridge import golden, reference  # noqa: E402
 from bridge.compare import assert_bitwise_equal  # noqa: E402
 
 from jax_gpu_marks import JAX_GPU_MARKS  # noqa: E402
+from jax_helpers import ref  # noqa: E402
 
 pytestmark = JAX_GPU_MARKS
 
@@ -78,16 +78,6 @@ def gpu_rows(key: jax.Array, shape, dtype: str) -> jax.Array:
 
 def gpu_weight(key: jax.Array, n: int, dtype: str) -> jax.Array:
     return (1.0 + 0.25 * jax.random.normal(key, (n,), jnp.float32)).astype(JNP_DTYPES[dtype])
-
-
-def ref(x: np.ndarray, weight: np.ndarray, eps: float, residual: Optional[np.ndarray] = None,
-        mode: str = "llama", weight_offset: float = 0.0):
-    n = x.shape[-1]
-    r2 = None if residual is None else residual.reshape(-1, n)
-    result = reference.rms_norm(x.reshape(-1, n), weight, eps, r2, mode=mode, weight_offset=weight_offset)
-    if residual is None:
-        return result.reshape(x.shape), None
-    return result[0].reshape(x.shape), result[1].reshape(x.shape)
 
 
 def test_jax_sees_a_gpu():
