@@ -74,9 +74,10 @@ def test_backward_corpus_covers_the_contract(backward_corpus) -> None:
     cases = list(backward_corpus.values())
     specs = [c.spec for c in cases]
     pairs = {(s.dtype, mode, offset) for s in specs for mode, offset in s.outputs}
-    assert pairs >= {(d, m, o) for d in golden.DTYPES for m in ("llama", "fp32") for o in (0.0, 1.0)}
-    # A negative offset, which makes masked columns' a = 0 * offset a -0.0 (golden_backward.EDGE_CASES).
-    assert {(d, "fp32", -0.5) for d in golden.DTYPES} <= pairs
+    # Every pair for every dtype, and the sign cases' negative offset, which makes a masked column's
+    # a = 0 * offset a -0.0 (golden_backward.EDGE_CASES): exactly these.
+    assert pairs == ({(d, m, o) for d in golden.DTYPES for m in ("llama", "fp32") for o in (0.0, 1.0)}
+                     | {(d, "fp32", -0.5) for d in golden.DTYPES})
     # Every residual kind with and without grad_new_residual, per dtype (float32's "same" is float32).
     variants = {(s.dtype, s.residual, s.grad_new_residual) for s in specs}
     assert variants == {(d, r, g) for d in golden.DTYPES for r, g in golden_backward.VARIANTS
