@@ -138,13 +138,13 @@ def test_entry_matches_the_class_forward(key):
         assert (wrong_offset > 8).float().mean() >= 0.9, f"{name}: the other offset is as close"
 
 
-def _build(short: str, dtype: torch.dtype):
+def _build(short: str, dtype: torch.dtype, device: str = "cpu"):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # configs warn about unused defaults; not ours
         cfg = _config(short)
         auto = transformers.AutoModelForSeq2SeqLM if short.startswith("t5gemma") else transformers.AutoModelForCausalLM
-        model = auto.from_config(cfg, dtype=dtype)
+        model = auto.from_config(cfg, dtype=dtype).to(device)
     with torch.no_grad():  # HF initialises norm weights to 1 (or 0 with 1 + w): make them matter
         for module in model.modules():
             if table_entry(type(module)) is not None:
@@ -153,7 +153,7 @@ def _build(short: str, dtype: torch.dtype):
 
 
 def _loss(model, short: str):
-    ids = torch.arange(16).reshape(2, 8) * 7 % 128
+    ids = (torch.arange(16).reshape(2, 8) * 7 % 128).to(model.device)
     kw = dict(decoder_input_ids=ids[:, :4]) if short.startswith("t5gemma") else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # kernel fallbacks (mamba, causal_conv1d) warn on CPU
@@ -161,10 +161,11 @@ def _loss(model, short: str):
     return logits, logits.float().logsumexp(-1).mean()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("short", sorted(CONFIGS))
-def test_patched_model_matches_unpatched(short, dtype):
-    model = _build(short, TD[dtype])
+def test_patched_model_matches_unpatched(short, dtype, device):
+    model = _build(short, TD[dtype], device)
     norms = {name: m for name, m in model.named_modules() if table_entry(type(m)) is not None}
     assert norms, "the config built no module of the table's class"
     weights = {name: m.weight for name, m in norms.items()}
