@@ -56,13 +56,20 @@ def default_interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
+@functools.lru_cache(maxsize=None)
+def device_kind() -> str:
+    """The GPU's name (jax's device_kind), which picks the launch rule's per-device knob."""
+    return jax.local_devices(backend="gpu")[0].device_kind
+
+
 def _rows_call(x2, weight, residual2, *, eps, mode, weight_offset, interpret):
     """The pallas_call on (rows, n) arrays; returns out, or (out, new_residual)."""
     n_rows, n = x2.shape
     if n_rows == 0:
         out = jnp.empty(x2.shape, x2.dtype)
         return out if residual2 is None else (out, jnp.empty(residual2.shape, residual2.dtype))
-    cfg = launch_config(n, n_rows, x2.dtype.itemsize, 0 if residual2 is None else residual2.dtype.itemsize)
+    cfg = launch_config(n, n_rows, x2.dtype.itemsize, 0 if residual2 is None else residual2.dtype.itemsize,
+                        "" if interpret else device_kind())
     has_residual = residual2 is not None
     kernel = functools.partial(
         rms_norm_kernel, n_rows=n_rows, n_cols=n, eps=as_float32(eps), weight_offset=as_float32(weight_offset),

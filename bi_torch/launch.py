@@ -40,6 +40,17 @@ def _load_interpreted(module: ModuleType, name: str) -> ModuleType:
     return loaded
 
 
+def device_kind(device: torch.device) -> str:
+    """The GPU's name, which picks the launch rule's per-device knob; "" under the interpreter."""
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else ""
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 @functools.lru_cache(maxsize=None)
 def interpreted_kernels() -> ModuleType:
     """triton_kernel.py under the interpreter."""
@@ -67,7 +78,8 @@ def launch(
     n_rows, n = x.shape
     if n_rows == 0:
         return
-    cfg = launch_config(n, n_rows, x.element_size(), 0 if residual is None else residual.element_size())
+    cfg = launch_config(n, n_rows, x.element_size(), 0 if residual is None else residual.element_size(),
+                        device_kind(x.device))
     kernels = triton_kernel if x.is_cuda else interpreted_kernels()
     res = residual if residual is not None else x
     new_res = new_residual if new_residual is not None else out
