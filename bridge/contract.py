@@ -1,4 +1,4 @@
-"""Numerics contract v1.1: the constants and argument rules every backend shares.
+"""Numerics contract v1.2: the constants and argument rules every backend shares.
 
 NUMERICS.md is the prose; this module holds the few values that the reference and both kernels
 must agree on, and the one argument check that every public entry point runs. It never imports
@@ -7,18 +7,38 @@ torch or jax: frameworks pass shapes as tuples and dtypes by name.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Sequence
 
-# "1.1": v1's forward, unchanged, plus the backward (NUMERICS.md).
-CONTRACT_VERSION = "1.1"
+# "1.1": v1's forward, unchanged, plus the backward; "1.2": FP8 output (NUMERICS.md).
+CONTRACT_VERSION = "1.2"
 
 DTYPES = ("float32", "bfloat16", "float16")
 MODES = ("llama", "fp32")
 
 # Every NaN a backend writes is the canonical quiet NaN of the output dtype (sign 0, quiet bit,
 # zero payload), so bitwise comparison needs no NaN exception: GPUs make 0x7fffffff, x86 0xffc00000.
-CANONICAL_NAN_BITS = {"float32": 0x7FC00000, "bfloat16": 0x7FC0, "float16": 0x7E00}
+CANONICAL_NAN_BITS = {"float32": 0x7FC00000, "bfloat16": 0x7FC0, "float16": 0x7E00, "float8_e4m3fn": 0x7F}
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Format:
+    """An FP8 output format: what rnFP8 and the clamp need (NUMERICS.md, FP8 output)."""
+    name: str
+    max: float  # the largest finite magnitude; the clamp's bound
+    mantissa_bits: int
+    exponent_bias: int
+
+
+# The FP8 output formats of contract v1.2. float8_e5m2 would be one more entry (max 57344, 2
+# mantissa bits, bias 15, NaN 0x7E) once each backend's conversion is checked for it.
+FP8_FORMATS = {"float8_e4m3fn": Fp8Format("float8_e4m3fn", 448.0, 3, 7)}
+FP8_NOT_YET = ("float8_e5m2",)
+GROUP_SIZES = (64, 128)
+# The per-token-group scale's floor on amax, taken as rn(1e-10) (vLLM's per_token_group_quant_fp8 eps):
+# an all-zero group gets the scale rn(rn(1e-10) / 448) instead of 0.
+GROUP_AMAX_FLOOR = 1e-10
 
 
 def next_power_of_two(n: int) -> int:
@@ -118,3 +138,47 @@ def check_rms_norm_backward_args(
     if grad_new_residual_dtype != residual_dtype:
         raise TypeError(f"grad_new_residual: expected dtype {residual_dtype} (the residual's dtype); "
                         f"got {grad_new_residual_dtype}")
+
+
+def check_fp8_args(
+    *,
+    n: int,
+    out_dtype: Optional[str],
+    scale_shape: Optional[Sequence[int]] = None,
+    scale_dtype: Optional[str] = None,
+    scale_value: Optional[float] = None,
+    group_size: object = None,
+) -> None:
+    """The FP8 output's arguments (contract v1.2), after check_rms_norm_args.
+
+    out_dtype is None (or x's dtype: no quantization) or an FP8 format name. scale_value is the
+    scale as a float where reading it is free (numpy, a CPU tensor, a Python float); a scale on a
+    GPU is checked for shape and dtype only, since reading it would synchronise (and break CUDA-graph
+    capture): there the kernel applies the contract's steps to whatever value it holds.
+    """
+    fp8 = out_dtype in FP8_FORMATS
+    if out_dtype in FP8_NOT_YET:
+        raise ValueError(f"out_dtype: {out_dtype} is not supported yet (contract v1.2 defines {', '.join(FP8_FORMATS)})")
+    if out_dtype is not None and not fp8 and out_dtype not in DTYPES:
+        raise TypeError(f"out_dtype: expected None, x's dtype or one of {', '.join(FP8_FORMATS)}; got {out_dtype}")
+    has_scale, has_group = scale_shape is not None, group_size is not None
+    if not fp8:
+        if has_scale or has_group:
+            what = "scale" if has_scale else "group_size"
+            raise ValueError(f"{what}: only with an FP8 out_dtype ({', '.join(FP8_FORMATS)}); got out_dtype={out_dtype}")
+        return
+    if has_scale == has_group:
+        raise ValueError(f"out_dtype={out_dtype}: give exactly one of scale (a static float32 scale) or group_size "
+                         f"(per-token-group scales, one of {GROUP_SIZES}); got {'both' if has_scale else 'neither'}")
+    if has_group:
+        if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size: expected one of {GROUP_SIZES}; got {group_size!r}")
+        if n % group_size:
+            raise ValueError(f"group_size: must divide n = {n} (x's last dimension); got {group_size}")
+        return
+    if tuple(scale_shape) not in ((), (1,)):
+        raise ValueError(f"scale: expected a 0-d or 1-element float32 scalar, shape () or (1,); got {tuple(scale_shape)}")
+    if scale_dtype != "float32":
+        raise TypeError(f"scale: expected dtype float32; got {scale_dtype}")
+    if scale_value is not None and not (math.isfinite(scale_value) and scale_value > 0):
+        raise ValueError(f"scale: expected a finite float32 > 0; got {scale_value!r}")

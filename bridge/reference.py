@@ -1,6 +1,7 @@
-"""The numerics contract v1.1 in plain float32 numpy: the only source of expected bits.
+"""The numerics contract v1.2 in plain float32 numpy: the only source of expected bits.
 
-Read it next to NUMERICS.md; each numbered step there (forward 1-6, backward B1-B7) is one block here. numpy's float32
+Read it next to NUMERICS.md; each numbered step there (forward 1-6, backward B1-B7) is one block
+here, and the FP8 output's steps Q1-Q4 are in reference_fp8.py. numpy's float32
 arithmetic rounds every operation to nearest even and never fuses a multiply with an add,
 which is exactly what the contract asks of every backend.
 """
@@ -12,7 +13,9 @@ from typing import Optional, Tuple, Union
 import ml_dtypes
 import numpy as np
 
-from .contract import CANONICAL_NAN_BITS, check_rms_norm_args, check_rms_norm_backward_args, next_power_of_two
+from .contract import (CANONICAL_NAN_BITS, FP8_FORMATS, check_fp8_args, check_rms_norm_args,
+                       check_rms_norm_backward_args, next_power_of_two)
+from .reference_fp8 import quantize_groups, quantize_static
 
 _NUMPY_DTYPES = {
     "float32": np.dtype(np.float32),
@@ -95,9 +98,23 @@ def rms_norm(
     *,
     mode: str = "llama",
     weight_offset: float = 0.0,
-) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
-    """RMSNorm of x over its last axis per NUMERICS.md; (out, new_residual) when residual is given."""
+    out_dtype: Optional[str] = None,
+    scale: Optional[np.ndarray] = None,
+    group_size: Optional[int] = None,
+) -> Union[np.ndarray, Tuple[np.ndarray, ...]]:
+    """RMSNorm of x over its last axis per NUMERICS.md.
+
+    Returns out, with the new residual after it when residual is given: (out, new_residual).
+    With out_dtype="float8_e4m3fn" (v1.2) out is FP8, from a static float32 `scale` or per-token-group
+    scales (`group_size`), which come right after out: (out, scales[, new_residual]).
+    """
     _check(x, weight, eps, residual, mode, weight_offset)
+    scale_arr = None if scale is None else np.asarray(scale)
+    check_fp8_args(n=x.shape[-1], out_dtype=out_dtype,
+                   scale_shape=None if scale_arr is None else scale_arr.shape,
+                   scale_dtype=None if scale_arr is None else dtype_name(scale_arr.dtype),
+                   scale_value=None if scale_arr is None or scale_arr.size != 1 else float(scale_arr.reshape(())),
+                   group_size=group_size)
     d = dtype_name(x.dtype)
     f32 = np.float32
     with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
@@ -111,12 +128,19 @@ def rms_norm(
         inv = _inverse_rms(v, x.shape[-1], eps)
         # 5. effective weight: the offset is added only when it is non-zero in float32.
         w = _effective_weight(weight, weight_offset)
-        # 6. scale and round to x's dtype.
+        # 6. scale (Q1: u, the float32 value rnD would round) and round to x's dtype, or to FP8.
         normed = v * inv[..., None]
         if mode == "llama":
             normed = encode(normed, d).astype(f32)
-        out = encode(normed * w, d)
-    return out if residual is None else (out, new_residual)
+        u = normed * w
+        if out_dtype not in FP8_FORMATS:
+            out = encode(u, d)
+            return out if residual is None else (out, new_residual)
+        if scale is not None:
+            out = quantize_static(u, scale_arr, out_dtype)
+            return out if residual is None else (out, new_residual)
+        out, scales = quantize_groups(u, group_size, out_dtype)
+    return (out, scales) if residual is None else (out, scales, new_residual)
 
 
 def rms_norm_backward(

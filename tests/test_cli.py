@@ -60,7 +60,7 @@ def _flip_expected_bit(directory: Path, case: str, output: str = "out_") -> str:
 def test_verify_reference_json(capsys) -> None:
     assert main(["verify", "--backend", "reference", "--quick", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["contract_version"] == "1.1" and doc["ok"] is True
+    assert doc["contract_version"] == "1.2" and doc["ok"] is True
     [report] = doc["backends"]
     assert set(report) == REPORT_KEYS and report["backend"] == "reference" and report["status"] == "ok"
     for direction in ("forward", "backward"):
