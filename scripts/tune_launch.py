@@ -50,9 +50,9 @@ def _clear_jax_caches() -> None:
     jax.clear_caches()
 
 
-def candidates(n: int, n_rows: int, itemsize: int, residual_itemsize: int,
+def candidates(n: int, n_rows: int, itemsize: int, residual_itemsize: int, device_kind: str,
                splits: bool = False) -> List[tiling.LaunchConfig]:
-    shipped = tiling.launch_config(n, n_rows, itemsize, residual_itemsize)
+    shipped = tiling.launch_config(n, n_rows, itemsize, residual_itemsize, device_kind)
     if splits:  # the shipped tiling with each other split width
         return [shipped] + [dataclasses.replace(shipped, split=1 << k) for k in range(shipped.chunk.bit_length())
                             if 1 << k != shipped.split]
@@ -84,6 +84,7 @@ def main() -> int:
     p.add_argument("--splits", action="store_true", help="vary the split width instead of rows and warps")
     args = p.parse_args()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    kind = torch.cuda.get_device_name(0)  # the shipped rule is the one for this GPU
     dtype = getattr(torch, args.dtype)
     print(f"{'shape':>11} {'dtype':<8} res | rows warps split | {'torch µs':>8} {'%copy':>6} | {'jax µs':>8} {'%copy':>6}")
     for tokens, hidden in bench.parse_shapes(args.shapes):
@@ -103,9 +104,10 @@ def main() -> int:
                      for s in sets[:bench.JAX_SETS]]
             jw = jnp.asarray(bi_torch.to_numpy(w))
         want = bi_torch.rms_norm(xs[0], w, bench.EPS, rs[0])
-        shipped = tiling.launch_config(hidden, tokens, xs[0].element_size(), rs[0].element_size() if args.residual else 0)
-        for cfg in candidates(hidden, tokens, xs[0].element_size(), rs[0].element_size() if args.residual else 0,
-                              args.splits):
+        res_size = rs[0].element_size() if args.residual else 0
+        shipped = tiling.launch_config(hidden, tokens, xs[0].element_size(), res_size, kind)
+        default = tiling.launch_config(hidden, tokens, xs[0].element_size(), res_size)
+        for cfg in candidates(hidden, tokens, xs[0].element_size(), res_size, kind, args.splits):
             with forced_config(cfg):
                 fn = lambda x, r: bi_torch.rms_norm(x, w, bench.EPS, r)  # noqa: E731
                 got = fn(*sets[0])
@@ -119,7 +121,8 @@ def main() -> int:
                     jtext = f"{jus:8.1f} {copy_us / jus:6.1%} {note[:30]}"
             print(f"{tokens:>5}x{hidden:<5} {args.dtype:<8} {'yes' if args.residual else 'no ':<3} | "
                   f"{cfg.rows:>4} {cfg.num_warps:>5} {cfg.split:>5} | {us:8.1f} {copy_us / us:6.1%} | {jtext}"
-                  f"{'  <- shipped' if cfg == shipped else ''}", flush=True)
+                  f"{'  <- shipped' if cfg == shipped else ''}{'  <- default rule' if cfg == default else ''}",
+                  flush=True)
         del xs, rs, sets
         torch.cuda.empty_cache()
         jax.clear_caches()
