@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Iterator, List
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bridge import bench, tiling  # noqa: E402
@@ -57,7 +59,11 @@ def candidates(n: int, n_rows: int, itemsize: int, residual_itemsize: int, devic
         return [shipped] + [dataclasses.replace(shipped, split=1 << k) for k in range(shipped.chunk.bit_length())
                             if 1 << k != shipped.split]
     if shipped.num_chunks > 1:
-        return [shipped] + [dataclasses.replace(shipped, num_warps=w) for w in (4, 8, 16) if w != shipped.num_warps]
+        # Also the one-pass design: the whole long row in registers on 16 or 32 warps, read once.
+        width = shipped.chunk * shipped.num_chunks
+        whole = [tiling.LaunchConfig(1, width, 1, w, tiling.split_width(width, itemsize)) for w in (16, 32)]
+        return [shipped] + [dataclasses.replace(shipped, num_warps=w) for w in (4, 8, 16)
+                            if w != shipped.num_warps] + whole
     found = [shipped]
     for rows, warps in itertools.product((1, 2, 4, 8), (2, 4, 8, 16, 32)):
         per_thread = rows * shipped.chunk // (32 * warps)
@@ -68,12 +74,34 @@ def candidates(n: int, n_rows: int, itemsize: int, residual_itemsize: int, devic
     return found
 
 
+def _time_config(cfg, args, w, sets, want, jsets, jw, case, copy_us):
+    """Time one configuration of the Triton kernel (and the Pallas one with jsets), each checked
+    bit for bit against the shipped configuration's output first."""
+    import bi_jax
+    import bi_torch
+
+    with forced_config(cfg):
+        fn = lambda x, r: bi_torch.rms_norm(x, w, bench.EPS, r)  # noqa: E731
+        got = fn(*sets[0])
+        wants = want if args.residual else (want,)
+        for a, b in zip(wants, got if args.residual else (got,)):
+            assert_bitwise_equal(bi_torch.to_numpy(a), bi_torch.to_numpy(b), f"{cfg} vs shipped")
+        us, _ = bench.time_torch(fn, sets)
+        if jsets is None:
+            return us, ""
+        op = lambda x, r, w_: bi_jax.rms_norm(x, w_, bench.EPS, r)  # noqa: E731
+        jgot = op(*jsets[0], jw)
+        for a, b in zip(wants, jgot if args.residual else (jgot,)):
+            assert_bitwise_equal(bi_torch.to_numpy(a), np.asarray(b), f"{cfg} (Pallas) vs shipped")
+        jus, note = bench.time_jax(op, jsets, jw, case)
+        return us, f"{jus:8.1f} {copy_us / jus:6.1%} {note[:30]}"
+
+
 def main() -> int:
     import jax
     import jax.numpy as jnp
     import torch
 
-    import bi_jax
     import bi_torch
 
     p = argparse.ArgumentParser()
@@ -108,19 +136,14 @@ def main() -> int:
         shipped = tiling.launch_config(hidden, tokens, xs[0].element_size(), res_size, kind)
         default = tiling.launch_config(hidden, tokens, xs[0].element_size(), res_size)
         for cfg in candidates(hidden, tokens, xs[0].element_size(), res_size, kind, args.splits):
-            with forced_config(cfg):
-                fn = lambda x, r: bi_torch.rms_norm(x, w, bench.EPS, r)  # noqa: E731
-                got = fn(*sets[0])
-                for a, b in zip(want if args.residual else (want,), got if args.residual else (got,)):
-                    assert_bitwise_equal(bi_torch.to_numpy(a), bi_torch.to_numpy(b), f"{cfg} vs shipped")
-                us, _ = bench.time_torch(fn, sets)
-                jtext = ""
-                if args.jax:
-                    op = lambda x, r, w_: bi_jax.rms_norm(x, w_, bench.EPS, r)  # noqa: E731
-                    jus, note = bench.time_jax(op, jsets, jw, case)
-                    jtext = f"{jus:8.1f} {copy_us / jus:6.1%} {note[:30]}"
+            try:
+                us, jtext = _time_config(cfg, args, w, sets, want, jsets if args.jax else None,
+                                         jw if args.jax else None, case, copy_us)
+            except Exception as e:  # a configuration that does not compile is a result too
+                us, jtext = float("nan"), f"failed: {type(e).__name__}: {str(e)[:80]}"
             print(f"{tokens:>5}x{hidden:<5} {args.dtype:<8} {'yes' if args.residual else 'no ':<3} | "
-                  f"{cfg.rows:>4} {cfg.num_warps:>5} {cfg.split:>5} | {us:8.1f} {copy_us / us:6.1%} | {jtext}"
+                  f"{cfg.rows:>4} {cfg.num_warps:>5} {cfg.split:>5} {cfg.chunk:>6}x{cfg.num_chunks:<2} | "
+                  f"{us:8.1f} {copy_us / us:6.1%} | {jtext}"
                   f"{'  <- shipped' if cfg == shipped else ''}{'  <- default rule' if cfg == default else ''}",
                   flush=True)
         del xs, rs, sets
