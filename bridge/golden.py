@@ -1,9 +1,10 @@
 """The golden corpus: inputs and expected outputs generated from the reference, checked in.
 
-Forward cases are made here, backward cases in `golden_backward` (on this module's helpers);
-the manifest lists them apart ("cases", "backward_cases"), and regenerate, check_regeneration
-and the loaders cover both. Each case is one deterministic, uncompressed zip (`<name>.npz`) of arrays stored as raw bit
-patterns (uint16/uint32, so bfloat16 needs no pickle), plus a manifest with SHA-256 digests.
+Forward cases are made here, backward cases in `golden_backward` and FP8 cases in `golden_fp8` (on
+this module's helpers); the manifest lists them apart ("cases", "backward_cases", "fp8_cases"), and
+regenerate, check_regeneration and the loaders cover all three. Each case is one deterministic,
+uncompressed zip (`<name>.npz`) of arrays stored as raw bit patterns (uint8/uint16/uint32, so
+bfloat16 and FP8 need no pickle), plus a manifest with SHA-256 digests.
 Regenerating writes identical bytes on any machine: the data come from a seeded generator, the
 expected outputs from `bridge.reference`, and the zip entries carry a fixed timestamp.
 """
@@ -22,10 +23,12 @@ from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Tupl
 import numpy as np
 
 from . import reference
-from .contract import CONTRACT_VERSION
+from .contract import CONTRACT_VERSION, FP8_FORMATS
+from .reference_fp8 import fp8_numpy_dtype
 
 if TYPE_CHECKING:
     from .golden_backward import BackwardCase, BackwardSpec
+    from .golden_fp8 import Fp8Case, Fp8Spec
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"
 MANIFEST = "manifest.json"
@@ -175,19 +178,33 @@ def _arrays(case: GoldenCase) -> Dict[str, np.ndarray]:
     return arrays
 
 
+def _bits(a: np.ndarray) -> np.ndarray:
+    """The stored bit patterns: reference.bits, and an FP8 array's uint8 codes; shape () kept
+    (np.ascontiguousarray makes a 0-d array 1-d)."""
+    if reference.dtype_name(a.dtype) in FP8_FORMATS:
+        return np.ascontiguousarray(a).view(np.uint8).reshape(a.shape)
+    return reference.bits(a).reshape(a.shape)
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype a stored array's bits are viewed as, by the manifest's dtype name."""
+    return fp8_numpy_dtype(name) if name in FP8_FORMATS else reference.numpy_dtype(name)
+
+
 def _zip_bytes(arrays: Dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for key in sorted(arrays):
             payload = io.BytesIO()
-            np.lib.format.write_array(payload, reference.bits(arrays[key]), allow_pickle=False)
+            np.lib.format.write_array(payload, _bits(arrays[key]), allow_pickle=False)
             info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
             info.external_attr = 0o644 << 16
             zf.writestr(info, payload.getvalue())
     return buf.getvalue()
 
 
-def _rendered(spec: CaseSpec | BackwardSpec, arrays: Dict[str, np.ndarray], **extra) -> Tuple[str, bytes, dict]:
+def _rendered(spec: CaseSpec | BackwardSpec | Fp8Spec, arrays: Dict[str, np.ndarray],
+              **extra) -> Tuple[str, bytes, dict]:
     """(file name, bytes, manifest entry) of one case: the spec's fields, `extra`, the file, its
     SHA-256 and the dtype of every stored array (the zip holds only bit patterns)."""
     data = _zip_bytes(arrays)
@@ -197,19 +214,23 @@ def _rendered(spec: CaseSpec | BackwardSpec, arrays: Dict[str, np.ndarray], **ex
     return entry["file"], data, entry
 
 
-# The manifest's two lists: forward cases (the v1 corpus, unchanged) and backward cases.
-FORWARD, BACKWARD = "cases", "backward_cases"
+# The manifest's three lists: forward cases (the v1 corpus, unchanged), backward cases (v1.1) and
+# FP8 cases (v1.2).
+FORWARD, BACKWARD, FP8 = "cases", "backward_cases", "fp8_cases"
+SECTIONS = (FORWARD, BACKWARD, FP8)
 
 
 def render() -> Iterator[Tuple[str, str, bytes, dict]]:
-    """(manifest list, file name, bytes, manifest entry) for every case, forward then backward."""
-    from . import golden_backward  # built on this module's helpers, so imported here and not at the top
+    """(manifest list, file name, bytes, manifest entry) for every case: forward, backward, FP8."""
+    from . import golden_backward, golden_fp8  # built on this module's helpers: imported here, not at the top
 
     for spec in case_specs():
         yield (FORWARD,) + _rendered(spec, _arrays(generate_case(spec)))
     for spec in golden_backward.case_specs():
         yield (BACKWARD,) + _rendered(spec, golden_backward.arrays(golden_backward.generate_case(spec)),
                                       kind="backward")
+    for spec in golden_fp8.case_specs():
+        yield (FP8,) + _rendered(spec, golden_fp8.arrays(golden_fp8.generate_case(spec)), kind="fp8")
 
 
 def _manifest_bytes(entries: Dict[str, List[dict]]) -> bytes:
@@ -220,7 +241,7 @@ def _manifest_bytes(entries: Dict[str, List[dict]]) -> bytes:
 def regenerate(directory: Path = DEFAULT_DIR) -> int:
     """Write every case file and the manifest; removes stale case files. Returns the case count."""
     directory.mkdir(parents=True, exist_ok=True)
-    entries: Dict[str, List[dict]] = {FORWARD: [], BACKWARD: []}
+    entries: Dict[str, List[dict]] = {section: [] for section in SECTIONS}
     names = set()
     for section, file_name, data, entry in render():
         (directory / file_name).write_bytes(data)
@@ -236,7 +257,7 @@ def regenerate(directory: Path = DEFAULT_DIR) -> int:
 def check_regeneration(directory: Path = DEFAULT_DIR) -> List[str]:
     """Regenerate in memory and list every file whose bytes differ from the checked-in corpus."""
     problems, names = [], set()
-    entries: Dict[str, List[dict]] = {FORWARD: [], BACKWARD: []}
+    entries: Dict[str, List[dict]] = {section: [] for section in SECTIONS}
     for section, file_name, data, entry in render():
         entries[section].append(entry)
         names.add(file_name)
@@ -251,7 +272,7 @@ def check_regeneration(directory: Path = DEFAULT_DIR) -> List[str]:
 
 
 def load_manifest(directory: Path = DEFAULT_DIR) -> dict:
-    """The manifest: "cases" lists the forward cases, "backward_cases" the backward ones."""
+    """The manifest: "cases" lists the forward cases, "backward_cases" the backward ones, "fp8_cases" the FP8 ones."""
     path = directory / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"golden corpus manifest not found at {path}; run `bi-norm golden --regenerate`")
@@ -271,7 +292,7 @@ def _load_entries(directory: Path, section: str,
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             yield entry, {
                 name[:-4]: np.lib.format.read_array(io.BytesIO(zf.read(name))).view(
-                    reference.numpy_dtype(entry["dtypes"][name[:-4]]))
+                    _numpy_dtype(entry["dtypes"][name[:-4]]))
                 for name in zf.namelist()
             }
 
@@ -295,3 +316,10 @@ def load_backward_corpus(directory: Path = DEFAULT_DIR, *, verify_digests: bool 
 
     return [golden_backward.case_from(entry, arrays)
             for entry, arrays in _load_entries(directory, BACKWARD, verify_digests)]
+
+
+def load_fp8_corpus(directory: Path = DEFAULT_DIR, *, verify_digests: bool = True) -> List[Fp8Case]:
+    """Every FP8 case of the checked-in corpus, digests verified against the manifest."""
+    from . import golden_fp8
+
+    return [golden_fp8.case_from(entry, arrays) for entry, arrays in _load_entries(directory, FP8, verify_digests)]

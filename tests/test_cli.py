@@ -50,7 +50,7 @@ def _flip_expected_bit(directory: Path, case: str, output: str = "out_") -> str:
             zf.writestr(name, data)
     path.write_bytes(buf.getvalue())
     manifest = json.loads((directory / golden.MANIFEST).read_text())
-    for entry in manifest["cases"] + manifest["backward_cases"]:
+    for entry in manifest["cases"] + manifest["backward_cases"] + manifest["fp8_cases"]:
         if entry["name"] == case:
             entry["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
     (directory / golden.MANIFEST).write_text(json.dumps(manifest))

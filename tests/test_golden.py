@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bridge import golden, golden_backward, reference
-from bridge.contract import next_power_of_two
+from bridge import golden, golden_backward, golden_fp8, reference
+from bridge.contract import GROUP_AMAX_FLOOR, GROUP_SIZES, next_power_of_two
 
 
 def test_regeneration_reproduces_identical_bytes() -> None:
@@ -21,6 +21,7 @@ def test_regeneration_reproduces_identical_bytes() -> None:
 @pytest.mark.parametrize("load,specs,victim", [
     (golden.load_corpus, golden.case_specs, "float16-n128-res_same"),
     (golden.load_backward_corpus, golden_backward.case_specs, "bwd-float16-n129-r7-res_same"),
+    (golden.load_fp8_corpus, golden_fp8.case_specs, "fp8-float16-n192-r7-res_float32-g64"),
 ])
 def test_load_rejects_a_changed_file(tmp_path: Path, load, specs, victim: str) -> None:
     corpus_dir = tmp_path / "golden"
@@ -49,7 +50,12 @@ def test_corpus_covers_the_contract(corpus) -> None:
         assert set(case.out) == set(case.spec.outputs)
 
 
-def test_manifest_lists_every_case_loaded(corpus, backward_corpus) -> None:
+@pytest.fixture(scope="module")
+def fp8_corpus():
+    return golden.load_fp8_corpus()
+
+
+def test_manifest_lists_every_case_loaded(corpus, backward_corpus, fp8_corpus) -> None:
     # The kernel tests parametrise over the manifest's names: this keeps them covering every case.
     manifest = golden.load_manifest()
     names = [entry["name"] for entry in manifest["cases"]]
@@ -60,14 +66,23 @@ def test_manifest_lists_every_case_loaded(corpus, backward_corpus) -> None:
     assert [entry["name"] for entry in backward] == list(backward_corpus) and len(backward) > 50
     assert all(entry["kind"] == "backward" for entry in backward)
     assert not {e["file"] for e in backward} & {e["file"] for e in manifest["cases"]}
+    # FP8 cases (v1.2) in a third list, exactly golden_fp8's specs.
+    fp8 = manifest["fp8_cases"]
+    assert [entry["name"] for entry in fp8] == [c.spec.name for c in fp8_corpus] == [
+        s.name for s in golden_fp8.case_specs()]
+    assert all(entry["kind"] == "fp8" for entry in fp8) and len(fp8) > 30
+    assert not {e["file"] for e in fp8} & {e["file"] for e in manifest["cases"] + backward}
+    assert manifest["contract_version"] == "1.2"
 
 
 def test_corpus_size() -> None:
     sizes = {p.name: p.stat().st_size for p in golden.DEFAULT_DIR.iterdir()}
     backward = sum(size for name, size in sizes.items() if name.startswith("bwd-"))
-    forward = sum(sizes.values()) - backward
+    fp8 = sum(size for name, size in sizes.items() if name.startswith("fp8-"))
+    forward = sum(sizes.values()) - backward - fp8
     assert forward < 8 * 2**20, f"forward corpus is {forward / 2**20:.1f} MiB"
     assert backward < 7 * 2**20, f"backward corpus is {backward / 2**20:.1f} MiB"
+    assert fp8 < 2 * 2**20, f"FP8 corpus is {fp8 / 2**20:.1f} MiB"
 
 
 def test_backward_corpus_covers_the_contract(backward_corpus) -> None:
@@ -98,6 +113,85 @@ def test_backward_corpus_covers_the_contract(backward_corpus) -> None:
         assert set(case.expected) == set(case.spec.outputs)
         for outputs in case.expected.values():
             assert [a.shape for a in outputs] == [shape] * (len(outputs) - 1) + [(case.spec.n,)]
+
+
+def _quant(spec) -> str:
+    return "static" if spec.scale is not None else "group"
+
+
+def test_fp8_corpus_covers_the_contract(fp8_corpus) -> None:
+    specs = [c.spec for c in fp8_corpus]
+    # Both scalings, every (mode, offset) pair and every residual kind, for every dtype.
+    pairs = {(s.dtype, _quant(s), m, o) for s in specs for m, o in s.outputs}
+    assert pairs == {(d, q, m, o) for d in golden.DTYPES for q in ("static", "group") for m in ("llama", "fp32")
+                     for o in (0.0, 1.0)}
+    kinds = {(s.dtype, _quant(s), s.residual) for s in specs}
+    assert kinds == {(d, q, r) for d in golden.DTYPES for q in ("static", "group") for r in ("none", "same", "float32")
+                     if not (d == "float32" and r == "same")}
+    groups = {(s.dtype, s.group_size) for s in specs if s.group_size}
+    assert groups == {(d, g) for d in golden.DTYPES for g in GROUP_SIZES}
+    assert {s.out_dtype for s in specs} == {"float8_e4m3fn"}
+    assert {p for s in specs for p in s.patterns} == set(golden_fp8.PATTERNS)
+    assert {s.weight for s in specs} == set(golden_fp8.WEIGHTS)
+    # n from 64 to past one 16384-element chunk for both scalings; a static n that is no multiple of 64.
+    assert min(s.n for s in specs) == 64 and {_quant(s) for s in specs if s.n > 16384} == {"static", "group"}
+    assert any(s.n % 64 for s in specs if s.scale is not None)
+    assert max(len(s.patterns) for s in specs if s.n > 4096) <= 2  # interpreters run these in CI
+    rows = {len(s.patterns) for s in specs}
+    assert {3, 5, 7, 9, 12} <= rows
+    assert sum(len(s.patterns) * s.n for s in specs) < 150_000
+    assert {c.scale.shape for c in fp8_corpus if c.scale is not None} == {(), (1,)}
+    for case in fp8_corpus:  # each case holds what its spec says
+        shape = (len(case.spec.patterns), case.spec.n)
+        assert case.x.shape == shape and (case.residual is None) == (case.spec.residual == "none")
+        assert (case.new_residual is None) == (case.residual is None)
+        assert set(case.out) == set(case.spec.outputs)
+        assert all(out.dtype.name == "float8_e4m3fn" and out.shape == shape for out in case.out.values())
+        if case.spec.scale is None:
+            assert case.scale is None and set(case.scales) == set(case.spec.outputs)
+            assert all(s.dtype == np.float32 and s.shape == (shape[0], shape[1] // case.spec.group_size)
+                       for s in case.scales.values())
+        else:
+            assert case.scale.dtype == np.float32 and float(case.scale.reshape(())) == case.spec.scale
+            assert case.scales == {}
+
+
+def test_fp8_corpus_reaches_the_special_values(fp8_corpus) -> None:
+    """Per dtype: rows that saturate almost entirely and rows mostly among FP8's subnormals (static),
+    subnormals per group, NaN (0x7F), +-0, +-448; the floor's scale and an infinite one."""
+    floor = np.float32(np.float32(GROUP_AMAX_FLOOR) / np.float32(448))
+    for d in golden.DTYPES:
+        cases = [c for c in fp8_corpus if c.spec.dtype == d]
+        codes = {int(v) for c in cases for out in c.out.values() for v in np.unique(out.view(np.uint8))}
+        assert {0x00, 0x80, 0x7F, 0x7E, 0xFE} | set(range(1, 8)) | set(range(0x81, 0x88)) <= codes, d
+        assert 0xFF not in codes  # the one NaN is 0x7F
+
+        def most(quant: str, pick, share: float) -> bool:
+            return any(np.mean(pick(row.view(np.uint8) & 0x7F)) > share for c in cases if _quant(c.spec) == quant
+                       for out in c.out.values() for row in out)
+
+        assert most("static", lambda a: a == 0x7E, 0.75), d
+        assert most("static", lambda a: (a > 0) & (a < 8), 0.5), d
+        assert most("group", lambda a: (a > 0) & (a < 8), 0.1), d
+        assert any(np.any(s == floor) for c in cases for s in c.scales.values()), d
+    assert any(np.any(np.isinf(s)) for c in fp8_corpus for s in c.scales.values())
+
+
+def test_fp8_corpus_has_groups_whose_clamp_matters(fp8_corpus) -> None:
+    """s = rn(amax / 448) rounded down makes rn(amax / s) > 448 for the group's largest value: the
+    clamp, not the scale, keeps it in range. Seen on the float32 cases, where u is the forward's out."""
+    seen = 0
+    for case in fp8_corpus:
+        if case.spec.dtype != "float32" or case.spec.group_size is None:
+            continue
+        for (mode, offset), scales in case.scales.items():
+            u = reference.rms_norm(case.x, case.weight, case.spec.eps, case.residual, mode=mode, weight_offset=offset)
+            u = u if case.residual is None else u[0]
+            groups = u.reshape(u.shape[0], -1, case.spec.group_size)
+            amax = np.where(np.isnan(groups), np.float32(0), np.abs(groups)).max(axis=-1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                seen += int(np.sum(np.isfinite(amax) & (amax > 0) & (amax / scales > np.float32(448))))
+    assert seen > 10
 
 
 def _single_row_leaves(case, mode: str, offset: float) -> np.ndarray:
@@ -154,7 +248,7 @@ def test_backward_corpus_has_negative_zero_dv_with_absent_grad_new_residual(back
 
 def test_import_bridge_needs_no_framework() -> None:
     # A subprocess: this test session may already have torch or jax loaded.
-    code = ("import sys, bridge, bridge.golden, bridge.golden_backward, bridge.verify, bridge.cli; "
+    code = ("import sys, bridge, bridge.golden, bridge.golden_backward, bridge.golden_fp8, bridge.verify, bridge.cli; "
             "assert 'torch' not in sys.modules and 'jax' not in sys.modules, "
             "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'jax'))")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bridge import reference
+from bridge import golden, reference
 from bridge.contract import FP8_FORMATS, GROUP_AMAX_FLOOR, check_fp8_args
 from bridge.reference_fp8 import clamp, encode_fp8, quantize_groups, quantize_static
 from fp8_helpers import (F8, FLOOR_SCALE, MAX_CODE, NAN, POSITIVE, captured_u, decode, fp8_bits, half_ulp,
@@ -409,3 +409,29 @@ def test_rms_norm_runs_the_fp8_checks_first() -> None:
         reference.rms_norm(np.ones((2, 100), np.float32), np.ones(100, np.float32), out_dtype=FP8, group_size=64)
     # x's own dtype as out_dtype: no quantization, the forward's bits.
     np.testing.assert_array_equal(reference.rms_norm(x, w, out_dtype="float32"), reference.rms_norm(x, w))
+
+
+# --- the golden corpus's FP8 cases -------------------------------------------------------------
+
+FP8_CASE_NAMES = [entry["name"] for entry in golden.load_manifest()["fp8_cases"]]
+
+
+@pytest.fixture(scope="module")
+def fp8_cases() -> dict:
+    return {case.spec.name: case for case in golden.load_fp8_corpus()}
+
+
+@pytest.mark.parametrize("name", FP8_CASE_NAMES)
+def test_reproduces_fp8_corpus(fp8_cases: dict, name: str) -> None:
+    case = fp8_cases[name]
+    for mode, offset in case.spec.outputs:
+        got = reference.rms_norm(case.x, case.weight, case.spec.eps, case.residual, mode=mode, weight_offset=offset,
+                                 **case.quantization())
+        got = got if isinstance(got, tuple) else (got,)
+        out, scales, new_residual = case.expected(mode, offset)
+        want = [a for a in (out, scales, new_residual) if a is not None]
+        assert len(got) == len(want)
+        for w, g in zip(want, got):
+            assert w.dtype == g.dtype and w.shape == g.shape
+            as_bytes = [np.ascontiguousarray(a).view(np.uint8) for a in (g, w)]
+            np.testing.assert_array_equal(*as_bytes, err_msg=f"{name} {mode}/{offset:g}")
