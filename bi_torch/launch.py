@@ -16,7 +16,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from bridge.contract import as_float32
+from bridge.contract import CANONICAL_NAN_BITS, FP8_FORMATS, as_float32
 from bridge.tiling import backward_config, column_tree_width, launch_config
 
 from . import triton_backward, triton_kernel
@@ -64,6 +64,13 @@ def interpreted_backward_kernels() -> ModuleType:
     return _load_interpreted(triton_backward, "bi_torch._triton_backward_interpreted")
 
 
+def fp8_constexprs(fmt_name: str = "float8_e4m3fn") -> dict:
+    """The FP8 format's fields (bridge.contract.FP8_FORMATS) as the forward kernel's constexprs."""
+    fmt = FP8_FORMATS[fmt_name]
+    return {"FP8_MAX": fmt.max, "MANTISSA_BITS": fmt.mantissa_bits, "EXPONENT_BIAS": fmt.exponent_bias,
+            "NAN_FP8": CANONICAL_NAN_BITS[fmt_name]}
+
+
 def launch(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -73,8 +80,17 @@ def launch(
     new_residual: torch.Tensor | None,
     mode: str,
     weight_offset: float,
+    *,
+    fp8: str | None = None,
+    scale: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
+    group_size: int = 0,
 ) -> None:
-    """Run the kernel on 2-D row views (last dimension contiguous). Inputs already validated."""
+    """Run the kernel on 2-D row views (last dimension contiguous). Inputs already validated.
+
+    FP8 output (fp8: the format's name): out is a uint8 view of the FP8 rows; either `scale`, the
+    float32 static scale (one element), or `scales`, a contiguous float32 (rows, n // group_size).
+    """
     n_rows, n = x.shape
     if n_rows == 0:
         return
@@ -83,15 +99,22 @@ def launch(
     kernels = triton_kernel if x.is_cuda else interpreted_kernels()
     res = residual if residual is not None else x
     new_res = new_residual if new_residual is not None else out
+    quant = "none" if fp8 is None else "static" if scale is not None else "group"
+    if quant == "group" and (cfg.chunk % group_size or scales.shape != (n_rows, n // group_size)
+                             or not scales.is_contiguous()):
+        raise AssertionError(f"group_size {group_size}: chunk {cfg.chunk}, scales {tuple(scales.shape)}")
     # The interpreter runs on numpy, which warns on the inf/NaN arithmetic the contract defines.
     with contextlib.nullcontext() if x.is_cuda else np.errstate(all="ignore"):
         kernels.rms_norm_kernel[(-(-n_rows // cfg.rows),)](
             x, x.stride(0), res, res.stride(0), weight, out, out.stride(0), new_res, new_res.stride(0),
+            scale if scale is not None else x, scales if scales is not None else x,
+            scales.stride(0) if scales is not None else 0,
             n_rows, n, float(n), as_float32(eps), as_float32(weight_offset),
             HAS_RESIDUAL=residual is not None, HAS_OFFSET=as_float32(weight_offset) != 0, LLAMA=mode == "llama",
             ROWS=cfg.rows, CHUNK=cfg.chunk, LOG2_CHUNK=cfg.chunk.bit_length() - 1,
             NUM_CHUNKS=cfg.num_chunks, LOG2_NUM_CHUNKS=cfg.num_chunks.bit_length() - 1,
             LOG2_SPLIT=cfg.split.bit_length() - 1,
+            QUANT=quant, GROUP=group_size if quant == "group" else 1, **fp8_constexprs(fp8 or "float8_e4m3fn"),
             num_warps=cfg.num_warps, enable_fp_fusion=False,
         )
 

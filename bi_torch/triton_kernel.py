@@ -1,4 +1,4 @@
-"""The Triton kernel: NUMERICS.md contract v1, one program per block of ROWS rows.
+"""The Triton kernel: NUMERICS.md contract v1 (and v1.2's FP8 output), one program per block of ROWS rows.
 
 Mirrors bi_jax/pallas_kernel.py line for line. Every rounding step of the contract is one
 float32 operation here: IEEE division and square root (div_rn, sqrt_rn), and the launcher
@@ -9,18 +9,24 @@ under the Triton interpreter for CPU tensors. So it calls only Triton builtins a
 jit functions (tl.sum and friends are jit functions of the compiled library and cannot run
 inside an interpreted kernel; tl.reduce is a builtin), and under the interpreter, whose float32 ->
 bfloat16 conversion truncates, it rounds to bfloat16 on the bit pattern instead.
+
+FP8 output (QUANT "static" or "group", steps Q1-Q4) is rounded on the bit pattern on every backend
+(encode_fp8): one code path, exact by construction, whatever the compiler's FP8 conversion does.
+The format's fields (bridge.contract.FP8_FORMATS) arrive as constexprs from the launcher.
 """
 
 import triton
 import triton.language as tl
 
-from bridge.contract import CANONICAL_NAN_BITS
+from bridge.contract import CANONICAL_NAN_BITS, GROUP_AMAX_FLOOR, as_float32
 # Whether this copy of the module was loaded under the interpreter (bi_torch/launch.py).
 INTERPRETED: tl.constexpr = tl.constexpr(bool(triton.knobs.runtime.interpret))
 
 NAN_F32: tl.constexpr = tl.constexpr(CANONICAL_NAN_BITS["float32"])
 NAN_BF16: tl.constexpr = tl.constexpr(CANONICAL_NAN_BITS["bfloat16"])
 NAN_F16: tl.constexpr = tl.constexpr(CANONICAL_NAN_BITS["float16"])
+# Q2's floor on a group's amax, rn(1e-10).
+AMAX_FLOOR: tl.constexpr = tl.constexpr(as_float32(GROUP_AMAX_FLOOR))
 
 
 @triton.jit
@@ -119,23 +125,100 @@ def load_weight(w_ptr, cols, n_cols, weight_offset, HAS_OFFSET: tl.constexpr):
 
 
 @triton.jit
-def scale_store(v, inv, w, out_ptr, out_stride, rows, cols, mask, LLAMA: tl.constexpr, STREAM: tl.constexpr):
-    """Step 6: out = rnD(rn(v * inv) [rounded to D in llama mode] * w)."""
+def div_rn(a, b):
+    """IEEE division of two blocks that broadcast together."""
+    a, b = tl.broadcast(a, b)
+    return tl.div_rn(a, b)
+
+
+@triton.jit
+def clamp_fp8(t, FP8_MAX: tl.constexpr):
+    """Q3: min(max(t, -M), M), a NaN kept as NaN."""
+    return tl.where(t != t, t, tl.minimum(tl.maximum(t, -FP8_MAX), FP8_MAX))
+
+
+@triton.jit
+def encode_fp8(c, MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr, NAN_FP8: tl.constexpr):
+    """Q4, rnFP8 on the bit pattern: c clamped to the format's range (or NaN) to its 8 bits (uint8),
+    nearest even straight from float32, subnormals kept, every NaN as NAN_FP8.
+
+    Normal results: drop the float32 mantissa's low bits with round-half-even and rebias the
+    exponent. Below the smallest normal 2**(1 - bias) the code is |c| / 2**(2 - bias - mantissa bits)
+    rounded to an integer: adding and subtracting 2**23 rounds it in float32 (ties to even, exact).
+    """
+    SHIFT: tl.constexpr = 23 - MANTISSA_BITS
+    HALF: tl.constexpr = (1 << (SHIFT - 1)) - 1
+    REBIAS: tl.constexpr = (127 - EXPONENT_BIAS) << MANTISSA_BITS
+    MIN_NORMAL: tl.constexpr = 2.0 ** (1 - EXPONENT_BIAS)
+    SUBNORMAL_SCALE: tl.constexpr = 2.0 ** (EXPONENT_BIAS - 1 + MANTISSA_BITS)
+    b = c.to(tl.uint32, bitcast=True)
+    a = b & 0x7FFFFFFF
+    magnitude = a.to(tl.float32, bitcast=True)
+    normal = ((a + HALF + ((a >> SHIFT) & 1)) >> SHIFT) - REBIAS
+    subnormal = ((magnitude * SUBNORMAL_SCALE + 8388608.0) - 8388608.0).to(tl.uint32)
+    code = tl.where(magnitude < MIN_NORMAL, subnormal, normal) | ((b >> 31) << 7)
+    return tl.where(c != c, NAN_FP8, code).to(tl.uint8)
+
+
+@triton.jit
+def quantize_static(u, inv_scale, FP8_MAX: tl.constexpr, MANTISSA_BITS: tl.constexpr,
+                    EXPONENT_BIAS: tl.constexpr, NAN_FP8: tl.constexpr):
+    """Q2-Q4 static: rnFP8(clamp(rn(u * inv_scale))), inv_scale = rn(1 / scale) once per program."""
+    return encode_fp8(clamp_fp8(u * inv_scale, FP8_MAX), MANTISSA_BITS, EXPONENT_BIAS, NAN_FP8)
+
+
+@triton.jit
+def quantize_groups(u, scales_ptr, scales_stride, rows, row_mask, chunk, n_cols, ROWS: tl.constexpr,
+                    CHUNK: tl.constexpr, GROUP: tl.constexpr, FP8_MAX: tl.constexpr, MANTISSA_BITS: tl.constexpr,
+                    EXPONENT_BIAS: tl.constexpr, NAN_FP8: tl.constexpr):
+    """Q2-Q4 per-token-group on the (ROWS, CHUNK) block of chunk `chunk`, CHUNK a multiple of GROUP:
+    per aligned group, amax = max |u| over its non-NaN values (exact in any order),
+    s = rn(max(amax, rn(1e-10)) / M), stored to the row-major scales; q = rnFP8(clamp(rn(u / s))).
+    GROUP divides n, so a group lies wholly inside the row or wholly in the padding."""
+    group_cols = chunk * (CHUNK // GROUP) + tl.arange(0, CHUNK // GROUP)[None, :]
+    group_mask = row_mask & (group_cols * GROUP < n_cols)
+    groups = tl.reshape(u, (ROWS, CHUNK // GROUP, GROUP))
+    amax = tl.reduce(tl.where(groups == groups, tl.abs(groups), 0.0), 2, tl.standard._elementwise_max)
+    s = tl.div_rn(tl.maximum(amax, AMAX_FLOOR), tl.full((ROWS, CHUNK // GROUP), FP8_MAX, tl.float32))
+    tl.store(scales_ptr + rows * scales_stride + group_cols, s, mask=group_mask)
+    q = encode_fp8(clamp_fp8(div_rn(groups, s[:, :, None]), FP8_MAX), MANTISSA_BITS, EXPONENT_BIAS, NAN_FP8)
+    return tl.reshape(q, (ROWS, CHUNK))
+
+
+@triton.jit
+def scale_store(v, inv, w, out_ptr, out_stride, rows, cols, mask, DTYPE: tl.constexpr, LLAMA: tl.constexpr,
+                STREAM: tl.constexpr, QUANT: tl.constexpr, inv_scale, scales_ptr, scales_stride, row_mask, chunk,
+                n_cols, ROWS: tl.constexpr, CHUNK: tl.constexpr, GROUP: tl.constexpr, FP8_MAX: tl.constexpr,
+                MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr, NAN_FP8: tl.constexpr):
+    """Step 6: u = rn(v * inv) [rounded to DTYPE, x's dtype, in llama mode] * w (Q1), then
+    out = rnD(u) (QUANT "none"), or u quantized to FP8 with the static scale or per group."""
     normed = v * inv
     if LLAMA:
-        normed = round_to(normed, out_ptr.dtype.element_ty)
-    tl.store(out_ptr + rows * out_stride + cols, encode(normed * w, out_ptr.dtype.element_ty), mask=mask,
-             eviction_policy=STREAM)
+        normed = round_to(normed, DTYPE)
+    u = normed * w
+    if QUANT == "static":
+        q = quantize_static(u, inv_scale, FP8_MAX, MANTISSA_BITS, EXPONENT_BIAS, NAN_FP8)
+    elif QUANT == "group":
+        q = quantize_groups(u, scales_ptr, scales_stride, rows, row_mask, chunk, n_cols, ROWS, CHUNK, GROUP,
+                            FP8_MAX, MANTISSA_BITS, EXPONENT_BIAS, NAN_FP8)
+    else:
+        q = encode(u, DTYPE)
+    tl.store(out_ptr + rows * out_stride + cols, q, mask=mask, eviction_policy=STREAM)
 
 
 @triton.jit
 def rms_norm_kernel(
     x_ptr, x_stride, r_ptr, r_stride, w_ptr, out_ptr, out_stride, new_r_ptr, new_r_stride,
-    n_rows, n_cols, n_cols_f32, eps, weight_offset,
+    scale_ptr, scales_ptr, scales_stride, n_rows, n_cols, n_cols_f32, eps, weight_offset,
     HAS_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, LLAMA: tl.constexpr,
     ROWS: tl.constexpr, CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr,
     NUM_CHUNKS: tl.constexpr, LOG2_NUM_CHUNKS: tl.constexpr, LOG2_SPLIT: tl.constexpr,
+    QUANT: tl.constexpr, GROUP: tl.constexpr, FP8_MAX: tl.constexpr, MANTISSA_BITS: tl.constexpr,
+    EXPONENT_BIAS: tl.constexpr, NAN_FP8: tl.constexpr,
 ):
+    # QUANT "none": out in x's dtype. FP8 (out_ptr a uint8 view): "static" multiplies by the
+    # reciprocal of the float32 scalar at scale_ptr; "group" writes one float32 scale per GROUP
+    # columns to scales_ptr (row-major, scales_stride per row).
     # int64 row offsets: rows * stride can pass 2**31 elements.
     rows = (tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS))[:, None]
     row_mask = rows < n_rows
@@ -144,6 +227,11 @@ def rms_norm_kernel(
     # resident programs are about as large as an H100's L2); what neither reads again streams past it.
     KEEP: tl.constexpr = "evict_last" if NUM_CHUNKS > 1 else ""
     STREAM: tl.constexpr = "evict_first" if NUM_CHUNKS > 1 else ""
+    if QUANT == "static":
+        # Q2: rn(1 / scale), once per program.
+        inv_scale = tl.div_rn(tl.full((1, 1), 1.0, tl.float32), tl.load(scale_ptr + tl.full((1, 1), 0, tl.int32)))
+    else:
+        inv_scale = 1.0
     if NUM_CHUNKS == 1:
         # The whole row stays in registers: one read of x (and residual), one write per output.
         mask = row_mask & (cols < n_cols)
@@ -166,7 +254,9 @@ def rms_norm_kernel(
         tl.debug_barrier()
     inv = inverse_rms(s, n_cols_f32, eps, ROWS)[:, None]
     if NUM_CHUNKS == 1:
-        scale_store(v, inv, w, out_ptr, out_stride, rows, cols, mask, LLAMA, STREAM)
+        scale_store(v, inv, w, out_ptr, out_stride, rows, cols, mask, x_ptr.dtype.element_ty, LLAMA, STREAM, QUANT,
+                    inv_scale, scales_ptr, scales_stride, row_mask, 0, n_cols, ROWS, CHUNK, GROUP, FP8_MAX,
+                    MANTISSA_BITS, EXPONENT_BIAS, NAN_FP8)
     else:
         # The second pass reads z again (the new residual, or x), last chunk first: the most
         # recently read chunks are the likeliest still in L2.
@@ -177,4 +267,6 @@ def rms_norm_kernel(
             mask = row_mask & (ccols < n_cols)
             v = widen(tl.load(z_ptr + rows * z_stride + ccols, mask=mask, other=0.0, eviction_policy=STREAM))
             w = load_weight(w_ptr, ccols, n_cols, weight_offset, HAS_OFFSET)
-            scale_store(v, inv, w, out_ptr, out_stride, rows, ccols, mask, LLAMA, STREAM)
+            scale_store(v, inv, w, out_ptr, out_stride, rows, ccols, mask, x_ptr.dtype.element_ty, LLAMA, STREAM,
+                        QUANT, inv_scale, scales_ptr, scales_stride, row_mask, NUM_CHUNKS - 1 - i, n_cols, ROWS,
+                        CHUNK, GROUP, FP8_MAX, MANTISSA_BITS, EXPONENT_BIAS, NAN_FP8)

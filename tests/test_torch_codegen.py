@@ -16,20 +16,26 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from bi_torch import triton_kernel  # noqa: E402
+from bi_torch.launch import fp8_constexprs  # noqa: E402
 from bridge import tiling  # noqa: E402
 
 pytestmark = pytest.mark.codegen
 
 
-def _ptx(dtype: str, chunk: int, warps: int, num_chunks: int = 1, residual: bool = False) -> str:
+def _ptx(dtype: str, chunk: int, warps: int, num_chunks: int = 1, residual: bool = False, quant: str = "none",
+         group: int = 1) -> str:
+    """The forward kernel's PTX; quant "static"/"group": FP8 output (through a uint8 out_ptr)."""
     signature = {name: f"*{dtype}" for name in ("x_ptr", "r_ptr", "w_ptr", "out_ptr", "new_r_ptr")}
-    signature.update({name: "i32" for name in ("x_stride", "r_stride", "out_stride", "new_r_stride", "n_rows",
-                                                "n_cols")})
+    signature.update({"out_ptr": f"*{dtype}" if quant == "none" else "*u8", "scale_ptr": "*fp32",
+                      "scales_ptr": "*fp32"})
+    signature.update({name: "i32" for name in ("x_stride", "r_stride", "out_stride", "new_r_stride", "scales_stride",
+                                                "n_rows", "n_cols")})
     signature.update({name: "fp32" for name in ("n_cols_f32", "eps", "weight_offset")})
     constexprs = {"HAS_RESIDUAL": residual, "HAS_OFFSET": False, "LLAMA": True, "ROWS": 1, "CHUNK": chunk,
                   "LOG2_CHUNK": chunk.bit_length() - 1, "NUM_CHUNKS": num_chunks,
                   "LOG2_NUM_CHUNKS": num_chunks.bit_length() - 1,
-                  "LOG2_SPLIT": tiling.split_width(chunk, {"bf16": 2, "fp32": 4}[dtype]).bit_length() - 1}
+                  "LOG2_SPLIT": tiling.split_width(chunk, {"bf16": 2, "fp32": 4}[dtype]).bit_length() - 1,
+                  "QUANT": quant, "GROUP": group, **fp8_constexprs()}
     return _compile(triton_kernel.rms_norm_kernel, signature, constexprs, warps)
 
 
@@ -99,3 +105,26 @@ def test_backward_rounds_every_step_and_keeps_rows_distributed() -> None:
     assert muls <= 7 * per_thread + 16, f"{muls} float32 multiplies per thread for {per_thread} elements"
     adds = len(re.findall(r"\badd\.rn\.f32\b", ptx))
     assert adds < rows * chunk // 4, f"{adds} float32 adds per thread: the rows are replicated across threads"
+
+
+@pytest.mark.parametrize("quant,group", [("static", 1), ("group", 128), ("group", 64)])
+def test_fp8_output_is_rounded_on_the_bit_pattern(quant: str, group: int) -> None:
+    """The FP8 paths keep every step one rounding (no FMA, IEEE division), never use the hardware's
+    FP8 conversion (encode_fp8 works on the bits), and round subnormals by adding and subtracting
+    2**23, which the compiler must not fold away."""
+    ptx = _ptx("bf16", 4096, 8, quant=quant, group=group)
+    assert not re.search(r"\bfma\.", ptx), "a multiply was fused into an add (FMA)"
+    assert not re.search(r"e4m3|e5m2|satfinite", ptx), "the hardware FP8 conversion is in the PTX"
+    assert re.search(r"\badd\.rn\.f32\s+%r\d+, %r\d+, 0f4B000000;", ptx)
+    assert re.search(r"\badd\.rn\.f32\s+%r\d+, %r\d+, 0fCB000000;", ptx)
+    per_thread = 4096 // (32 * 8)
+    divs = len(re.findall(r"\bdiv\.rn\.f32\b", ptx))
+    # static: mean, 1/r and 1/scale; per group also u / s per element and the scales.
+    assert divs == 3 if quant == "static" else per_thread <= divs - 2 <= 2 * per_thread + 2
+    assert "st.global.b8" in ptx or re.search(r"st\.global\.v\d\.b8", ptx) or "st.global.u8" in ptx
+
+
+def test_fp8_long_rows_compile() -> None:
+    """The two-pass path (rows past 16384) with per-group scales in its second pass."""
+    ptx = _ptx("bf16", tiling.MAX_WHOLE_ROW, 16, num_chunks=4, quant="group", group=128)
+    assert not re.search(r"\bfma\.", ptx) and not re.search(r"e4m3|satfinite", ptx)
