@@ -69,7 +69,7 @@ def _rows_call(x2, weight, residual2, *, eps, mode, weight_offset, interpret):
         out = jnp.empty(x2.shape, x2.dtype)
         return out if residual2 is None else (out, jnp.empty(residual2.shape, residual2.dtype))
     cfg = launch_config(n, n_rows, x2.dtype.itemsize, 0 if residual2 is None else residual2.dtype.itemsize,
-                        "" if interpret else device_kind())
+                        "" if interpret else device_kind(), "pallas")
     has_residual = residual2 is not None
     kernel = functools.partial(
         rms_norm_kernel, n_rows=n_rows, n_cols=n, eps=as_float32(eps), weight_offset=as_float32(weight_offset),

@@ -7,7 +7,7 @@ aligned power-of-two chunk is a subtree of the row's pairwise tree, and rows are
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Optional, Tuple
 
 from .contract import next_power_of_two
 
@@ -29,21 +29,25 @@ SMALL_GRID = 128
 
 @dataclasses.dataclass(frozen=True)
 class DeviceTiling:
-    """The forward's per-GPU knob: elements per thread on large grids (tuned per device, BENCHMARKS.md)."""
-    elements_per_thread: int
+    """A kernel's forward knob on one GPU, for full grids: each thread holds bytes_per_thread bytes
+    of inputs (x and the residual), at most max_elements elements, on at least min_warps warps."""
+    bytes_per_thread: int
+    max_elements: int
+    min_warps: int
 
 
-# Tuned on an H100 (scripts/tune_launch.py): shorter per-thread chains won there.
-DEFAULT_TILING = DeviceTiling(elements_per_thread=16)
-# Keyed by a substring of the device's name (torch.cuda.get_device_name, jax's device_kind). The
-# H200's HBM3e wants more bytes in flight per thread: 16384 x 4096 bf16 with 8 warps per row (16
-# elements each) 74.0 us, 91 % of copy; 2 rows x 8 warps (32 each) 68.4 us, 98 %.
-DEVICE_TILINGS = {"H200": DeviceTiling(elements_per_thread=32)}
+# Keyed by (a substring of the GPU's name: torch.cuda.get_device_name, jax's device_kind; the kernel).
+# Measured with scripts/tune_launch.py on an H200, bf16 (BENCHMARKS.md): the Triton kernel wants
+# fewer warps per row there, 64 elements per thread: 16384 x 4096 on 2 warps 68.2 us (97.9 % of copy)
+# against 76.4 us (87.5 %) on the H100's 8; 16384 x 8192 on 4 warps 132.0 us (97.5 %) against
+# 141.1 us (91.3 %). The Pallas kernel lost 2-3 points with fewer warps (85.6 % and 82.4 %), so it
+# keeps the rule tuned on the H100, as does every other GPU.
+DEVICE_TILINGS = {("H200", "triton"): DeviceTiling(bytes_per_thread=128, max_elements=64, min_warps=2)}
 
 
-def device_tiling(device_kind: str) -> DeviceTiling:
-    """The tiling knob for a device name ("" for the interpreters: the default)."""
-    return next((t for key, t in DEVICE_TILINGS.items() if key in device_kind), DEFAULT_TILING)
+def device_tiling(device_kind: str, kernel: str) -> Optional[DeviceTiling]:
+    """The knob for a GPU name and kernel ("triton" or "pallas"); None: the default rule."""
+    return next((t for (key, k), t in DEVICE_TILINGS.items() if k == kernel and key in device_kind), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,29 +60,24 @@ class LaunchConfig:
 
 
 def launch_config(n: int, n_rows: int, itemsize: int, residual_itemsize: int = 0,
-                  device_kind: str = "") -> LaunchConfig:
+                  device_kind: str = "", kernel: str = "triton") -> LaunchConfig:
     """The tiling for rows of n elements of itemsize bytes (x's dtype), with a residual of
-    residual_itemsize bytes per element (0: none), on the GPU named device_kind."""
+    residual_itemsize bytes per element (0: none), for `kernel` on the GPU named device_kind
+    ("": the interpreters, which take the default rule)."""
     width = next_power_of_two(n)
     input_bytes = itemsize + residual_itemsize
     if width > MAX_WHOLE_ROW:
-        return LaunchConfig(1, MAX_WHOLE_ROW, width // MAX_WHOLE_ROW,
-                            _warps(MAX_WHOLE_ROW, n_rows, input_bytes, DEFAULT_TILING.elements_per_thread),
+        return LaunchConfig(1, MAX_WHOLE_ROW, width // MAX_WHOLE_ROW, _warps(MAX_WHOLE_ROW, n_rows, input_bytes),
                             split_width(MAX_WHOLE_ROW, itemsize))
-    per_thread = DEFAULT_TILING.elements_per_thread
-    if -(-max(n_rows, 1) // _rows(width, n_rows, per_thread)) > SMALL_GRID:
-        # A full GPU: the device's own knob. More elements per thread take more rows per program,
-        # not fewer warps per row, so the tree's in-warp levels stay as they are.
-        per_thread = device_tiling(device_kind).elements_per_thread
-    rows = _rows(width, n_rows, per_thread)
+    rows = max(1, min(16, TARGET_BLOCK // width, next_power_of_two(max(n_rows, 1))))
     programs = -(-max(n_rows, 1) // rows)
-    return LaunchConfig(rows, width, 1, _warps(rows * width, programs, input_bytes, per_thread),
-                        split_width(width, itemsize))
-
-
-def _rows(width: int, n_rows: int, per_thread: int) -> int:
-    block = TARGET_BLOCK * per_thread // DEFAULT_TILING.elements_per_thread
-    return max(1, min(16, block // width, next_power_of_two(max(n_rows, 1))))
+    warps = _warps(rows * width, programs, input_bytes)
+    knob = device_tiling(device_kind, kernel)
+    if knob is not None and programs > SMALL_GRID:
+        # A full GPU: the device's own elements per thread (a power of two), same rows per program.
+        per_thread = min(knob.max_elements, 1 << ((knob.bytes_per_thread // input_bytes).bit_length() - 1))
+        warps = max(knob.min_warps, min(16, rows * width // (32 * per_thread)))
+    return LaunchConfig(rows, width, 1, warps, split_width(width, itemsize))
 
 
 def split_width(chunk: int, itemsize: int) -> int:
@@ -86,15 +85,15 @@ def split_width(chunk: int, itemsize: int) -> int:
     return max(1, chunk * itemsize // SEGMENT_BYTES)
 
 
-def _warps(block_elements: int, programs: int, input_bytes: int, per_thread: int) -> int:
-    # per_thread elements per thread (16: H100) on at most 8 warps (more only where a thread would hold over 2x):
+def _warps(block_elements: int, programs: int, input_bytes: int) -> int:
+    # 16 elements per thread on at most 8 warps (more only where a thread would hold over 32):
     # more warps per row cost registers, hence resident programs (Pallas, float32, n = 8192,
     # 16 warps: 65 registers, one program per SM, 25 % slower). With fewer programs than an H100
     # has SMs each runs alone, and what counts is each thread's chain: at most 128 bytes of
     # inputs per thread (float32 with a float32 residual, n = 8192, 1-64 rows: 16 warps 3.5-4.8 µs,
     # 8 warps 4.5-5.8 µs; without a residual 16 warps were 3-6 % slower). scripts/tune_launch.py,
     # BENCHMARKS.md.
-    warps = max(1, min(8, block_elements // (32 * per_thread)), min(16, block_elements // (64 * per_thread)))
+    warps = max(1, min(8, block_elements // 512), min(16, block_elements // 1024))
     if programs <= SMALL_GRID:
         warps = max(warps, min(16, next_power_of_two(max(1, block_elements * input_bytes // (128 * 32)))))
     return warps
@@ -160,7 +159,6 @@ def backward_config(n: int, n_rows: int, itemsize: int, residual_itemsize: int =
     steps = 1 << max(0, min(MAX_BACKWARD_LEVELS, (rows_pow2 // (rows * BACKWARD_PROGRAMS)).bit_length() - 1))
     blocks = -(-max(n_rows, 1) // (rows * steps))
     # Each element of the tile is read twice (z and the output gradient) and written once or twice.
-    warps = _warps(rows * chunk, blocks * num_chunks, 2 * itemsize + residual_itemsize,
-                   DEFAULT_TILING.elements_per_thread)
+    warps = _warps(rows * chunk, blocks * num_chunks, 2 * itemsize + residual_itemsize)
     return BackwardConfig(rows, steps, blocks, chunk, num_chunks, warps, split_width(chunk, itemsize),
                           column_tree_groups(blocks))

@@ -35,12 +35,13 @@ def test_backward_blocks_are_aligned_subtrees_of_the_row_tree(programs: int, lev
             assert cfg.steps <= 1 << levels, where
 
 
+@pytest.mark.parametrize("kernel", ["triton", "pallas"])
 @pytest.mark.parametrize("kind", ["", "NVIDIA H100 80GB HBM3", "NVIDIA H200"])
-def test_forward_configs_are_valid_on_every_device(kind: str) -> None:
+def test_forward_configs_are_valid_on_every_device(kind: str, kernel: str) -> None:
     for n in (1, 3, 128, 129, 1024, 4096, 5120, 8192, 16384, 16385, 65536):
         for n_rows in (0, 1, 3, 64, 128, 129, 1000, 16384, 65537):
             for itemsize, res in ((2, 0), (2, 2), (4, 4), (4, 0)):
-                cfg = tiling.launch_config(n, n_rows, itemsize, res, kind)
+                cfg = tiling.launch_config(n, n_rows, itemsize, res, kind, kernel)
                 where = f"{kind!r} n={n} rows={n_rows} itemsize={itemsize}: {cfg}"
                 for value in (cfg.rows, cfg.chunk, cfg.num_chunks, cfg.num_warps, cfg.split):
                     assert value & (value - 1) == 0, where
@@ -49,20 +50,24 @@ def test_forward_configs_are_valid_on_every_device(kind: str) -> None:
                 assert cfg.split <= cfg.chunk, where
 
 
-def test_only_the_h200_differs_and_only_on_full_grids() -> None:
+def test_only_the_h200_triton_rule_differs_and_only_on_full_grids() -> None:
     h100 = "NVIDIA H100 80GB HBM3"
     changed = []
     for n in (128, 1024, 4096, 8192, 65536):
         for n_rows in (1, 64, 128, 4096, 65536):
-            default = tiling.launch_config(n, n_rows, 2)
-            assert tiling.launch_config(n, n_rows, 2, 0, h100) == default
-            h200 = tiling.launch_config(n, n_rows, 2, 0, "NVIDIA H200")
-            if h200 != default:
-                assert -(-n_rows // default.rows) > tiling.SMALL_GRID, f"n={n} rows={n_rows}: small grid changed"
-                changed.append((n, n_rows))
-    # The measured case: 16384 x 4096 bf16 goes from 1 row x 8 warps to 2 rows x 8 warps.
-    cfg = tiling.launch_config(4096, 16384, 2, 0, "NVIDIA H200")
-    assert (cfg.rows, cfg.num_warps) == (2, 8) and (4096, 4096) in changed
+            for itemsize, res in ((2, 0), (2, 2), (4, 0), (4, 4)):
+                default = tiling.launch_config(n, n_rows, itemsize, res)
+                assert tiling.launch_config(n, n_rows, itemsize, res, h100) == default
+                assert tiling.launch_config(n, n_rows, itemsize, res, "NVIDIA H200", "pallas") == default
+                h200 = tiling.launch_config(n, n_rows, itemsize, res, "NVIDIA H200", "triton")
+                if h200 != default:
+                    assert -(-n_rows // default.rows) > tiling.SMALL_GRID, f"n={n} rows={n_rows}: small grid changed"
+                    assert (h200.rows, h200.chunk, h200.split) == (default.rows, default.chunk, default.split)
+                    changed.append((n, n_rows, itemsize, res))
+    # The measured cases (bf16): 4096 on 2 warps, 8192 on 4, instead of 8.
+    for n, warps in ((4096, 2), (8192, 4)):
+        cfg = tiling.launch_config(n, 16384, 2, 0, "NVIDIA H200", "triton")
+        assert (cfg.rows, cfg.num_warps) == (1, warps) and (n, 4096, 2, 0) in changed
 
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
@@ -75,14 +80,15 @@ def test_the_h200_rule_gives_the_default_rules_bits(framework: str, monkeypatch)
     from bridge.compare import assert_bitwise_equal
 
     n, n_rows = 96, 16 * (tiling.SMALL_GRID + 5)
-    assert tiling.launch_config(n, n_rows, 2, 2, "NVIDIA H200") != tiling.launch_config(n, n_rows, 2, 2)
+    assert tiling.launch_config(n, n_rows, 2, 2, "NVIDIA H200", "triton") != tiling.launch_config(n, n_rows, 2, 2)
     rng = np.random.default_rng(7)
     x = rng.standard_normal((n_rows, n), np.float32).astype(reference.numpy_dtype("bfloat16"))
     r = rng.standard_normal((n_rows, n), np.float32).astype(reference.numpy_dtype("bfloat16"))
     w = (1 + 0.1 * rng.standard_normal(n, np.float32)).astype(reference.numpy_dtype("bfloat16"))
     want = reference.rms_norm(x, w, 1e-6, r)
-    def h200(n_: int, rows_: int, itemsize: int, residual_itemsize: int = 0, kind: str = "") -> tiling.LaunchConfig:
-        return tiling.launch_config(n_, rows_, itemsize, residual_itemsize, "NVIDIA H200")
+    def h200(n_: int, rows_: int, itemsize: int, residual_itemsize: int = 0, kind: str = "",
+             kernel: str = "triton") -> tiling.LaunchConfig:
+        return tiling.launch_config(n_, rows_, itemsize, residual_itemsize, "NVIDIA H200", "triton")
 
     if framework == "torch":
         import bi_torch
