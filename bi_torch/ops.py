@@ -21,6 +21,7 @@ import torch
 
 from bridge import reference
 from bridge.contract import check_rms_norm_args
+from bridge.reference_fp8 import fp8_numpy_dtype
 
 from .launch import launch
 
@@ -44,17 +45,23 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def from_numpy(a: np.ndarray, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
-    """A new tensor with exactly a's bits (bfloat16 as ml_dtypes.bfloat16), through an integer view.
+    """A new tensor with exactly a's bits (bfloat16 as ml_dtypes.bfloat16, FP8 as ml_dtypes' float8
+    types), through an integer view.
 
     torch has no ml_dtypes bfloat16, and an integer view rounds nothing (NaN payloads, -0.0).
     torch.tensor copies into torch's allocator, whose CPU buffers JAX can import without a copy.
     """
+    if a.dtype.itemsize == 1:
+        return torch.tensor(np.ascontiguousarray(a).view(np.uint8), device=device).view(_fp8.TORCH_FP8[a.dtype.name])
     ints = reference.bits(a).view({2: np.int16, 4: np.int32}[a.dtype.itemsize])
     return torch.tensor(ints, device=device).view(torch_dtype(reference.dtype_name(a.dtype)))
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
-    """A new numpy array (bfloat16 as ml_dtypes.bfloat16) with exactly t's bits."""
+    """A new numpy array (bfloat16 as ml_dtypes.bfloat16, FP8 as ml_dtypes' float8 types) with exactly t's bits."""
+    if t.element_size() == 1 and t.dtype in _fp8.FP8_DTYPES:
+        ints = t.detach().cpu().contiguous().view(torch.uint8)
+        return ints.numpy().copy().view(fp8_numpy_dtype(_fp8.FP8_DTYPES[t.dtype]))
     ints = t.detach().cpu().contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
     return ints.numpy().copy().view(reference.numpy_dtype(dtype_name(t.dtype)))
 
@@ -209,15 +216,28 @@ def rms_norm(
     *,
     mode: str = "llama",
     weight_offset: float = 0.0,
-) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    out_dtype: Optional[torch.dtype] = None,
+    scale: Union[torch.Tensor, float, None] = None,
+    group_size: Optional[int] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """Batch-invariant RMSNorm over the last dimension (NUMERICS.md); inputs are not modified.
 
     Returns out, or (out, new_residual) when a residual (x's dtype or float32) is given.
     CUDA tensors run the compiled kernel, CPU tensors the same kernel under Triton's interpreter.
     Differentiable w.r.t. x, weight and residual (first order; the gradients of NUMERICS.md's
     backward: grad_residual in the residual's dtype). The forward's bits do not depend on grad mode.
+
+    FP8 output (contract v1.2, bi_torch/fp8.py): out_dtype=torch.float8_e4m3fn with either `scale`
+    (static: a float32 tensor of shape () or (1,) on x's device, or a Python float) returning out or
+    (out, new_residual), or `group_size` (64 or 128, dividing n: per-token-group scales) returning
+    (out, scales) or (out, scales, new_residual), scales float32 of shape x.shape[:-1] + (n // group_size,).
+    FP8 outputs have no gradient (RuntimeError if grad mode is on and an input requires grad).
     """
     _validate(x, weight, eps, residual, mode, weight_offset, inplace=False)
+    if out_dtype is not None or scale is not None or group_size is not None:
+        fmt, scale_t = _fp8.check_fp8(x, weight, residual, out_dtype, scale, group_size)
+        if fmt is not None:
+            return _fp8.rms_norm_fp8(x, weight, eps, residual, mode, weight_offset, fmt, scale_t, group_size)
     if residual is None:
         return torch.ops.bi_norm.rms_norm(x, weight, float(eps), mode, float(weight_offset))
     return torch.ops.bi_norm.add_rms_norm(x, residual, weight, float(eps), mode, float(weight_offset))
@@ -259,3 +279,6 @@ def rms_norm_batch_invariant(
     if residual is None:
         return rms_norm(input, weight, eps, mode="fp32")
     return fused_add_rms_norm_(input, residual, weight, eps, mode="fp32")
+
+
+from . import fp8 as _fp8  # noqa: E402  (bi_torch/fp8.py builds on the helpers above)
