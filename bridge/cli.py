@@ -45,9 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     residual = b.add_mutually_exclusive_group()
     residual.add_argument("--no-residual", action="store_true", help="only the variant without a residual")
     residual.add_argument("--residual-only", action="store_true", help="only the fused residual-add variant")
+    b.add_argument("--pass", dest="passes", action="append", choices=("forward", "backward", "fwd+bwd"),
+                   help="time this pass (repeatable); default: forward and backward; fwd+bwd: forward and backward "
+                   "in one call, torch only")
     b.add_argument("--peers", help="comma-separated peers to time (default: all; our kernels and the copy always)")
     b.add_argument("--out", type=Path, default=Path("bench-out"), help="where bench.csv, bench-table.txt, "
-                   "bench.png (GB/s) and bench-copy.png (%% of copy) go")
+                   "bench-determinism.csv, bench.png (GB/s) and bench-copy.png (%% of copy) go")
     source = b.add_mutually_exclusive_group()
     source.add_argument("--dry-run", action="store_true", help="no GPU: a synthetic result through the report writer")
     source.add_argument("--from-csv", type=Path, help="no GPU: write the report again from a bench.csv")

@@ -1,6 +1,7 @@
 """`bi-norm bench`'s measuring loop (GPU only): every case's torch and JAX implementations built,
-checked against ours and timed, a failure noted rather than fatal. It hands its timings to a
-checkpoint callback and never imports the report.
+checked and timed, a failure noted rather than fatal; the forward's here, the backward's and
+fwd+bwd's in bridge.bench.backward. It hands its results to a checkpoint callback and never
+imports the report.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .plan import EPS, IMPL_BY_NAME, IMPLS, LIGER_SITE, Case, Plan, Skip, Timing, rotation_sets
-from .timing import check_close, time_copy, time_jax, time_torch, torch_sets
+from . import backward
+from .plan import (EPS, IMPL_BY_NAME, IMPLS, LIGER_SITE, PASSES, Case, Determinism, Plan, Timing, rotation_sets,
+                   runs_in)
+from .timing import check_close, copy_timing, run_impl, time_jax, time_torch, torch_sets
+
 
 def _no_gpu_reason() -> Optional[str]:
     try:
@@ -22,8 +26,9 @@ def _no_gpu_reason() -> Optional[str]:
     return None if torch.cuda.is_available() else "torch sees no CUDA device"
 
 
-def measure(plan: Plan, checkpoint: Callable[[List[Timing]], None]) -> Tuple[List[Timing], str]:
-    """Time every case; checkpoint(timings so far) runs after each, so a cut-off run leaves its CSV."""
+def measure(plan: Plan, checkpoint: Callable[[List[Timing], List[Determinism]], None]
+            ) -> Tuple[List[Timing], List[Determinism], str]:
+    """Time every case; checkpoint(results so far) runs after each, so a cut-off run leaves its CSVs."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch and JAX share the GPU
     if LIGER_SITE.is_dir() and str(LIGER_SITE) not in sys.path:
         sys.path.append(str(LIGER_SITE))  # appended: the wheels there must not shadow the image's torch
@@ -33,20 +38,29 @@ def measure(plan: Plan, checkpoint: Callable[[List[Timing]], None]) -> Tuple[Lis
     l2_bytes = getattr(props, "L2_cache_size", 50 << 20)
     jax_why = _jax_unavailable()
     device = f"{torch.cuda.get_device_name(0)}, L2 {l2_bytes / 1e6:.0f} MB; {', '.join(package_versions())}"
-    unavailable: Dict[str, str] = {}
+    # Per pass: a peer skipped for every forward case (its package missing) is skipped for every backward
+    # case too, by the same Skip, but a backward that cannot run leaves its forward alone.
+    unavailable: Dict[str, Dict[str, str]] = {phase: {} for phase in PASSES}
     if jax_why:
-        unavailable.update({impl.name: jax_why for impl in IMPLS if impl.framework == "jax"})
+        for skipped in unavailable.values():
+            skipped.update({impl.name: jax_why for impl in IMPLS if impl.framework == "jax"})
     timings: List[Timing] = []
+    determinism: List[Determinism] = []
     started = time.perf_counter()
     for i, case in enumerate(plan.cases, 1):
         n_sets = rotation_sets(case, l2_bytes)
-        with torch.inference_mode():
-            case_timings = _measure_torch(case, n_sets, plan.peers, unavailable)
-        torch.cuda.empty_cache()  # let JAX's allocator have the memory
-        if not jax_why:
-            case_timings += _measure_jax(case, n_sets, plan.peers, unavailable)
-        for name, why in unavailable.items():
-            if name in ("bi-torch", "bi-jax") or name in plan.peers:
+        skipped = unavailable[case.phase]
+        if case.phase != "forward":
+            case_timings, case_determinism = backward.measure(case, n_sets, plan.peers, skipped, jax_why is None)
+            determinism += case_determinism
+        else:
+            with torch.inference_mode():
+                case_timings = _measure_torch(case, n_sets, plan.peers, skipped)
+            torch.cuda.empty_cache()  # let JAX's allocator have the memory
+            if not jax_why:
+                case_timings += _measure_jax(case, n_sets, plan.peers, skipped)
+        for name, why in skipped.items():
+            if (name in ("bi-torch", "bi-jax") or name in plan.peers) and runs_in(name, case):
                 case_timings.append(Timing(case, name, None, why))
         _flag_faster_than_copy(case_timings)
         timings += case_timings
@@ -54,9 +68,9 @@ def measure(plan: Plan, checkpoint: Callable[[List[Timing]], None]) -> Tuple[Lis
         done = ", ".join(f"{t.impl} {t.us:.1f}" + (f" [{t.wall_s:.0f} s]" if t.wall_s >= 2 else "")
                          for t in case_timings if t.us is not None)
         print(f"[{i}/{len(plan.cases)} {time.perf_counter() - started:5.0f}s] {case.shape} {case.dtype}"
-              f"{' +res' if case.residual else ''} ({n_sets} sets) µs: {done}", flush=True)
-        checkpoint(timings)
-    return timings, device
+              f"{' +res' if case.residual else ''} {case.phase} ({n_sets} sets) µs: {done}", flush=True)
+        checkpoint(timings, determinism)
+    return timings, determinism, device
 
 
 def package_versions() -> List[str]:
@@ -98,27 +112,6 @@ def _peers_module(framework: str, peers: Sequence[str], unavailable: Dict[str, s
     return bench_peers
 
 
-def _run_impl(case: Case, name: str, make: Callable, check: Callable, timer: Callable,
-              unavailable: Dict[str, str]) -> Optional[Timing]:
-    """Build, check and time one impl; a failure becomes a skipped row with the reason, never a crash."""
-    if name in unavailable:
-        return None
-    started = time.perf_counter()
-    try:
-        fn = make()
-        check(fn)
-        us, note = timer(fn)
-        return Timing(case, name, us, note, time.perf_counter() - started)
-    except Skip as e:
-        unavailable[name] = str(e)
-        print(f"  {name}: skipped for every case: {e}", flush=True)
-        return None
-    except Exception as e:  # one impl's failure must not end the run
-        why = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-        print(f"  {name} at {case.shape} {case.dtype}{' +res' if case.residual else ''}: {why}", flush=True)
-        return Timing(case, name, None, why, time.perf_counter() - started)
-
-
 def _measure_torch(case: Case, n_sets: int, peers: Sequence[str], unavailable: Dict[str, str]) -> List[Timing]:
     import torch
 
@@ -145,22 +138,15 @@ def _measure_torch(case: Case, n_sets: int, peers: Sequence[str], unavailable: D
         elif want:
             check_close(case, result, want[0], lambda t: t.float().cpu().numpy())
 
-    timings = [_run_impl(case, "bi-torch", lambda: ours, check, lambda fn: time_torch(fn, sets), unavailable)]
+    timings = [run_impl(case, "bi-torch", lambda: ours, check, lambda fn: time_torch(fn, sets), unavailable)]
     for name in peers:
-        if IMPL_BY_NAME[name].framework == "torch" and bench_peers is not None:
+        if IMPL_BY_NAME[name].framework == "torch" and runs_in(name, case) and bench_peers is not None:
             make = bench_peers.TORCH_PEERS[name]
-            timings.append(_run_impl(case, name, lambda: make(weight, EPS, case.residual), check,
+            timings.append(run_impl(case, name, lambda: make(weight, EPS, case.residual), check,
                                      lambda fn: time_torch(fn, sets), unavailable))
     _note_unchecked(timings, want, "bi-torch")
     del xs, rs, sets, want
-    # The ceiling: copies moving the op's bytes, half read and half written, over as many sets.
-    words = (-(-case.bytes_moved // 8),)  # half the bytes, in 4-byte words
-    copies = list(zip(torch_sets(n_sets, words, torch.int32, g), torch_sets(n_sets, words, torch.int32, g)))
-    candidates = {"memcpy": lambda s, d: d.copy_(s)}
-    if bench_peers is not None:
-        candidates["triton copy"] = bench_peers.sm_copy
-    timings.append(_run_impl(case, "copy", lambda: candidates, lambda fns: None,
-                             lambda fns: time_copy(fns, copies), unavailable))
+    timings.append(copy_timing(case, n_sets, g, bench_peers and bench_peers.sm_copy, unavailable))
     return [t for t in timings if t is not None]
 
 
@@ -190,12 +176,12 @@ def _measure_jax(case: Case, n_sets: int, peers: Sequence[str], unavailable: Dic
         elif want:
             check_close(case, result, want[0], lambda a: np.asarray(a.astype(jnp.float32)))
 
-    timings = [_run_impl(case, "bi-jax", lambda: ours, check, lambda op: time_jax(op, sets, weight, case),
+    timings = [run_impl(case, "bi-jax", lambda: ours, check, lambda op: time_jax(op, sets, weight, case),
                          unavailable)]
     for name in peers:
-        if IMPL_BY_NAME[name].framework == "jax" and bench_peers is not None:
+        if IMPL_BY_NAME[name].framework == "jax" and runs_in(name, case) and bench_peers is not None:
             make = bench_peers.JAX_PEERS[name]
-            timings.append(_run_impl(case, name, lambda: make(EPS, case.residual), check,
+            timings.append(run_impl(case, name, lambda: make(EPS, case.residual), check,
                                      lambda op: time_jax(op, sets, weight, case), unavailable))
     _note_unchecked(timings, want, "bi-jax")
     return [t for t in timings if t is not None]

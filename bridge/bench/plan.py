@@ -1,8 +1,8 @@
-"""`bi-norm bench`'s plan: the shapes, dtypes and implementations, the bytes a case moves, the
-input sets rotated per case, and the knobs the timing uses. No framework is imported here.
+"""`bi-norm bench`'s plan: the shapes, dtypes, passes (forward, backward, fwd+bwd) and
+implementations, the bytes a case moves, the input sets rotated per case, and the knobs the timing
+uses. No framework is imported here.
 
-The package's imports go one way: plan <- timing <- measuring, plan <- peers (imported by measuring
-on a GPU run only), plan <- report; the package's __init__ (run) uses all but peers.
+The package's imports go one way (bridge/bench/__init__.py lists them); plan imports none of them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ QUICK_SHAPES: Tuple[Tuple[int, int], ...] = ((1, 4096), (256, 4096), (4096, 8192
 DTYPES = ("bfloat16", "float32")
 ITEMSIZE = {"bfloat16": 2, "float32": 4}
 EPS = 1e-6
+# What is timed: the forward; the backward alone (from what the forward saved); both, in one call
+# (torch only: bi_jax's jitted loop would have to carry the forward's outputs to keep XLA from dropping them).
+PASSES = ("forward", "backward", "fwd+bwd")
+DEFAULT_PASSES = ("forward", "backward")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,19 +33,22 @@ class Impl:
     kind: str  # "ours", "peer" or "copy"
     framework: str  # "torch" or "jax"
     fused_residual: bool  # False: the residual variant adds in a separate kernel ("add+norm")
+    passes: Tuple[str, ...] = ("forward",)  # the passes it is timed in
 
 
 # BENCHMARKS.md says what each one is and how it is configured.
 IMPLS: Tuple[Impl, ...] = (
-    Impl("bi-torch", "ours", "torch", True),
-    Impl("bi-jax", "ours", "jax", True),
-    Impl("torch-eager", "peer", "torch", False),
-    Impl("hf-compiled", "peer", "torch", True),
-    Impl("liger", "peer", "torch", True),
+    Impl("bi-torch", "ours", "torch", True, PASSES),
+    Impl("bi-jax", "ours", "jax", True, ("forward", "backward")),
+    Impl("torch-eager", "peer", "torch", False, PASSES),
+    Impl("hf-eager", "peer", "torch", False, ("backward", "fwd+bwd")),
+    Impl("hf-compiled", "peer", "torch", True, PASSES),
+    Impl("liger", "peer", "torch", True, PASSES),
     Impl("vllm-bi", "peer", "torch", False),
-    Impl("xla", "peer", "jax", True),
+    Impl("xla", "peer", "jax", True, ("forward", "backward")),
     Impl("pallas-example", "peer", "jax", False),
-    Impl("copy", "copy", "torch", True),
+    Impl("tokamax", "peer", "jax", False, ("backward",)),
+    Impl("copy", "copy", "torch", True, PASSES),
 )
 IMPL_BY_NAME: Dict[str, Impl] = {impl.name: impl for impl in IMPLS}
 PEER_NAMES = tuple(impl.name for impl in IMPLS if impl.kind == "peer")
@@ -56,6 +63,9 @@ JAX_CALL_S = 0.02  # GPU work per jitted call, so its dispatch (~50 µs) is unde
 CHECK_ROWS = 4096  # rows compared against our kernel before a peer is timed
 CHECK_TOL = {"bfloat16": 2e-2, "float32": 1e-4}  # max ||peer - ours|| / ||ours||
 SMALL_TOKENS = 64  # "small-token latency" rows for the targets
+BACKWARD_CHECK_ELEMENTS = 1 << 18  # the backward check's rows: about this many elements (the reference is numpy)
+DETERMINISM_SHAPES = ((16384, 4096), (65536, 4096))  # backward cases whose grad_weight is checked run to run
+DETERMINISM_RUNS = 20
 LIGER_SITE = Path("/tmp/site")  # where scripts/gpu_suite.sh installs the carried wheels
 
 
@@ -65,13 +75,26 @@ class Case:
     hidden: int
     dtype: str
     residual: bool
+    phase: str = "forward"  # one of PASSES
 
     @property
     def bytes_moved(self) -> int:
-        """Read x (+ residual) and the weight, write out (+ the new residual); residual in x's dtype."""
+        """The fewest bytes any implementation must move (residual and gradients in x's dtype).
+
+        forward: read x (+ residual) and the weight, write out (+ the new residual).
+        backward: read what the forward normalised (x, or the new residual), grad_out (+ the new
+        residual's gradient) and the weight, write grad_x and grad_weight. With a residual in x's
+        dtype grad_residual has grad_x's bits, one tensor that two names can share (bi-torch,
+        autograd and Liger return it twice), so it is not counted again; nor is anything an
+        implementation saves or recomputes (Liger's rstd, partial sums of grad_weight).
+        fwd+bwd: the two together.
+        """
         tensor = self.tokens * self.hidden * ITEMSIZE[self.dtype]
+        weight = self.hidden * ITEMSIZE[self.dtype]
         streams = 2 if self.residual else 1
-        return 2 * streams * tensor + self.hidden * ITEMSIZE[self.dtype]
+        forward = 2 * streams * tensor + weight
+        backward = (1 + streams) * tensor + tensor + 2 * weight
+        return {"forward": forward, "backward": backward, "fwd+bwd": forward + backward}[self.phase]
 
     @property
     def shape(self) -> str:
@@ -85,6 +108,16 @@ class Timing:
     us: Optional[float]  # None: skipped or failed, see note
     note: str = ""
     wall_s: float = 0.0  # host seconds spent on it: building, checking, compiling, timing
+
+
+@dataclasses.dataclass
+class Determinism:
+    """grad_weight of DETERMINISM_RUNS backward calls on the same inputs: how many bit patterns."""
+    case: Case
+    impl: str
+    runs: int
+    distinct: Optional[int]  # None: not run, see note
+    note: str = ""
 
 
 @dataclasses.dataclass
@@ -122,8 +155,18 @@ def make_plan(args: argparse.Namespace) -> Plan:
     shapes = parse_shapes(args.shapes) if args.shapes else list(QUICK_SHAPES if args.quick else DEFAULT_SHAPES)
     dtypes = [d for d in DTYPES if not args.dtype or d in args.dtype]
     residuals = [False] if args.no_residual else [True] if args.residual_only else [False, True]
-    cases = [Case(t, h, d, r) for t, h in shapes for d in dtypes for r in residuals]
+    phases = [p for p in PASSES if p in (args.passes or DEFAULT_PASSES)]
+    cases = [Case(t, h, d, r, p) for t, h in shapes for d in dtypes for r in residuals for p in phases]
     return Plan(cases, parse_peers(args.peers), args.out)
+
+
+def runs_in(name: str, case: Case) -> bool:
+    """Whether implementation `name` is timed at this case's pass."""
+    return case.phase in IMPL_BY_NAME[name].passes
+
+
+def checks_determinism(case: Case) -> bool:
+    return case.phase == "backward" and (case.tokens, case.hidden) in DETERMINISM_SHAPES
 
 
 class Skip(Exception):
@@ -137,11 +180,27 @@ def rotation_sets(case: Case, l2_bytes: int) -> int:
     return max(1, min(math.ceil(2 * l2_bytes / footprint), MAX_SETS, POOL_BYTES // per_role))
 
 
+# --dry-run's made-up bandwidths, GB/s per implementation: (forward, backward and fwd+bwd); None
+# where the implementation is not timed.
+_SYNTHETIC_GBPS = {"copy": (3000, 3000), "bi-torch": (2850, 2600), "bi-jax": (2800, 2500),
+                   "torch-eager": (2000, 900), "hf-eager": (None, 200), "hf-compiled": (2600, 1800),
+                   "liger": (2500, 1300), "vllm-bi": (1800, None), "xla": (2400, 1700),
+                   "pallas-example": (2200, None), "tokamax": (None, 1500)}
+
+
+def _names(plan: Plan, case: Case) -> List[str]:
+    return [name for name in ("bi-torch", "bi-jax", *plan.peers, "copy") if runs_in(name, case)]
+
+
 def synthetic_timings(plan: Plan) -> List[Timing]:
     """A made-up result (--dry-run) for the plan's first and last shapes: latency + bytes / a fixed bandwidth."""
-    gbps = {"copy": 3000, "bi-torch": 2850, "bi-jax": 2800, "torch-eager": 2000, "hf-compiled": 2600,
-            "liger": 2500, "vllm-bi": 1800, "xla": 2400, "pallas-example": 2200}
     ends = {plan.cases[0].shape, plan.cases[-1].shape}
-    names = ["bi-torch", "bi-jax", *plan.peers, "copy"]
-    return [Timing(case, name, 2.0 + case.bytes_moved / gbps[name] / 1e3, "synthetic")
-            for case in plan.cases if case.shape in ends for name in names]
+    return [Timing(case, name, 2.0 + case.bytes_moved / _SYNTHETIC_GBPS[name][case.phase != "forward"] / 1e3,
+                   "synthetic")
+            for case in plan.cases if case.shape in ends for name in _names(plan, case)]
+
+
+def synthetic_determinism(plan: Plan) -> List[Determinism]:
+    """A made-up determinism result (--dry-run): one bit pattern for every implementation."""
+    return [Determinism(case, name, DETERMINISM_RUNS, 1, "synthetic")
+            for case in plan.cases if checks_determinism(case) for name in _names(plan, case) if name != "copy"]

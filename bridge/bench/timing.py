@@ -1,6 +1,7 @@
 """`bi-norm bench`'s timing helpers: CUDA-graph replay timed by events for torch, a jitted on-GPU
-loop (or an unrolled jit) for JAX, the rotated input sets, the copy ceiling, and the check of a
-peer's output against ours. torch and jax are imported inside the functions only.
+loop (or an unrolled jit) for JAX, the rotated input sets, the copy ceiling, the check of a
+peer's output against ours, and one implementation's build-check-time step (any pass). torch and
+jax are imported inside the functions only.
 """
 
 from __future__ import annotations
@@ -9,19 +10,26 @@ import math
 import re
 import statistics
 import time
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
-from .plan import CHECK_ROWS, CHECK_TOL, JAX_CALL_S, JAX_SETS, MAX_REPS, MEASURE_S, MIN_REPS, Case
+from .plan import CHECK_ROWS, CHECK_TOL, JAX_CALL_S, JAX_SETS, MAX_REPS, MEASURE_S, MIN_REPS, Case, Skip, Timing
+
 
 def _reps(estimate_s: float) -> int:
     return max(MIN_REPS, min(MAX_REPS, int(MEASURE_S / max(estimate_s, 1e-6))))
 
 
-def time_torch(fn: Callable, sets: Sequence[tuple]) -> Tuple[float, str]:
-    """Median µs per call: fn over every set, captured in one CUDA graph, timed by events around replays."""
+def time_torch(fn: Callable, sets: Sequence[tuple], stream=None,
+               refresh: Optional[Callable[[], None]] = None) -> Tuple[float, str]:
+    """Median µs per call: fn over every set, captured in one CUDA graph, timed by events around replays.
+
+    stream: where the warm-up and the capture run (default: a side stream, the graph's own); an
+    autograd backward runs on the stream its forward ran on, so it is captured there. refresh:
+    called before every replay, outside the timed events: fresh inputs for an op that overwrites them.
+    """
     import torch
 
-    side = torch.cuda.Stream()
+    side = stream or torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the default stream, as capture wants: compiles, autotunes
         for args in sets[:2]:
@@ -32,7 +40,7 @@ def time_torch(fn: Callable, sets: Sequence[tuple]) -> Tuple[float, str]:
     graph = torch.cuda.CUDAGraph()
     try:
         # thread_local: JAX's runtime threads may call CUDA while this thread captures.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
             for args in sets:
                 fn(*args)
         replay = graph.replay
@@ -43,9 +51,12 @@ def time_torch(fn: Callable, sets: Sequence[tuple]) -> Tuple[float, str]:
         def replay() -> None:
             for args in sets:
                 fn(*args)
+    refresh = refresh or (lambda: None)
+    refresh()
     replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    refresh()
     start.record()
     replay()
     end.record()
@@ -53,6 +64,7 @@ def time_torch(fn: Callable, sets: Sequence[tuple]) -> Tuple[float, str]:
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(_reps(start.elapsed_time(end) / 1e3))]
     for a, b in events:
+        refresh()
         a.record()
         replay()
         b.record()
@@ -63,6 +75,9 @@ def time_torch(fn: Callable, sets: Sequence[tuple]) -> Tuple[float, str]:
 
 def time_jax(op: Callable, sets: Sequence[tuple], weight, case: Case) -> Tuple[float, str]:
     """Median µs per call of op over K = min(sets, JAX_SETS) input sets, looped on the GPU.
+
+    op(*set, weight) returns the next set: a forward's (out, new residual), or out alone for a set
+    (x, None); the backward's op returns its set with the gradients in it (bridge.bench.backward).
 
     The loop runs op on all K sets rotated by one, then on those results rotated back, into the
     carry: each call consumes an earlier call's output, so XLA can neither hoist nor drop one, a
@@ -79,8 +94,8 @@ def time_jax(op: Callable, sets: Sequence[tuple], weight, case: Case) -> Tuple[f
     iterations = max(1, math.ceil(JAX_CALL_S / (2 * k * guess_s)))
     barrier = jax.lax.optimization_barrier
 
-    def as_set(result) -> tuple:
-        return tuple(result) if case.residual else (result, None)
+    def as_set(result) -> tuple:  # a forward without a residual returns out alone; its set is (x, None)
+        return tuple(result) if isinstance(result, (tuple, list)) else (result, None)
 
     def loop(carry, w):
         def body(_, sets_in):
@@ -145,7 +160,7 @@ def time_jax_unrolled(op: Callable, sets: Sequence[tuple], weight) -> Tuple[floa
     return statistics.median(samples) * 1e6, "host-bound: an upper bound" if host_bound else ""
 
 
-def _rel_err(a, b) -> float:
+def rel_err(a, b) -> float:
     """||a - b|| / ||b|| in float64 on numpy arrays; inf when either is not finite."""
     import numpy as np
 
@@ -162,7 +177,7 @@ def check_close(case: Case, got, want, to_numpy: Callable) -> None:
     if len(got) != len(want):
         raise ValueError(f"returned {len(got)} outputs, expected {len(want)}")
     for name, g, w in zip(("out", "new residual"), got, want):
-        err = _rel_err(to_numpy(g[:CHECK_ROWS]), to_numpy(w[:CHECK_ROWS]))
+        err = rel_err(to_numpy(g[:CHECK_ROWS]), to_numpy(w[:CHECK_ROWS]))
         if not err <= CHECK_TOL[case.dtype]:
             raise ValueError(f"{name} differs from ours: relative error {err:.2e} > {CHECK_TOL[case.dtype]:.0e}")
 
@@ -187,3 +202,39 @@ def time_copy(candidates: Dict[str, Callable], copies: Sequence[tuple]) -> Tuple
     times = {how: time_torch(fn, copies)[0] for how, fn in candidates.items()}
     best = min(times, key=times.get)
     return times[best], f"{best} ({', '.join(f'{how} {us:.2f} µs' for how, us in times.items())})"
+
+
+def copy_timing(case: Case, n_sets: int, g, sm_copy: Optional[Callable],
+                unavailable: Dict[str, str]) -> Optional[Timing]:
+    """The ceiling: copies moving the case's bytes, half read and half written, over as many sets."""
+    import torch
+
+    words = (-(-case.bytes_moved // 8),)  # half the bytes, in 4-byte words
+    copies = list(zip(torch_sets(n_sets, words, torch.int32, g), torch_sets(n_sets, words, torch.int32, g)))
+    candidates = {"memcpy": lambda s, d: d.copy_(s)}
+    if sm_copy is not None:
+        candidates["triton copy"] = sm_copy
+    return run_impl(case, "copy", lambda: candidates, lambda fns: None, lambda fns: time_copy(fns, copies),
+                    unavailable)
+
+
+def run_impl(case: Case, name: str, make: Callable, check: Callable, timer: Callable,
+             unavailable: Dict[str, str]) -> Optional[Timing]:
+    """Build, check and time one impl; a failure becomes a skipped row with the reason, never a crash."""
+    if name in unavailable:
+        return None
+    started = time.perf_counter()
+    try:
+        fn = make()
+        check(fn)
+        us, note = timer(fn)
+        return Timing(case, name, us, note, time.perf_counter() - started)
+    except Skip as e:
+        unavailable[name] = str(e)
+        print(f"  {name}: skipped for every {case.phase} case: {e}", flush=True)
+        return None
+    except Exception as e:  # one impl's failure must not end the run
+        why = f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+        print(f"  {name} at {case.shape} {case.dtype}{' +res' if case.residual else ''} {case.phase}: {why}",
+              flush=True)
+        return Timing(case, name, None, why, time.perf_counter() - started)
