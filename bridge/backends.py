@@ -7,17 +7,25 @@ torch and jax and a missing framework only makes its backends unavailable.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
 from . import reference
+from .reference_fp8 import fp8_numpy_dtype
+from .verify_report import Unavailable
 
 # (x, weight, eps, residual, mode, weight_offset) -> out, or (out, new_residual) with a residual.
 RunFn = Callable[..., object]
 # (x, weight, grad_out, eps, residual, grad_new_residual, mode, weight_offset) -> what
 # reference.rms_norm_backward returns: (grad_x, grad_weight), or (grad_x, grad_residual, grad_weight).
 BackwardFn = Callable[..., Tuple[np.ndarray, ...]]
+# (x, weight, eps, residual, mode, weight_offset, quantization) -> (out, scales or None, new_residual
+# or None), quantization being golden_fp8.Fp8Case.quantization(): {"out_dtype": "float8_e4m3fn"} and
+# "scale" (a float32 numpy array of shape () or (1,)) or "group_size". Each runner checks that the API
+# returns the spec's tuple: out, (out, new_residual), (out, scales) or (out, scales, new_residual).
+Fp8Fn = Callable[..., Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]]
 
 
 @dataclasses.dataclass
@@ -30,6 +38,34 @@ class Backend:
     make_backward_runner: Callable[[], BackwardFn]
     # XLA:CPU flushes float32 subnormals (bridge/subnormals.py): gradients through one are not compared.
     flushes_subnormals: bool = False
+    # FP8 output (contract v1.2); raises verify_report.Unavailable where the API has none.
+    make_fp8_runner: Optional[Callable[[], Fp8Fn]] = None
+
+
+def split_fp8(result, grouped: bool, has_residual: bool) -> Tuple[object, Optional[object], Optional[object]]:
+    """An FP8 call's result as (out, scales or None, new_residual or None), after checking that it
+    has the spec's shape: out alone (a single array, not a tuple), or a tuple of out, the scales
+    (per group) and the new residual (with a residual), in that order."""
+    names = ("out",) + (("scales",) if grouped else ()) + (("new_residual",) if has_residual else ())
+    parts = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+    if len(parts) != len(names) or (len(names) == 1 and isinstance(result, (tuple, list))):
+        got = f"a {type(result).__name__} of {len(parts)}" if isinstance(result, (tuple, list)) else "one array"
+        want = names[0] if len(names) == 1 else f"({', '.join(names)})"
+        raise ValueError(f"FP8 call returned {got}; the spec's result is {want}")
+    return parts[0], parts[1] if grouped else None, parts[-1] if has_residual else None
+
+
+def _reference_fp8(x, weight, eps, residual, mode, weight_offset, quantization):
+    result = reference.rms_norm(x, weight, eps, residual, mode=mode, weight_offset=weight_offset, **quantization)
+    return split_fp8(result, "group_size" in quantization, residual is not None)
+
+
+def _needs_out_dtype(fn: Callable, where: str) -> None:
+    """Unavailable unless fn takes out_dtype, scale and group_size (the FP8 spec's arguments)."""
+    params = inspect.signature(fn).parameters
+    missing = [p for p in ("out_dtype", "scale", "group_size") if p not in params]
+    if missing:
+        raise Unavailable(f"{where} has no {', '.join(missing)} argument (FP8 output, contract v1.2)")
 
 
 def _reference_backward(x, weight, grad_out, eps, residual, grad_new_residual, mode, weight_offset):
@@ -87,6 +123,40 @@ def _torch_backward_runner(device: str) -> BackwardFn:
         grads = torch.autograd.grad(outputs, inputs, [bi_torch.from_numpy(g, device) for g in cotangents])
         grad_x, grad_weight, *grad_residual = (bi_torch.to_numpy(g) for g in grads)
         return (grad_x, *grad_residual, grad_weight)
+
+    return run
+
+
+def _torch_fp8_runner(device: str) -> Fp8Fn:
+    """bi_torch.rms_norm(..., out_dtype=torch.float8_e4m3fn, scale=<float32 tensor on x's device> |
+    group_size=...), outputs back to numpy through uint8 views (FP8) and bi_torch.to_numpy."""
+    import torch
+
+    import bi_torch
+
+    _needs_out_dtype(bi_torch.rms_norm, "bi_torch.rms_norm")
+
+    def to_torch(a: Optional[np.ndarray]):
+        return None if a is None else bi_torch.from_numpy(a, device)
+
+    def fp8_to_numpy(t) -> np.ndarray:
+        name = str(t.dtype).replace("torch.", "")
+        if t.element_size() != 1 or not name.startswith("float8"):
+            raise TypeError(f"out: expected an FP8 tensor; got {t.dtype}")
+        return t.detach().cpu().contiguous().view(torch.uint8).numpy().copy().view(fp8_numpy_dtype(name))
+
+    def run(x, weight, eps, residual, mode, weight_offset, quantization):
+        kwargs = {"out_dtype": getattr(torch, quantization["out_dtype"])}
+        if "scale" in quantization:
+            scale = np.asarray(quantization["scale"], np.float32)
+            kwargs["scale"] = torch.from_numpy(scale.reshape(-1).copy()).reshape(scale.shape).to(device)
+        else:
+            kwargs["group_size"] = quantization["group_size"]
+        result = bi_torch.rms_norm(to_torch(x), to_torch(weight), eps, to_torch(residual), mode=mode,
+                                   weight_offset=weight_offset, **kwargs)
+        out, scales, new_residual = split_fp8(result, "group_size" in quantization, residual is not None)
+        return (fp8_to_numpy(out), None if scales is None else bi_torch.to_numpy(scales),
+                None if new_residual is None else bi_torch.to_numpy(new_residual))
 
     return run
 
@@ -154,17 +224,43 @@ def _jax_backward_runner(interpret: bool) -> BackwardFn:
     return run
 
 
+def _jax_fp8_runner(interpret: bool) -> Fp8Fn:
+    """bi_jax.rms_norm(..., out_dtype=jnp.float8_e4m3fn, scale=<float32 jax array> | group_size=...)."""
+    import jax.numpy as jnp
+
+    import bi_jax
+
+    _needs_out_dtype(bi_jax.rms_norm, "bi_jax.rms_norm")
+    put = _jax_put(interpret)
+
+    def run(x, weight, eps, residual, mode, weight_offset, quantization):
+        kwargs = {"out_dtype": jnp.dtype(quantization["out_dtype"])}
+        if "scale" in quantization:
+            kwargs["scale"] = put(np.asarray(quantization["scale"], np.float32))
+        else:
+            kwargs["group_size"] = quantization["group_size"]
+        result = bi_jax.rms_norm(put(x), put(weight), eps, None if residual is None else put(residual), mode=mode,
+                                 weight_offset=weight_offset, interpret=interpret, **kwargs)
+        parts = split_fp8(result, "group_size" in quantization, residual is not None)
+        return tuple(None if a is None else np.asarray(a) for a in parts)
+
+    return run
+
+
 BACKENDS: List[Backend] = [
     Backend("reference", "numpy float32 reference (bridge.reference)", lambda: None,
             lambda: lambda x, w, eps, r, mode, off: reference.rms_norm(x, w, eps, r, mode=mode, weight_offset=off),
-            lambda: _reference_backward),
+            lambda: _reference_backward, make_fp8_runner=lambda: _reference_fp8),
     Backend("triton-interpret", "bi_torch on CPU tensors (Triton interpreter)",
-            lambda: _torch_probe("cpu"), lambda: _torch_runner("cpu"), lambda: _torch_backward_runner("cpu")),
+            lambda: _torch_probe("cpu"), lambda: _torch_runner("cpu"), lambda: _torch_backward_runner("cpu"),
+            make_fp8_runner=lambda: _torch_fp8_runner("cpu")),
     Backend("triton-gpu", "bi_torch on CUDA tensors (compiled Triton)",
-            lambda: _torch_probe("cuda"), lambda: _torch_runner("cuda"), lambda: _torch_backward_runner("cuda")),
+            lambda: _torch_probe("cuda"), lambda: _torch_runner("cuda"), lambda: _torch_backward_runner("cuda"),
+            make_fp8_runner=lambda: _torch_fp8_runner("cuda")),
     Backend("pallas-interpret", "bi_jax with interpret=True on CPU",
             lambda: _jax_probe(True), lambda: _jax_runner(True), lambda: _jax_backward_runner(True),
-            flushes_subnormals=True),
+            flushes_subnormals=True, make_fp8_runner=lambda: _jax_fp8_runner(True)),
     Backend("pallas-gpu", "bi_jax compiled Pallas (Triton lowering) on GPU",
-            lambda: _jax_probe(False), lambda: _jax_runner(False), lambda: _jax_backward_runner(False)),
+            lambda: _jax_probe(False), lambda: _jax_runner(False), lambda: _jax_backward_runner(False),
+            make_fp8_runner=lambda: _jax_fp8_runner(False)),
 ]

@@ -14,7 +14,7 @@ from . import golden
 from .backends import BACKENDS
 from .contract import CONTRACT_VERSION, DTYPES
 from .verify import CROSS_FRAMEWORK, QUICK_MAX_N, verify
-from .verify_report import NOT_IMPLEMENTED, BackendReport, Progress
+from .verify_report import NOT_AVAILABLE, NOT_IMPLEMENTED, BackendReport, Progress
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,7 +82,7 @@ def terminal_progress(stream=None) -> Progress:
 
 
 def format_table(reports: Sequence[BackendReport]) -> str:
-    """A line per backend and pass (forward, backward); an unavailable backend gets one, with the reason."""
+    """A line per backend and pass (forward, backward, fp8); an unavailable backend gets one, with the reason."""
     header = (f"{'backend':<18} {'pass':<8} {'status':<15} {'cases':>5} {'checks':>6} {'mismatch':>8} "
               f"{'invariance':>10}  first mismatch / note")
     lines = [header, "-" * len(header)]
@@ -90,7 +90,7 @@ def format_table(reports: Sequence[BackendReport]) -> str:
         if r.status == "unavailable" or (r.status == "error" and r.reason):
             lines.append(f"{r.backend:<18} {'':<8} {r.status:<15} {'':>5} {'':>6} {'':>8} {'':>10}  {r.reason}")
             continue
-        for label, p in (("forward", r.forward), ("backward", r.backward)):
+        for label, p in (("forward", r.forward), ("backward", r.backward), ("fp8", r.fp8)):
             if p is None:
                 continue
             inv = f"{p.invariance_checks - p.invariance_mismatches}/{p.invariance_checks}"
@@ -116,6 +116,9 @@ def _verify(args: argparse.Namespace) -> int:
         lacking = [r.backend for r in reports if r.backward is not None and r.backward.status == NOT_IMPLEMENTED]
         if lacking:
             print(f"Backward not implemented (not a failure): {', '.join(lacking)}")
+        no_fp8 = [r.backend for r in reports if r.fp8 is not None and r.fp8.status == NOT_AVAILABLE]
+        if no_fp8:
+            print(f"FP8 not available (not compared, not a failure): {', '.join(no_fp8)}")
     return 1 if failed else 0
 
 

@@ -1,4 +1,8 @@
-"""`bi-norm verify`: the golden corpus and a batch-invariance sweep through every backend."""
+"""`bi-norm verify`: the golden corpus and a batch-invariance sweep through every backend.
+
+Three passes per backend: the forward (v1), the backward (v1.1) and the FP8 output (v1.2); then
+the cross-framework row, bi_torch against bi_jax on the same memory, for the same three.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +17,10 @@ import numpy as np
 
 from . import crossframework, golden, golden_backward, subnormals
 from .backends import BACKENDS, Backend
-from .compare import first_mismatch
-from .verify_report import BackendReport, PassReport, Progress, Ticker, overall_status, run_pass
+from .compare import first_mismatch as _first_mismatch
+from .contract import FP8_FORMATS
+from .reference import dtype_name
+from .verify_report import BackendReport, PassReport, Progress, Ticker, Unavailable, overall_status, run_pass
 
 QUICK_MAX_N = 1025
 INVARIANCE_SIZES = (7, 128, 1000, 4096, 65536)
@@ -23,6 +29,10 @@ QUICK_INVARIANCE_BATCHES = (1, 5)
 # The backward's sweep is shorter: grad_x rows of the backward corpus's cases at these n.
 BACKWARD_INVARIANCE_SIZES = (128, 4096)
 BACKWARD_INVARIANCE_BATCHES = (1, 5, 33)
+# FP8: a row alone vs in batches of 255 and 300 rows (vLLM's test_rms_norm_batch_invariant.py uses
+# these), for a static and a per-group case of each dtype with n <= FP8_INVARIANCE_MAX_N.
+FP8_INVARIANCE_BATCHES = (255, 300)
+FP8_INVARIANCE_MAX_N = 128
 # The cross-framework row: bi_torch's result handed to JAX zero-copy and compared there.
 CROSS_FRAMEWORK = "torch-jax-dlpack"
 # On CPU both kernels run in interpreters: the cross check keeps to short rows there.
@@ -30,11 +40,9 @@ CROSS_CPU_MAX_N = 129
 BACKEND_BY_NAME = {b.name: b for b in BACKENDS}
 
 
-
-
 @dataclasses.dataclass
 class Plan:
-    """What one backend runs: corpus cases, invariance cases and batch sizes, for both directions."""
+    """What one backend runs: corpus cases, invariance cases and batch sizes, for each pass."""
 
     cases: list
     invariance_cases: list
@@ -42,10 +50,38 @@ class Plan:
     backward_cases: list
     backward_invariance_cases: list
     backward_batches: Sequence[int]
+    fp8_cases: list = dataclasses.field(default_factory=list)
+    fp8_invariance_cases: list = dataclasses.field(default_factory=list)
+    fp8_batches: Sequence[int] = FP8_INVARIANCE_BATCHES
+
+    def forward_steps(self) -> int:
+        return len(self.cases) + len(self.invariance_cases)
+
+    def backward_steps(self) -> int:
+        return len(self.backward_cases) + len(self.backward_invariance_cases)
 
     def steps(self) -> int:
-        return (len(self.cases) + len(self.invariance_cases) + len(self.backward_cases)
-                + len(self.backward_invariance_cases))
+        return self.forward_steps() + self.backward_steps() + len(self.fp8_cases) + len(self.fp8_invariance_cases)
+
+
+def first_mismatch(expected: np.ndarray, actual: np.ndarray) -> Optional[str]:
+    """bridge.compare.first_mismatch, FP8 arrays included (compared on their uint8 codes)."""
+    names = dtype_name(expected.dtype), dtype_name(actual.dtype)
+    if names[0] not in FP8_FORMATS and names[1] not in FP8_FORMATS:
+        return _first_mismatch(expected, actual)
+    if expected.shape != actual.shape:
+        return f"shape {actual.shape} != expected {expected.shape}"
+    if names[0] != names[1]:
+        return f"dtype {names[1]} != expected {names[0]}"
+    e, a = (np.ascontiguousarray(v).view(np.uint8).ravel() for v in (expected, actual))
+    diff = np.flatnonzero(e != a)
+    if diff.size == 0:
+        return None
+    i = int(diff[0])
+    where = tuple(int(k) for k in np.unravel_index(i, expected.shape))
+    return (f"{diff.size} of {e.size} elements differ; first at index {where}: "
+            f"got {float(actual.ravel()[i])!r} (0x{int(a[i]):02x}), expected {float(expected.ravel()[i])!r} "
+            f"(0x{int(e[i]):02x})")
 
 
 def _select_cases(cases: Sequence, dtypes: Optional[Sequence[str]], quick: bool) -> list:
@@ -85,6 +121,19 @@ def _check_backward_corpus(run, cases, report: PassReport, tick: Ticker, flushes
                 got = subnormals.outside_flushed(expected, got, rows, cols)
             for what, exp, g in zip(names, expected, got):
                 report.note(f"{case.spec.name} {mode}/{offset:g} {what}", first_mismatch(exp, g))
+        tick()
+
+
+def _check_fp8_corpus(run, cases, report: PassReport, tick: Ticker) -> None:
+    """out, the scales (per group) and the new residual (with a residual) of every FP8 case."""
+    for case in cases:
+        report.cases += 1
+        for mode, offset in case.spec.outputs:
+            got = run(case.x, case.weight, case.spec.eps, case.residual, mode, offset, case.quantization())
+            where = f"{case.spec.name} {mode}/{offset:g}"
+            for what, exp, g in zip(("out", "scales", "new_residual"), case.expected(mode, offset), got):
+                if exp is not None:
+                    report.note(f"{where} {what}", first_mismatch(exp, g))
         tick()
 
 
@@ -145,18 +194,30 @@ def run_backend(backend: Backend, plan: Plan, progress: Progress) -> BackendRepo
                lambda c: (c.x, c.grad_out, c.residual, c.grad_new_residual),
                lambda c, rows: run(rows[0], c.weight, rows[1], c.spec.eps, *rows[2:], *c.spec.outputs[0])[:-1])
 
+    def fp8(r: PassReport) -> None:
+        if backend.make_fp8_runner is None:
+            raise Unavailable(f"{backend.name} has no FP8 runner")
+        run = backend.make_fp8_runner()
+        _check_fp8_corpus(run, plan.fp8_cases, r, tick)
+        _sweep(plan.fp8_invariance_cases, plan.fp8_batches, r, tick, ("out", "scales", "new_residual"),
+               lambda c: (c.x, c.residual),
+               lambda c, rows: run(rows[0], c.weight, c.spec.eps, rows[1], *c.spec.outputs[0], c.quantization()))
+
     report.forward = run_pass(forward, backward=False)
-    tick.reach(len(plan.cases) + len(plan.invariance_cases))
+    tick.reach(plan.forward_steps())
     report.backward = run_pass(backward, backward=True)
+    tick.reach(plan.forward_steps() + plan.backward_steps())
+    report.fp8 = run_pass(fp8, backward=False)
     tick.reach(plan.steps())
     report.status = overall_status(report)
     return report
 
 
-def run_cross_framework(cases, backward_cases, progress: Progress) -> BackendReport:
+def run_cross_framework(cases, backward_cases, progress: Progress, fp8_cases: Sequence = ()) -> BackendReport:
     """bi_torch and bi_jax on the same inputs, bits compared on the device through DLPack: the
-    forward's corpus and the backward's (on a CPU, short rows, and the gradient cases whose steps
-    meet no float32 subnormal: XLA:CPU flushes those in bi_jax's interpret mode)."""
+    forward's corpus, the backward's (on a CPU, short rows, and the gradient cases whose steps
+    meet no float32 subnormal: XLA:CPU flushes those in bi_jax's interpret mode) and the FP8 corpus
+    (on a CPU, short rows)."""
     report = BackendReport(CROSS_FRAMEWORK, "ok")
     reason = crossframework.probe()
     if reason is not None:
@@ -165,7 +226,8 @@ def run_cross_framework(cases, backward_cases, progress: Progress) -> BackendRep
     device = crossframework.best_device()
     short = (lambda c: c.spec.n <= CROSS_CPU_MAX_N) if device == "cpu" else (lambda c: True)
     chosen, chosen_backward = [c for c in cases if short(c)], [c for c in backward_cases if short(c)]
-    tick = Ticker(report.backend, len(chosen) + len(chosen_backward), progress)
+    chosen_fp8 = [c for c in fp8_cases if short(c)]
+    tick = Ticker(report.backend, len(chosen) + len(chosen_backward) + len(chosen_fp8), progress)
 
     def forward(r: PassReport) -> None:
         for case in chosen:
@@ -191,26 +253,55 @@ def run_cross_framework(cases, backward_cases, progress: Progress) -> BackendRep
             tick()
         r.reason = f"on {device}"
 
+    def fp8(r: PassReport) -> None:
+        fp8_reason = crossframework.fp8_probe()
+        if fp8_reason is not None:
+            raise Unavailable(fp8_reason)
+        for case in chosen_fp8:
+            r.cases += 1
+            for mode, offset in case.spec.outputs:
+                r.note(f"{case.spec.name} {mode}/{offset:g}", crossframework.cross_check_fp8(
+                    case.x, case.weight, case.spec.eps, case.residual, mode, offset, case.quantization(),
+                    device=device))
+            tick()
+        r.reason = f"on {device}; FP8 through DLPack {crossframework.fp8_dlpack_route(device)}"
+
     report.forward = run_pass(forward, backward=False)
+    tick.reach(len(chosen))
     report.backward = run_pass(backward, backward=True)
+    tick.reach(len(chosen) + len(chosen_backward))
+    report.fp8 = run_pass(fp8, backward=False)
+    tick.reach(len(chosen) + len(chosen_backward) + len(chosen_fp8))
     report.status = overall_status(report)
     return report
+
+
+def _fp8_invariance_cases(cases: Sequence, quick: bool) -> list:
+    """A static and a per-group case of each dtype (the first with n <= FP8_INVARIANCE_MAX_N); with
+    quick, one of each."""
+    chosen = {}
+    for c in cases:
+        if c.spec.n <= FP8_INVARIANCE_MAX_N:
+            chosen.setdefault(("" if quick else c.spec.dtype, c.spec.group_size is None), c)
+    return list(chosen.values())
 
 
 def _plan(dtypes: Optional[Sequence[str]], quick: bool, corpus_dir: Path) -> Plan:
     """What every backend runs; loading it also checks the corpus's digests."""
     cases = _select_cases(golden.load_corpus(corpus_dir), dtypes, quick)
     backward_cases = _select_cases(golden.load_backward_corpus(corpus_dir), dtypes, quick)
+    fp8_cases = _select_cases(golden.load_fp8_corpus(corpus_dir), dtypes, quick)
     sizes, backward_sizes = ((128,), (128,)) if quick else (INVARIANCE_SIZES, BACKWARD_INVARIANCE_SIZES)
     return Plan(cases, [c for c in cases if c.spec.n in sizes and c.spec.residual in ("none", "float32")],
                 QUICK_INVARIANCE_BATCHES if quick else INVARIANCE_BATCHES,
                 backward_cases, [c for c in backward_cases if c.spec.n in backward_sizes],
-                QUICK_INVARIANCE_BATCHES if quick else BACKWARD_INVARIANCE_BATCHES)
+                QUICK_INVARIANCE_BATCHES if quick else BACKWARD_INVARIANCE_BATCHES,
+                fp8_cases, _fp8_invariance_cases(fp8_cases, quick))
 
 
 def _run(name: str, plan: Plan, progress: Progress) -> BackendReport:
     if name == CROSS_FRAMEWORK:
-        return run_cross_framework(plan.cases, plan.backward_cases, progress)
+        return run_cross_framework(plan.cases, plan.backward_cases, progress, plan.fp8_cases)
     return run_backend(BACKEND_BY_NAME[name], plan, progress)
 
 
@@ -227,7 +318,7 @@ def verify(
     progress: Optional[Progress] = None,
     jobs: int = 1,
 ) -> List[BackendReport]:
-    """Run the corpus and the invariance sweep, forward then backward, through each named backend
+    """Run the corpus and the invariance sweep, forward, backward and FP8, through each named backend
     (default: all), then the cross-framework check; with jobs > 1, that many backends at a time,
     each in its own process."""
     names = list(backend_names) if backend_names else [b.name for b in BACKENDS] + [CROSS_FRAMEWORK]

@@ -1,4 +1,4 @@
-"""What `bi-norm verify` reports: a pass (forward or backward) per backend, and running one."""
+"""What `bi-norm verify` reports: a pass (forward, backward, FP8) per backend, and running one."""
 
 from __future__ import annotations
 
@@ -7,14 +7,22 @@ import time
 from typing import Callable, Optional
 
 NOT_IMPLEMENTED = "not implemented"
+# An FP8 pass whose backend's API has no FP8 output (yet): reported with the reason, never as a pass.
+NOT_AVAILABLE = "not available"
 Progress = Callable[[str, int, int], None]
+
+
+class Unavailable(Exception):
+    """Raised by a backend's runner factory for a pass its API cannot run (the reason is the message)."""
 
 
 @dataclasses.dataclass
 class PassReport:
-    """One direction (forward or backward) of one backend: the corpus and the invariance sweep."""
+    """One pass (forward, backward or FP8) of one backend: the corpus and the invariance sweep."""
 
-    status: str = "ok"  # "ok", "mismatch", "error" or "not implemented" (a backward the kernel lacks)
+    # "ok", "mismatch", "error", "not implemented" (a backward the kernel lacks) or "not available"
+    # (an FP8 output the API lacks)
+    status: str = "ok"
     reason: str = ""
     cases: int = 0
     checks: int = 0
@@ -40,10 +48,13 @@ class PassReport:
 @dataclasses.dataclass
 class BackendReport:
     backend: str
-    status: str  # "ok", "mismatch", "error" or "unavailable"; a backward not implemented leaves it "ok"
+    # "ok", "mismatch", "error" or "unavailable"; a backward not implemented or an FP8 pass not
+    # available leaves it "ok"
+    status: str
     reason: str = ""  # why unavailable, or why its worker process failed
     forward: PassReport = dataclasses.field(default_factory=PassReport)
-    backward: Optional[PassReport] = None  # None: not run (unavailable, or the cross-framework row)
+    backward: Optional[PassReport] = None  # None: not run (the backend is unavailable)
+    fp8: Optional[PassReport] = None  # None: not run (the backend is unavailable)
 
 
 class Ticker:
@@ -63,11 +74,14 @@ class Ticker:
 
 
 def run_pass(check: Callable[[PassReport], None], backward: bool) -> PassReport:
-    """check(report) timed; a crash is the pass's error (a backward the framework lacks: not implemented)."""
+    """check(report) timed; a crash is the pass's error (a backward the framework lacks: not
+    implemented; a pass whose runner factory raises Unavailable: not available)."""
     report = PassReport()
     start = time.perf_counter()
     try:
         check(report)
+    except Unavailable as e:
+        report.status, report.reason = NOT_AVAILABLE, str(e)
     except NotImplementedError as e:
         report.status = NOT_IMPLEMENTED if backward else "error"
         report.reason = f"{type(e).__name__}: {e}"
@@ -80,5 +94,5 @@ def run_pass(check: Callable[[PassReport], None], backward: bool) -> PassReport:
 
 
 def overall_status(report: BackendReport) -> str:
-    statuses = [p.status for p in (report.forward, report.backward) if p is not None]
+    statuses = [p.status for p in (report.forward, report.backward, report.fp8) if p is not None]
     return "error" if "error" in statuses else "mismatch" if "mismatch" in statuses else "ok"

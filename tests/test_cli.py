@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -15,13 +16,15 @@ import pytest
 from bridge import golden, verify
 from bridge.backends import Backend
 from bridge.cli import main
+from bridge.verify_report import Unavailable
 
-REPORT_KEYS = {"backend", "status", "reason", "forward", "backward"}
+REPORT_KEYS = {"backend", "status", "reason", "forward", "backward", "fp8"}
 PASS_KEYS = {"status", "reason", "cases", "checks", "mismatches", "invariance_checks", "invariance_mismatches",
              "first_mismatch", "seconds", "flushed"}
 # Cases that --quick still runs (n <= 1025) and the invariance sweeps use (n = 128).
 VICTIM = "bfloat16-n128-res_none"
 BACKWARD_VICTIM = "bwd-bfloat16-n128-r7-res_same"
+FP8_VICTIM = "fp8-bfloat16-n1024-r3-res_same-g64"  # scales of shape (3, 16): element (2, 5) is there
 
 
 @pytest.fixture
@@ -63,25 +66,30 @@ def test_verify_reference_json(capsys) -> None:
     assert doc["contract_version"] == "1.2" and doc["ok"] is True
     [report] = doc["backends"]
     assert set(report) == REPORT_KEYS and report["backend"] == "reference" and report["status"] == "ok"
-    for direction in ("forward", "backward"):
+    for direction in ("forward", "backward", "fp8"):
         result = report[direction]
         assert set(result) == PASS_KEYS and result["status"] == "ok", direction
         assert result["cases"] > 0 and result["checks"] >= 2 * result["cases"] and result["invariance_checks"] > 0
         assert result["mismatches"] == result["invariance_mismatches"] == result["flushed"] == 0
         assert result["first_mismatch"] == ""
-    # --quick keeps to n <= 1025 in both directions: fewer cases than the whole corpus.
+    # --quick keeps to n <= 1025 in every pass: fewer cases than the whole corpus.
     assert report["backward"]["cases"] < len(golden.load_backward_corpus())
+    assert report["fp8"]["cases"] == sum(c.spec.n <= 1025 for c in golden.load_fp8_corpus())
+    # The FP8 sweep: a static and a per-group case, each row alone vs in batches of 255 and 300 rows.
+    assert report["fp8"]["invariance_checks"] >= 2 * 2
 
 
 def test_verify_table(capsys) -> None:
     assert main(["verify", "--backend", "reference", "--quick", "--dtype", "float16"]) == 0
     lines = capsys.readouterr().out.splitlines()
     forward = next(line for line in lines if line.startswith("reference"))
-    backward = lines[lines.index(forward) + 1]
+    backward, fp8 = lines[lines.index(forward) + 1:lines.index(forward) + 3]
     assert forward.split()[1:3] == ["forward", "ok"] and backward.split()[:2] == ["backward", "ok"]
-    # --dtype float16: the float16 backward cases with n <= 1025 only.
+    assert fp8.split()[:2] == ["fp8", "ok"]
+    # --dtype float16: the float16 backward (and FP8) cases with n <= 1025 only.
     count = sum(c.spec.dtype == "float16" and c.spec.n <= 1025 for c in golden.load_backward_corpus())
     assert int(backward.split()[2]) == count
+    assert int(fp8.split()[2]) == sum(c.spec.dtype == "float16" and c.spec.n <= 1025 for c in golden.load_fp8_corpus())
     assert lines[-1] == "OK: every available backend matches the golden corpus bit for bit."
 
 
@@ -135,13 +143,76 @@ def test_verify_catches_a_flipped_expected_gradient_bit(corpus_copy: Path, capsy
     assert f"differs from regeneration: {BACKWARD_VICTIM}.npz" in capsys.readouterr().out
 
 
+def test_verify_catches_a_flipped_expected_fp8_bit(corpus_copy: Path, capsys) -> None:
+    for output in ("out_", "scales_"):
+        key = _flip_expected_bit(corpus_copy, FP8_VICTIM, output)
+        assert main(["verify", "--backend", "reference", "--quick", "--json", "--corpus", str(corpus_copy)]) == 1
+        [report] = json.loads(capsys.readouterr().out)["backends"]
+        fp8 = report["fp8"]
+        assert report["status"] == fp8["status"] == "mismatch" and report["forward"]["status"] == "ok"
+        assert fp8["mismatches"] == 1 and fp8["invariance_mismatches"] == 0
+        mode, offset = key[len(output):].split("_offset")
+        assert fp8["first_mismatch"].startswith(f"{FP8_VICTIM} {mode}/{offset} {output[:-1]}: 1 of "), output
+        assert "first at index (2, 5)" in fp8["first_mismatch"]
+        _flip_expected_bit(corpus_copy, FP8_VICTIM, output)  # back as it was
+    assert main(["verify", "--backend", "reference", "--quick", "--corpus", str(corpus_copy)]) == 0
+
+
+def _fp8_reference_returning(shape: str):
+    """The reference's FP8 runner, but returning a result of another shape than the spec's."""
+    from bridge import reference
+    from bridge.backends import split_fp8
+
+    def run(x, w, eps, r, mode, offset, quantization):
+        result = reference.rms_norm(x, w, eps, r, mode=mode, weight_offset=offset, **quantization)
+        if shape == "tuple":  # (out,) instead of out
+            result = result if isinstance(result, tuple) else (result,)
+        elif shape == "no scales" and "group_size" in quantization:
+            result = result[0] if r is None else (result[0], result[2])
+        return split_fp8(result, "group_size" in quantization, r is not None)
+
+    return run
+
+
+@pytest.mark.parametrize("shape,message", [("tuple", "FP8 call returned a tuple of 1; the spec's result is out"),
+                                           ("no scales", "FP8 call returned one array; the spec's result is "
+                                                         "(out, scales)")])
+def test_an_fp8_result_of_the_wrong_shape_is_an_error(monkeypatch, capsys, shape: str, message: str) -> None:
+    reference = verify.BACKEND_BY_NAME["reference"]
+    monkeypatch.setitem(verify.BACKEND_BY_NAME, "reference", dataclasses.replace(
+        reference, make_fp8_runner=lambda: _fp8_reference_returning(shape)))
+    assert main(["verify", "--backend", "reference", "--quick", "--dtype", "float32", "--jobs", "1", "--json"]) == 1
+    [report] = json.loads(capsys.readouterr().out)["backends"]
+    assert report["status"] == report["fp8"]["status"] == "error"
+    assert report["fp8"]["reason"] == f"ValueError: {message}"
+
+
+def test_an_fp8_pass_not_available_is_reported_never_passed(monkeypatch, capsys) -> None:
+    def no_fp8():
+        raise Unavailable("bi_norm.rms_norm has no out_dtype argument (FP8 output, contract v1.2)")
+
+    reference = verify.BACKEND_BY_NAME["reference"]
+    monkeypatch.setitem(verify.BACKEND_BY_NAME, "reference", dataclasses.replace(reference, make_fp8_runner=no_fp8))
+    argv = ["verify", "--backend", "reference", "--quick", "--dtype", "bfloat16", "--jobs", "1"]
+    assert main(argv + ["--json"]) == 0
+    [report] = json.loads(capsys.readouterr().out)["backends"]
+    assert report["status"] == "ok" and report["forward"]["status"] == report["backward"]["status"] == "ok"
+    assert report["fp8"]["status"] == "not available" and report["fp8"]["checks"] == 0
+    assert report["fp8"]["reason"] == "bi_norm.rms_norm has no out_dtype argument (FP8 output, contract v1.2)"
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.split()[:3] == ["fp8", "not", "available"] and line.endswith("contract v1.2)") for line in lines)
+    assert lines[-1] == "FP8 not available (not compared, not a failure): reference"
+
+
 def test_a_backward_not_implemented_is_reported_and_not_a_failure(monkeypatch, capsys) -> None:
     def no_backward(*args):
         raise NotImplementedError("no backward yet")
 
     reference = verify.BACKEND_BY_NAME["reference"]
     monkeypatch.setitem(verify.BACKEND_BY_NAME, "reference", Backend(
-        "reference", "the reference without a backward", reference.probe, reference.make_runner, lambda: no_backward))
+        "reference", "the reference without a backward", reference.probe, reference.make_runner, lambda: no_backward,
+        make_fp8_runner=reference.make_fp8_runner))
     argv = ["verify", "--backend", "reference", "--quick", "--dtype", "float16", "--jobs", "1"]
     assert main(argv + ["--json"]) == 0
     [report] = json.loads(capsys.readouterr().out)["backends"]
@@ -178,7 +249,8 @@ def test_a_flushing_backend_is_compared_outside_flushed_subnormals(monkeypatch, 
     reference = verify.BACKEND_BY_NAME["reference"]
     monkeypatch.setitem(verify.BACKEND_BY_NAME, "reference", Backend(
         "reference", "a backward that flushes subnormals", reference.probe, reference.make_runner,
-        lambda: _flushing_reference(corrupt_elsewhere), flushes_subnormals=True))
+        lambda: _flushing_reference(corrupt_elsewhere), flushes_subnormals=True,
+        make_fp8_runner=reference.make_fp8_runner))
     argv = ["verify", "--backend", "reference", "--quick", "--dtype", "float32", "--jobs", "1", "--json"]
     assert main(argv) == (1 if corrupt_elsewhere else 0)
     [report] = json.loads(capsys.readouterr().out)["backends"]
