@@ -16,21 +16,12 @@ from triton.runtime.interpreter import InterpretedFunction
 import bi_torch
 from bi_torch import launch
 from bridge import golden, reference_fp8
-from torch_fp8_helpers import (FP8, QUANTS, TORCH_FP8, assert_fp8_bits, bi_fp8, check_fp8, fp8_codes, fp8_rows,
-                               ref_fp8, scale_array)
-from torch_helpers import DTYPES, assert_bits, random_rows, random_weight, seeded_rng, to_numpy, to_torch
+from torch_fp8_helpers import (DTYPE_RESIDUALS, FP8, FP8_CASE_NAMES, QUANTS, TORCH_FP8, assert_fp8_bits, bi_fp8,
+                               check_fp8, fp8_codes, fp8_inputs, fp8_patterns, ref_fp8, scale_array)
+from torch_helpers import DTYPES, assert_bits, to_numpy, to_torch
 
 # The interpreter evaluates special values (inf, NaN, overflowing squares) with numpy, which warns.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
-RESIDUALS = ("none", "same", "float32")
-
-
-def _inputs(tag, rows, n, dtype, res_kind, special=True):
-    rng = seeded_rng(tag, rows, n, dtype, res_kind)
-    x = fp8_rows(rng, rows, n, dtype) if special else random_rows(rng, (rows, n), dtype)
-    r_dtype = None if res_kind == "none" else dtype if res_kind == "same" else "float32"
-    r = None if r_dtype is None else random_rows(rng, (rows, n), r_dtype)
-    return x, random_weight(rng, n, dtype), r
 
 
 def _quant_args(scale, group):
@@ -42,20 +33,6 @@ def _quant_args(scale, group):
 # --------------------------------------------------------------------------------------------
 # Q3-Q4 alone: encode_fp8(clamp_fp8(c)) of the interpreted kernel module over float32 patterns.
 # --------------------------------------------------------------------------------------------
-
-
-def _fp8_patterns() -> np.ndarray:
-    """Every FP8 value's neighbourhood (+-3 ulps of float32 around each value and each midpoint between
-    two neighbours, both signs), a stride-4099 sweep of all 2**32 patterns, and the special values."""
-    codes = np.arange(0x7F, dtype=np.uint8).view(reference_fp8.fp8_numpy_dtype(FP8)).astype(np.float32)
-    mids = (codes[:-1].astype(np.float64) + codes[1:]) / 2
-    centres = np.concatenate([codes, mids.astype(np.float32), [448.0 + 16.0, 480.0]]).astype(np.float32)
-    near = (centres.view(np.int32)[:, None] + np.arange(-3, 4)).clip(0).astype(np.int32).view(np.float32).ravel()
-    sweep = np.arange(0, 2**32, 4099, dtype=np.uint64).astype(np.uint32).view(np.float32)
-    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1e-45, -1e-45, 2.0**-10, 2.0**-9 * 0.5,
-                        2.0**-6, 3e38], np.float32)
-    return np.concatenate([near, -near, sweep, special]).astype(np.float32)
-
 
 # The interpreted copy of triton_kernel.py, whose helpers the interpreted test kernel calls (the
 # interpreter runs the kernel's source with its module's globals: no closures).
@@ -71,7 +48,7 @@ def _encode_kernel(c_ptr, q_ptr, n, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, 
 
 def test_encode_fp8_matches_reference_on_float32_patterns():
     fmt = launch.fp8_constexprs(FP8)
-    c = _fp8_patterns()
+    c = fp8_patterns()
     q = torch.empty(c.size, dtype=torch.uint8)
     block = 1 << 16
     with np.errstate(all="ignore"):
@@ -90,14 +67,10 @@ def test_encode_fp8_matches_reference_on_float32_patterns():
 # --------------------------------------------------------------------------------------------
 
 
-# float32's same-dtype residual is its float32 residual.
-DTYPE_RESIDUALS = [(d, k) for d in DTYPES for k in RESIDUALS if not (d == "float32" and k == "same")]
-
-
 @pytest.mark.parametrize("quant,scale,group", QUANTS, ids=[q[0] for q in QUANTS])
 @pytest.mark.parametrize("dtype,res_kind", DTYPE_RESIDUALS)
 def test_matches_reference(dtype, res_kind, quant, scale, group):
-    xn, wn, rn = _inputs("ref", 9, 256, dtype, res_kind)
+    xn, wn, rn = fp8_inputs("ref", 9, 256, dtype, res_kind)
     ref_kw, bi_kw = _quant_args(scale, group)
     x, w, r = to_torch(xn), to_torch(wn), to_torch(rn)
     for mode in ("llama", "fp32"):
@@ -118,7 +91,7 @@ STATIC_SCALES = (1e-4, 100.0, 0.5, 3.7, 2.0**-3, 1e-40, 3e38)
 @pytest.mark.parametrize("scale", STATIC_SCALES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_static_scales(dtype, scale):
-    xn, wn, _ = _inputs("static", 7, 128, dtype, "none")
+    xn, wn, _ = fp8_inputs("static", 7, 128, dtype, "none")
     x, w = to_torch(xn), to_torch(wn)
     for mode in ("llama", "fp32"):
         for shape in ((), (1,)):
@@ -131,7 +104,7 @@ def test_static_scales(dtype, scale):
 
 def test_special_rows_reach_every_case():
     """The special rows do reach saturation, FP8 subnormals, NaN, signed zeros and floor scales."""
-    xn, wn, _ = _inputs("static", 7, 128, "bfloat16", "none")
+    xn, wn, _ = fp8_inputs("static", 7, 128, "bfloat16", "none")
     codes = fp8_codes(ref_fp8(xn, wn, scale=scale_array(1e-4))[0])
     assert {0x7E, 0xFE, 0x7F} <= set(codes.ravel().tolist())
     out, scales, _ = ref_fp8(xn, wn, group_size=64)
@@ -144,7 +117,7 @@ def test_special_rows_reach_every_case():
 def test_inf_u_from_huge_weights(dtype):
     """u = xhat * w overflows to inf where w = 2**127: per group amax = inf, s = inf, the finite
     values give +-0 and the inf NaN; static: inf saturates to +-448."""
-    xn, wn, _ = _inputs("huge", 4, 128, dtype, "none", special=False)
+    xn, wn, _ = fp8_inputs("huge", 4, 128, dtype, "none", special=False)
     xn[:, 5::40] = np.where(xn[:, 5::40] < 0, -4.0, 4.0).astype(xn.dtype)
     wn[5::40] = np.array(2.0**127, np.float32).astype(wn.dtype)
     x, w = to_torch(xn), to_torch(wn)
@@ -160,7 +133,7 @@ def test_inf_u_from_huge_weights(dtype):
 def test_long_rows(quant, scale, group):
     """Rows past the 16384-element whole-row limit: the second pass quantizes chunk by chunk."""
     n = 16384 + 4096
-    xn, wn, rn = _inputs("long", 2, n, "bfloat16", "float32")
+    xn, wn, rn = fp8_inputs("long", 2, n, "bfloat16", "float32")
     ref_kw, bi_kw = _quant_args(scale, group)
     x, w, r = to_torch(xn), to_torch(wn), to_torch(rn)
     for mode, offset in (("llama", 0.0), ("fp32", 1.0)):
@@ -169,7 +142,7 @@ def test_long_rows(quant, scale, group):
 
 
 def test_leading_shapes_strides_and_empty_batches():
-    xn, wn, rn = _inputs("shapes", 6, 128, "float16", "same")
+    xn, wn, rn = fp8_inputs("shapes", 6, 128, "float16", "same")
     w = to_torch(wn)
     x3, r3 = to_torch(xn).reshape(2, 3, 128), to_torch(rn).reshape(2, 3, 128)
     for scale, group in ((0.25, None), (None, 64)):
@@ -184,7 +157,7 @@ def test_leading_shapes_strides_and_empty_batches():
 
 
 def test_out_dtype_of_x_is_no_quantization():
-    xn, wn, rn = _inputs("same", 3, 64, "bfloat16", "float32", special=False)
+    xn, wn, rn = fp8_inputs("same", 3, 64, "bfloat16", "float32", special=False)
     x, w, r = to_torch(xn), to_torch(wn), to_torch(rn)
     assert_bits(bi_torch.rms_norm(x, w), bi_torch.rms_norm(x, w, out_dtype=torch.bfloat16), "out_dtype=x.dtype")
     for got, want in zip(bi_torch.rms_norm(x, w, 1e-6, r, out_dtype=torch.bfloat16), bi_torch.rms_norm(x, w, 1e-6, r)):
@@ -194,9 +167,6 @@ def test_out_dtype_of_x_is_no_quantization():
 # --------------------------------------------------------------------------------------------
 # The FP8 golden corpus, bit for bit.
 # --------------------------------------------------------------------------------------------
-
-FP8_CASE_NAMES = [entry["name"] for entry in golden.load_manifest().get("fp8_cases", [])]
-
 
 @pytest.fixture(scope="module")
 def fp8_cases():
@@ -228,7 +198,7 @@ def test_fp8_corpus_is_there():
 @pytest.mark.parametrize("res_kind", ["none", "float32"])
 def test_batch_invariance(quant, scale, group, res_kind):
     n = 128
-    xn, wn, rn = _inputs("inv", 300, n, "bfloat16", res_kind)
+    xn, wn, rn = fp8_inputs("inv", 300, n, "bfloat16", res_kind)
     _, bi_kw = _quant_args(scale, group)
     x, w, r = to_torch(xn), to_torch(wn), to_torch(rn)
     alone = [bi_fp8(x[i:i + 1], w, 1e-6, None if r is None else r[i:i + 1], **bi_kw) for i in (0, 100, 254, 299)]
@@ -285,7 +255,7 @@ def _bad_fp8_calls():
 
 @pytest.mark.parametrize("bad_id,kwargs,exc,match", _bad_fp8_calls(), ids=[c[0] for c in _bad_fp8_calls()])
 def test_bad_fp8_input_raises(bad_id, kwargs, exc, match):
-    xn, wn, rn = _inputs("bad", 4, 192, "bfloat16", "float32", special=False)
+    xn, wn, rn = fp8_inputs("bad", 4, 192, "bfloat16", "float32", special=False)
     x, w, r = to_torch(xn), to_torch(wn), to_torch(rn)
     for residual in (None, r):
         with pytest.raises(exc, match=match):
@@ -295,7 +265,7 @@ def test_bad_fp8_input_raises(bad_id, kwargs, exc, match):
 
 
 def test_fp8_has_no_gradient():
-    xn, wn, rn = _inputs("grad", 2, 64, "bfloat16", "float32", special=False)
+    xn, wn, rn = fp8_inputs("grad", 2, 64, "bfloat16", "float32", special=False)
     x, w, r = to_torch(xn), to_torch(wn), to_torch(rn)
     for name, args in (("x", (x.clone().requires_grad_(), w, 1e-6, None)), ("weight", (x, w.clone().requires_grad_())),
                        ("residual", (x, w, 1e-6, r.clone().requires_grad_()))):
@@ -324,7 +294,7 @@ def _assert_same(want: torch.Tensor, got: torch.Tensor, what: str) -> None:
 
 
 def test_compile_fullgraph(fresh_dynamo):
-    xn, wn, rn = _inputs("compile", 5, 256, "bfloat16", "float32")
+    xn, wn, rn = fp8_inputs("compile", 5, 256, "bfloat16", "float32")
     x, w, r = to_torch(xn), to_torch(wn), to_torch(rn)
     scale = torch.tensor([0.02])
 
@@ -339,7 +309,7 @@ def test_compile_fullgraph(fresh_dynamo):
 
 
 def test_compile_vllm_drop_ins_fullgraph(fresh_dynamo):
-    xn, wn, rn = _inputs("compile-vllm", 5, 256, "bfloat16", "same")
+    xn, wn, rn = fp8_inputs("compile-vllm", 5, 256, "bfloat16", "same")
     x, w = to_torch(xn), to_torch(wn)
     scale = torch.tensor([0.02])
 
@@ -363,7 +333,7 @@ def test_compile_vllm_drop_ins_fullgraph(fresh_dynamo):
 def test_opcheck():
     """Fake tensors, autograd registration and AOT dispatch. Not test_schema: its aliasing check
     multiplies the outputs, which torch's CPU kernels cannot do in float8_e4m3fn."""
-    xn, wn, rn = _inputs("opcheck", 3, 128, "bfloat16", "float32", special=False)
+    xn, wn, rn = fp8_inputs("opcheck", 3, 128, "bfloat16", "float32", special=False)
     x, w, r = to_torch(xn), to_torch(wn), to_torch(rn)
     scale = torch.tensor([0.5])
     utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -381,7 +351,7 @@ def test_opcheck():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_vllm_static_drop_ins(dtype):
-    xn, wn, rn = _inputs("vllm-static", 6, 192, dtype, "same")
+    xn, wn, rn = fp8_inputs("vllm-static", 6, 192, dtype, "same")
     x, w = to_torch(xn), to_torch(wn)
     sa = scale_array(0.0123, (1,))
     result = torch.empty(x.shape, dtype=TORCH_FP8)
@@ -399,7 +369,7 @@ def test_vllm_static_drop_ins(dtype):
 @pytest.mark.parametrize("group", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_vllm_per_block_drop_in(dtype, group, transposed):
-    xn, wn, rn = _inputs("vllm-block", 6, 256, dtype, "same")
+    xn, wn, rn = fp8_inputs("vllm-block", 6, 256, dtype, "same")
     x, w = to_torch(xn).reshape(2, 3, 256), to_torch(wn)
     out, scales = bi_torch.rms_norm_per_block_quant(x, w, 1e-6, TORCH_FP8, [1, group],
                                                     is_scale_transposed=transposed)
@@ -453,7 +423,7 @@ def _bad_vllm_calls():
 
 @pytest.mark.parametrize("bad_id,call,exc,match", _bad_vllm_calls(), ids=[c[0] for c in _bad_vllm_calls()])
 def test_bad_vllm_input_raises(bad_id, call, exc, match):
-    xn, wn, rn = _inputs("vllm-bad", 4, 192, "bfloat16", "same", special=False)
+    xn, wn, rn = fp8_inputs("vllm-bad", 4, 192, "bfloat16", "same", special=False)
     x, w, r = to_torch(xn), to_torch(wn), to_torch(rn)
     result = torch.full(x.shape, 0x55, dtype=torch.uint8).view(TORCH_FP8)
     with pytest.raises(exc, match=match):

@@ -2,7 +2,8 @@
 bi_torch's calls in one tuple form, bitwise comparison of FP8 codes, and FP8 row patterns.
 
 FP8 arrays are compared as their uint8 codes (bridge.compare works on 16- and 32-bit floats);
-scales and new residuals go through torch_helpers.assert_bits.
+scales and new residuals go through torch_helpers.assert_bits. Shared by test_torch_fp8_cpu.py and
+test_torch_fp8_gpu.py (the same inputs and float32 patterns on both).
 """
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ import numpy as np
 import torch
 
 import bi_torch
-from bridge import reference
+from bridge import golden, reference, reference_fp8
 from bridge.reference_fp8 import fp8_numpy_dtype
-from torch_helpers import NUMPY_DTYPES, assert_bits
+from torch_helpers import DTYPES, NUMPY_DTYPES, assert_bits, random_rows, random_weight, seeded_rng
 
 FP8 = "float8_e4m3fn"
 TORCH_FP8 = torch.float8_e4m3fn
 # (id, static scale or None, group size or None)
 QUANTS = (("static", 0.0123, None), ("g64", None, 64), ("g128", None, 128))
+RESIDUALS = ("none", "same", "float32")
+# float32's same-dtype residual is its float32 residual.
+DTYPE_RESIDUALS = [(d, k) for d in DTYPES for k in RESIDUALS if not (d == "float32" and k == "same")]
+FP8_CASE_NAMES = [entry["name"] for entry in golden.load_manifest().get("fp8_cases", [])]
 
 
 def fp8_codes(a) -> np.ndarray:
@@ -118,3 +123,25 @@ def fp8_rows(rng: np.random.Generator, rows: int, n: int, dtype: str) -> np.ndar
         out[r] = row
     with np.errstate(over="ignore"):
         return out.astype(np.float32).astype(NUMPY_DTYPES[dtype])
+
+
+def fp8_inputs(tag, rows: int, n: int, dtype: str, res_kind: str, special: bool = True):
+    """numpy (x, weight, residual or None): fp8_rows (or random_rows), res_kind "none", "same" or "float32"."""
+    rng = seeded_rng(tag, rows, n, dtype, res_kind)
+    x = fp8_rows(rng, rows, n, dtype) if special else random_rows(rng, (rows, n), dtype)
+    r_dtype = None if res_kind == "none" else dtype if res_kind == "same" else "float32"
+    r = None if r_dtype is None else random_rows(rng, (rows, n), r_dtype)
+    return x, random_weight(rng, n, dtype), r
+
+
+def fp8_patterns() -> np.ndarray:
+    """Every FP8 value's neighbourhood (+-3 ulps of float32 around each value and each midpoint between
+    two neighbours, both signs), a stride-4099 sweep of all 2**32 patterns, and the special values."""
+    codes = np.arange(0x7F, dtype=np.uint8).view(reference_fp8.fp8_numpy_dtype(FP8)).astype(np.float32)
+    mids = (codes[:-1].astype(np.float64) + codes[1:]) / 2
+    centres = np.concatenate([codes, mids.astype(np.float32), [448.0 + 16.0, 480.0]]).astype(np.float32)
+    near = (centres.view(np.int32)[:, None] + np.arange(-3, 4)).clip(0).astype(np.int32).view(np.float32).ravel()
+    sweep = np.arange(0, 2**32, 4099, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1e-45, -1e-45, 2.0**-10, 2.0**-9 * 0.5,
+                        2.0**-6, 3e38], np.float32)
+    return np.concatenate([near, -near, sweep, special]).astype(np.float32)

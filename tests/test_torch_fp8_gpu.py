@@ -1,0 +1,232 @@
+"""bi_torch's FP8 output (contract v1.2) on CUDA tensors, the compiled Triton kernel, bit for bit
+(skipped, with the reason, without a CUDA GPU): rnFP8 alone over float32 patterns, the FP8 golden
+corpus, random and special rows against bridge.reference (more rows, larger n than on the CPU),
+the compiled kernel against the interpreter, batch invariance of out and scales over many batch
+sizes (the launch configuration changes with them), torch.compile, CUDA-graph capture with a scale
+on the GPU (replayed after the scale's value changes: nothing read it on the host), and the vLLM
+drop-ins.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import bi_torch
+from bi_torch import launch, triton_kernel
+from bridge import golden, reference_fp8
+from torch_fp8_helpers import (DTYPE_RESIDUALS, FP8, FP8_CASE_NAMES, QUANTS, TORCH_FP8, assert_fp8_bits, bi_fp8,
+                               check_fp8, fp8_inputs, fp8_patterns, ref_fp8, scale_array)
+from torch_helpers import assert_bits, to_numpy, to_torch
+
+DEV = "cuda"
+pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")]
+
+
+def _cuda(*arrays):
+    return tuple(to_torch(a, DEV) for a in arrays)
+
+
+def _quant_kwargs(scale, group, device=DEV):
+    return dict(scale=None if scale is None else torch.tensor(scale, dtype=torch.float32, device=device),
+                group_size=group)
+
+
+def _to_cpu(result):
+    return tuple(None if t is None else t.cpu() for t in result)
+
+
+@triton.jit
+def _encode_kernel(c_ptr, q_ptr, n, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, MANTISSA_BITS: tl.constexpr,
+                   EXPONENT_BIAS: tl.constexpr, NAN_FP8: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    c = triton_kernel.clamp_fp8(tl.load(c_ptr + offs, mask=offs < n, other=0.0), FP8_MAX)
+    tl.store(q_ptr + offs, triton_kernel.encode_fp8(c, MANTISSA_BITS, EXPONENT_BIAS, NAN_FP8), mask=offs < n)
+
+
+def test_encode_fp8_compiled_matches_reference():
+    """The compiled encode_fp8 over the CPU test's patterns plus a stride-257 sweep of all 2**32."""
+    sweep = np.arange(0, 2**32, 257, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    c = np.concatenate([fp8_patterns(), sweep])
+    q = torch.empty(c.size, dtype=torch.uint8, device=DEV)
+    block = 1024
+    _encode_kernel[(-(-c.size // block),)](torch.from_numpy(c).to(DEV), q, c.size, BLOCK=block,
+                                           **launch.fp8_constexprs(FP8), enable_fp_fusion=False)
+    with np.errstate(all="ignore"):
+        expected = reference_fp8.encode_fp8(reference_fp8.clamp(c, FP8), FP8)
+    assert_fp8_bits(expected, q.cpu().numpy().view(reference_fp8.fp8_numpy_dtype(FP8)),
+                    "compiled encode_fp8(clamp_fp8(c)) vs reference")
+
+
+@pytest.fixture(scope="module")
+def fp8_cases():
+    return {case.spec.name: case for case in golden.load_fp8_corpus()}
+
+
+@pytest.mark.parametrize("name", FP8_CASE_NAMES)
+def test_fp8_corpus_case_cuda(fp8_cases, name):
+    case = fp8_cases[name]
+    x, w, r = _cuda(case.x, case.weight, case.residual)
+    scale = None if case.scale is None else torch.from_numpy(case.scale.copy()).to(DEV)
+    for (mode, offset), expected_out in case.out.items():
+        expected = (expected_out, case.scales.get((mode, offset)), case.new_residual)
+        got = bi_fp8(x, w, case.spec.eps, r, mode, offset, scale=scale, group_size=case.spec.group_size)
+        assert got[0].is_cuda
+        check_fp8(expected, _to_cpu(got), f"{name} ({mode}, offset {offset})")
+
+
+@pytest.mark.parametrize("n", [128, 4096, 5120, 16384, 20480, 65536])
+@pytest.mark.parametrize("quant,scale,group", QUANTS, ids=[q[0] for q in QUANTS])
+@pytest.mark.parametrize("dtype,res_kind", DTYPE_RESIDUALS)
+def test_matches_reference_cuda(dtype, res_kind, quant, scale, group, n):
+    rows = 64 if n <= 16384 else 8
+    xn, wn, rn = fp8_inputs("ref-cuda", rows, n, dtype, res_kind)
+    x, w, r = _cuda(xn, wn, rn)
+    for mode, offset in (("llama", 0.0), ("fp32", 1.0), ("llama", 1.0), ("fp32", 0.0)):
+        got = bi_fp8(x, w, 1e-6, r, mode, offset, **_quant_kwargs(scale, group))
+        expected = ref_fp8(xn, wn, 1e-6, rn, mode, offset, scale=scale_array(scale), group_size=group)
+        check_fp8(expected, _to_cpu(got), f"n {n} {dtype} res {res_kind} {quant} {mode} offset {offset}")
+        # The interpreter (CPU tensors) gives the same bits as the compiled kernel.
+        if n <= 5120 and mode == "llama" and offset == 0.0:
+            cpu = bi_fp8(x[:4].cpu(), w.cpu(), 1e-6, None if r is None else r[:4].cpu(), mode, offset,
+                         **_quant_kwargs(scale, group, "cpu"))
+            check_fp8(tuple(None if t is None else to_numpy(t[:4]) for t in got), cpu, "interpreter vs compiled")
+
+
+@pytest.mark.parametrize("scale", [1e-4, 100.0, 3.7, 1e-40, 3e38])
+def test_static_scales_cuda(scale):
+    """Saturation, FP8 subnormals, a float32-subnormal scale (rn(1/scale) = inf) and a huge one
+    (rn(1/scale) subnormal): the GPU keeps float32 subnormals."""
+    xn, wn, _ = fp8_inputs("static-cuda", 64, 1024, "bfloat16", "none")
+    x, w = _cuda(xn, wn)
+    for mode in ("llama", "fp32"):
+        got = bi_fp8(x, w, 1e-6, None, mode, scale=torch.tensor([scale], device=DEV))
+        check_fp8(ref_fp8(xn, wn, 1e-6, None, mode, scale=scale_array(scale, (1,))), _to_cpu(got), f"{scale} {mode}")
+
+
+MAX_ROWS = 4096
+BATCH_SIZES = (1, 2, 7, 64, 127, 128, 129, 255, 256, 300, 1000, 2048, 4095, 4096)
+
+
+@pytest.mark.parametrize("n", [128, 4096, 20480])
+@pytest.mark.parametrize("quant,scale,group", QUANTS, ids=[q[0] for q in QUANTS])
+def test_batch_invariance_cuda(quant, scale, group, n):
+    """Every batch x[:B] and x[4096-B:] gives, row for row, the FP8 bits and scales of the full batch."""
+    rows = MAX_ROWS if n <= 4096 else 512
+    xn, wn, rn = fp8_inputs("inv-cuda", rows, n, "bfloat16", "float32", special=False)
+    x, w, r = _cuda(xn, wn, rn)
+    kw = _quant_kwargs(scale, group)
+    full = bi_fp8(x, w, 1e-6, r, **kw)
+    probe = [0, 1, 17, rows // 2, rows - 1]
+    expected = ref_fp8(xn[probe], wn, 1e-6, rn[probe], scale=scale_array(scale), group_size=group)
+    check_fp8(expected, _to_cpu(tuple(None if t is None else t[probe] for t in full)), "full batch vs reference")
+    for b in (b for b in BATCH_SIZES if b <= rows):
+        for sl in (slice(0, b), slice(rows - b, rows)):
+            got = bi_fp8(x[sl], w, 1e-6, r[sl], **kw)
+            for name, a, e in zip(("out", "scales", "new_residual"), got, full):
+                if e is not None:
+                    what = f"n {n} {quant}: batch of {b} (rows {sl.start}..{sl.stop - 1}) {name} vs the full batch"
+                    (assert_fp8_bits if name == "out" else assert_bits)(e[sl], a, what)
+
+
+def test_scale_on_another_device_raises():
+    x, w = _cuda(*fp8_inputs("device", 2, 128, "bfloat16", "none", special=False)[:2])
+    with pytest.raises(ValueError, match=r"^scale: expected a tensor on cuda"):
+        bi_torch.rms_norm(x, w, out_dtype=TORCH_FP8, scale=torch.tensor(1.0))
+
+
+def test_compile_cuda(fresh_dynamo):
+    xn, wn, rn = fp8_inputs("compile-cuda", 33, 4096, "bfloat16", "float32")
+    x, w, r = _cuda(xn, wn, rn)
+    scale = torch.tensor([0.02], device=DEV)
+
+    def f(x, w, r, scale):
+        return (bi_torch.rms_norm(x, w, 1e-6, r, out_dtype=TORCH_FP8, scale=scale),
+                bi_torch.rms_norm(x, w, 1e-6, out_dtype=TORCH_FP8, scale=0.5, mode="fp32"),
+                bi_torch.rms_norm(x, w, 1e-6, r, out_dtype=TORCH_FP8, group_size=128))
+
+    got, want = torch.utils._pytree.tree_leaves(torch.compile(f, fullgraph=True)(x, w, r, scale)), \
+        torch.utils._pytree.tree_leaves(f(x, w, r, scale))
+    for i, (a, e) in enumerate(zip(got, want)):
+        (assert_fp8_bits if e.dtype == TORCH_FP8 else assert_bits)(e, a, f"compiled output {i} vs eager")
+
+
+def _warm_up(fn):
+    """Run fn on a side stream before capture (compiles the kernel; no allocation inside the capture)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("n", [4096, 20480])
+def test_cuda_graph_static_scale_on_the_gpu(n):
+    """The static path and the vLLM drop-ins captured with a device scale; the scale's value and the
+    inputs change between replays, and every replay equals eager: the scale is read on the GPU only."""
+    rows = 37
+    xn, wn, _ = fp8_inputs("graph", rows, n, "bfloat16", "none", special=False)
+    w = to_torch(wn, DEV)
+    static_x = torch.zeros(rows, n, dtype=torch.bfloat16, device=DEV)
+    static_r = torch.zeros(rows, n, dtype=torch.float32, device=DEV)
+    static_r2 = torch.zeros(rows, n, dtype=torch.bfloat16, device=DEV)
+    scale = torch.ones(1, device=DEV)
+    result = torch.empty(rows, n, dtype=TORCH_FP8, device=DEV)
+
+    def calls():
+        a = bi_torch.rms_norm(static_x, w, 1e-6, out_dtype=TORCH_FP8, scale=scale)
+        b = bi_torch.rms_norm(static_x, w, 1e-6, static_r, out_dtype=TORCH_FP8, scale=scale)
+        c = bi_torch.rms_norm(static_x, w, 1e-6, out_dtype=TORCH_FP8, group_size=128)
+        bi_torch.fused_add_rms_norm_static_fp8_quant(result, static_x, static_r2, w, scale, 1e-6)
+        return a, b, c
+
+    _warm_up(calls)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_a, (static_b, static_new_r), (static_c, static_scales) = calls()
+    for trial, value in enumerate((0.02, 1e-4, 3.7)):
+        new = fp8_inputs(f"graph{trial}", rows, n, "bfloat16", "float32")
+        new_x, new_r = _cuda(new[0], new[2])
+        new_r2 = new_r.to(torch.bfloat16)
+        static_x.copy_(new_x), static_r.copy_(new_r), static_r2.copy_(new_r2)
+        scale.fill_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        s = torch.tensor([value], device=DEV)
+        assert_fp8_bits(bi_torch.rms_norm(new_x, w, 1e-6, out_dtype=TORCH_FP8, scale=s), static_a,
+                        f"replay {trial}: static out vs eager")
+        want_b, want_r = bi_torch.rms_norm(new_x, w, 1e-6, new_r, out_dtype=TORCH_FP8, scale=s)
+        assert_fp8_bits(want_b, static_b, f"replay {trial}: static out with residual vs eager")
+        assert_bits(want_r, static_new_r, f"replay {trial}: new residual vs eager")
+        want_c, want_scales = bi_torch.rms_norm(new_x, w, 1e-6, out_dtype=TORCH_FP8, group_size=128)
+        assert_fp8_bits(want_c, static_c, f"replay {trial}: group out vs eager")
+        assert_bits(want_scales, static_scales, f"replay {trial}: scales vs eager")
+        e_out, _, e_res = ref_fp8(to_numpy(new_x[:2]), wn, 1e-6, to_numpy(new_r2[:2]), scale=scale_array(value))
+        assert_fp8_bits(e_out, result[:2], f"replay {trial}: drop-in result vs reference")
+        assert_bits(e_res, static_r2[:2], f"replay {trial}: drop-in residual vs reference")
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_vllm_drop_ins_cuda(dtype, transposed):
+    xn, wn, rn = fp8_inputs("vllm-cuda", 300, 4096, dtype, "same")
+    x, w, r = _cuda(xn, wn, rn)
+    sa = scale_array(0.0123, (1,))
+    result = torch.empty(x.shape, dtype=TORCH_FP8, device=DEV)
+    bi_torch.rms_norm_static_fp8_quant(result, x, w, torch.from_numpy(sa).to(DEV), 1e-6)
+    assert_fp8_bits(ref_fp8(xn, wn, 1e-6, scale=sa)[0], result, "rms_norm_static_fp8_quant")
+    bi_torch.fused_add_rms_norm_static_fp8_quant(result, x, r, w, torch.from_numpy(sa).to(DEV), 1e-6)
+    e_out, _, e_res = ref_fp8(xn, wn, 1e-6, rn, scale=sa)
+    assert_fp8_bits(e_out, result, "fused_add_rms_norm_static_fp8_quant result")
+    assert_bits(e_res, r, "fused_add_rms_norm_static_fp8_quant residual")
+    assert_bits(xn, x, "fused_add_rms_norm_static_fp8_quant modified its input")
+    r = to_torch(rn, DEV)
+    out, scales = bi_torch.rms_norm_per_block_quant(x, w, 1e-6, TORCH_FP8, [1, 128], None, r, transposed)
+    e_out, e_scales, e_res = ref_fp8(xn, wn, 1e-6, rn, group_size=128)
+    assert_fp8_bits(e_out, out, "rms_norm_per_block_quant out")
+    assert_bits(e_scales, scales.cpu(), "rms_norm_per_block_quant scales")
+    assert_bits(e_res, r, "rms_norm_per_block_quant residual")
