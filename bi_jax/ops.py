@@ -2,8 +2,9 @@
 
 Rows are independent, so a batch sharded over its leading axes runs the kernel on each shard's
 rows (custom_partitioning, no gather), and jax.vmap batches the pallas_call itself: either
-way each row's bits equal a single-device, unbatched run. A custom_vjp, outermost (JAX cannot
-differentiate custom_partitioning or custom_vmap), gives the contract's backward (bi_jax.backward).
+way each row's bits equal a single-device, unbatched run (bi_jax.transforms). A custom_vjp,
+outermost (JAX cannot differentiate custom_partitioning or custom_vmap), gives the contract's
+backward (bi_jax.backward); FP8 outputs (contract v1.2, bi_jax.fp8) have none.
 
 Above MAX_ELEMENTS (Pallas-Triton indexes with int32) the rows are split into pieces of `piece`
 rows, the largest power of two under the limit, one kernel call each (the last piece shorter).
@@ -18,22 +19,24 @@ split is meant for arrays on one device (a sharded batch's shards are usually un
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, List, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
-from jax import custom_batching, lax
+from jax import lax
 from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
-from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
-from jax.sharding import NamedSharding, PartitionSpec
 
 from bridge.contract import as_float32, check_rms_norm_args, next_power_of_two
 from bridge.tiling import launch_config
 
 from .backward import backward_fn, backward_rows, combine_roots
+from .fp8 import fp8_arguments, without_gradient
+from .pallas_fp8 import NO_QUANT, Quant
 from .pallas_kernel import rms_norm_kernel
+from .transforms import batched, sharded
 
 # Pallas-Triton indexes with int32: a larger call is split into row pieces (piece_rows).
 MAX_ELEMENTS = 2**31 - 1
@@ -62,109 +65,84 @@ def device_kind() -> str:
     return jax.local_devices(backend="gpu")[0].device_kind
 
 
-def _rows_call(x2, weight, residual2, *, eps, mode, weight_offset, interpret):
-    """The pallas_call on (rows, n) arrays; returns out, or (out, new_residual)."""
+# The order of rms_norm_kernel's refs; a call passes the ones it has, None stands for the rest.
+_KERNEL_REFS = ("x", "r", "w", "scale", "out", "scales", "new_r")
+
+
+def _rows_call(x2, weight, residual2, scale, *, eps, mode, weight_offset, interpret, quant=NO_QUANT):
+    """The pallas_call on (rows, n) arrays: out, then the group scales and the new residual if any.
+    quant "static" takes scale, a (1,) float32 array; an FP8 out is the kernel's uint8 codes, bitcast."""
     n_rows, n = x2.shape
+    out_dtype = x2.dtype if quant.kind == "none" else jnp.dtype(quant.fmt_name)
+    shapes = {"out": (x2.shape, out_dtype)}
+    if quant.kind == "group":
+        shapes["scales"] = ((n_rows, n // quant.group), jnp.float32)
+    if residual2 is not None:
+        shapes["new_r"] = (residual2.shape, residual2.dtype)
     if n_rows == 0:
-        out = jnp.empty(x2.shape, x2.dtype)
-        return out if residual2 is None else (out, jnp.empty(residual2.shape, residual2.dtype))
+        results = tuple(jnp.empty(*shape) for shape in shapes.values())
+        return results if len(results) > 1 else results[0]
     cfg = launch_config(n, n_rows, x2.dtype.itemsize, 0 if residual2 is None else residual2.dtype.itemsize,
                         "" if interpret else device_kind(), "pallas")
     has_residual = residual2 is not None
     kernel = functools.partial(
         rms_norm_kernel, n_rows=n_rows, n_cols=n, eps=as_float32(eps), weight_offset=as_float32(weight_offset),
         has_residual=has_residual, llama=mode == "llama", rows_per_program=cfg.rows, chunk=cfg.chunk,
-        num_chunks=cfg.num_chunks, split=cfg.split, interpret=interpret)
+        num_chunks=cfg.num_chunks, split=cfg.split, interpret=interpret, quant=quant)
     flat = (n_rows * n,)
-    out_shape = [jax.ShapeDtypeStruct(flat, x2.dtype)]
+    inputs = {"x": x2.reshape(flat), "w": weight}
     if has_residual:
-        out_shape.append(jax.ShapeDtypeStruct(flat, residual2.dtype))
-        args = (x2.reshape(flat), residual2.reshape(flat), weight)
-        body = kernel
-    else:
-        args = (x2.reshape(flat), weight)
-        body = lambda x_ref, w_ref, out_ref: kernel(x_ref, None, w_ref, out_ref, None)  # noqa: E731
+        inputs["r"] = residual2.reshape(flat)
+    if scale is not None:
+        inputs["scale"] = scale
+    outputs = {k: jax.ShapeDtypeStruct((math.prod(shape),), jnp.uint8 if k == "out" and quant.kind != "none" else dt)
+               for k, (shape, dt) in shapes.items()}
+    in_names = [k for k in _KERNEL_REFS if k in inputs]
+    out_names = [k for k in _KERNEL_REFS if k in outputs]
+
+    def body(*refs):
+        named = dict(zip(in_names + out_names, refs))
+        kernel(*(named.get(k) for k in _KERNEL_REFS))
+
+    # With a residual, out is written over x and the new residual over the residual, as vLLM's
+    # in-place add+norm does (each element is read before it is written, by the same thread):
+    # inside a jitted model, where both are dead after the norm or carried through a loop over
+    # layers, that costs no allocation and no copy. Without one, x usually lives on. An FP8 out
+    # is smaller than x: only the new residual takes a buffer over.
+    aliases = {}
+    if has_residual:
+        aliases[in_names.index("r")] = out_names.index("new_r")
+        if quant.kind == "none":
+            aliases[in_names.index("x")] = out_names.index("out")
     results = pl.pallas_call(
         body,
-        out_shape=out_shape,
+        out_shape=[outputs[k] for k in out_names],
         grid=(pl.cdiv(n_rows, cfg.rows),),
-        # With a residual, out is written over x and the new residual over the residual, as vLLM's
-        # in-place add+norm does (each element is read before it is written, by the same thread):
-        # inside a jitted model, where both are dead after the norm or carried through a loop over
-        # layers, that costs no allocation and no copy. Without one, x usually lives on.
-        input_output_aliases={} if not has_residual else {0: 0, 1: 1},
+        input_output_aliases=aliases,
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         interpret=interpret,
         name="bi_norm_rms_norm",
-    )(*args)
-    out = results[0].reshape(x2.shape)
-    return out if not has_residual else (out, results[1].reshape(x2.shape))
-
-
-def _sharded(fn, n_inputs: int):
-    """Wrap fn(x2, weight[, residual2]) so a batch sharded over rows runs per shard, without a gather."""
-    wrapped = custom_partitioning(fn)
-
-    def row_spec(sharding):
-        spec = tuple(sharding.spec) if isinstance(sharding, NamedSharding) else ()
-        return PartitionSpec(spec[0] if spec else None, None)
-
-    def infer(mesh, arg_shapes, result_shape):
-        spec = row_spec(arg_shapes[0].sharding)
-        n_out = len(result_shape) if isinstance(result_shape, (tuple, list)) else 1
-        out = NamedSharding(mesh, spec)
-        return out if n_out == 1 else tuple(out for _ in range(n_out))
-
-    def partition(mesh, arg_shapes, result_shape):
-        spec = row_spec(arg_shapes[0].sharding)
-        row_sharding, replicated = NamedSharding(mesh, spec), NamedSharding(mesh, PartitionSpec(None))
-        arg_shardings = (row_sharding, replicated) + (row_sharding,) * (n_inputs - 2)
-        n_out = len(result_shape) if isinstance(result_shape, (tuple, list)) else 1
-        out = row_sharding if n_out == 1 else tuple(row_sharding for _ in range(n_out))
-        return mesh, fn, out, arg_shardings
-
-    rule = "r n, n -> r n" if n_inputs == 2 else "r n, n, r n -> r n, r n"
-    wrapped.def_partition(infer_sharding_from_operands=infer, partition=partition, sharding_rule=rule)
-    return wrapped
-
-
-def _batched(fn):
-    """Wrap fn(x2, weight[, residual2]) for jax.vmap: a batch of row blocks is just more rows.
-
-    With an unbatched weight the batch is folded into the rows and run in one call, whose rows'
-    bits equal the unbatched ones by construction; a batched weight maps over the batch.
-    """
-    wrapped = custom_batching.custom_vmap(fn)
-
-    @wrapped.def_vmap
-    def rule(axis_size, in_batched, x2, weight, *residual2):
-        if in_batched[1]:
-            args = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
-                    for a, b in zip((x2, weight) + residual2, in_batched)]
-            result = lax.map(lambda a: wrapped(*a), tuple(args))
-        else:
-            rows = [a if b else jnp.broadcast_to(a, (axis_size,) + a.shape)
-                    for a, b in zip((x2,) + residual2, in_batched[:1] + in_batched[2:])]
-            flat = [a.reshape(-1, a.shape[-1]) for a in rows]
-            result = wrapped(flat[0], weight, *flat[1:])
-            result = jax.tree.map(lambda r: r.reshape((axis_size,) + x2.shape[-2:]), result)
-        return result, jax.tree.map(lambda _: True, result)
-
-    return wrapped
+    )(*(inputs[k] for k in in_names))
+    results = [r.reshape(shapes[k][0]) for k, r in zip(out_names, results)]
+    if quant.kind != "none":
+        results[0] = lax.bitcast_convert_type(results[0], out_dtype)
+    return tuple(results) if len(results) > 1 else results[0]
 
 
 @functools.lru_cache(maxsize=None)
-def _rows_fn(eps: float, mode: str, weight_offset: float, interpret: bool, has_residual: bool):
-    """The kernel on (rows, n) arrays, partitioned over sharded rows and batched under vmap."""
-    if has_residual:
-        def fn(x2, weight, residual2):
-            return _rows_call(x2, weight, residual2, eps=eps, mode=mode, weight_offset=weight_offset,
-                              interpret=interpret)
-        return _batched(_sharded(fn, 3))
+def _rows_fn(eps: float, mode: str, weight_offset: float, interpret: bool, has_residual: bool,
+             quant: Quant = NO_QUANT):
+    """The kernel on (x2, weight[, residual2][, scale]), partitioned over sharded rows and batched under vmap."""
+    static = quant.kind == "static"
+    args = "rw" + "r" * has_residual + "s" * static
+    results = "r" + "g" * (quant.kind == "group") + "r" * has_residual
 
-    def fn(x2, weight):
-        return _rows_call(x2, weight, None, eps=eps, mode=mode, weight_offset=weight_offset, interpret=interpret)
-    return _batched(_sharded(fn, 2))
+    def fn(x2, weight, *rest):
+        residual2 = rest[0] if has_residual else None
+        scale = rest[-1] if static else None
+        return _rows_call(x2, weight, residual2, scale, eps=eps, mode=mode, weight_offset=weight_offset,
+                          interpret=interpret, quant=quant)
+    return batched(sharded(fn, args, results), args)
 
 
 def _pieces(a: jax.Array, piece: int) -> List[jax.Array]:
@@ -172,11 +150,15 @@ def _pieces(a: jax.Array, piece: int) -> List[jax.Array]:
 
 
 def _split_forward(forward: Callable, has_residual: bool, piece: int) -> Callable:
-    """forward over `piece`-row slices, results concatenated: each row's bits are its own."""
-    def run(x2, weight, *residual2):
+    """forward over `piece`-row slices, results concatenated: each row's bits are its own.
+
+    The operands after the residual (an FP8 scale) are shared by every piece.
+    """
+    def run(x2, weight, *rest):
+        residual2, shared = rest[:has_residual], rest[has_residual:]
         slices = zip(_pieces(x2, piece), *(_pieces(a, piece) for a in residual2))
-        results = [forward(x, weight, *r) for x, *r in slices]
-        return tuple(map(jnp.concatenate, zip(*results))) if has_residual else jnp.concatenate(results)
+        results = [forward(x, weight, *r, *shared) for x, *r in slices]
+        return tuple(map(jnp.concatenate, zip(*results))) if isinstance(results[0], tuple) else jnp.concatenate(results)
     return run
 
 
@@ -239,6 +221,16 @@ def _differentiable(eps: float, mode: str, weight_offset: float, interpret: bool
     return rows
 
 
+@functools.lru_cache(maxsize=None)
+def _fp8_fn(eps: float, mode: str, weight_offset: float, interpret: bool, has_residual: bool, piece: Optional[int],
+            quant: Quant):
+    """_rows_fn with an FP8 out: no gradient (a clear error under jax.grad, bi_jax.fp8)."""
+    forward = _rows_fn(eps, mode, weight_offset, interpret, has_residual, quant)
+    if piece is not None:
+        forward = _split_forward(forward, has_residual, piece)
+    return without_gradient(forward, quant.fmt_name)
+
+
 def rms_norm(
     x: jax.Array,
     weight: jax.Array,
@@ -247,8 +239,11 @@ def rms_norm(
     *,
     mode: str = "llama",
     weight_offset: float = 0.0,
+    out_dtype=None,
+    scale=None,
+    group_size: Optional[int] = None,
     interpret: Optional[bool] = None,
-) -> Union[jax.Array, Tuple[jax.Array, jax.Array]]:
+) -> Union[jax.Array, Tuple[jax.Array, ...]]:
     """Batch-invariant RMSNorm over the last axis (NUMERICS.md).
 
     Returns out, or (out, new_residual) when a residual (x's dtype or float32) is given. With a
@@ -256,6 +251,13 @@ def rms_norm(
     jitted model (x and the residual dead after the norm, or carried through a loop over layers)
     or when both are donated (jax.jit donate_argnums=(x, residual)); XLA copies an input that
     is still alive or not donated first, so the caller's arrays never change.
+
+    FP8 output (contract v1.2): out_dtype=jnp.float8_e4m3fn with either a static `scale` (a
+    float32 array of shape () or (1,), or a Python float; an operand, traced under jit, its value
+    checked where it is concrete) or `group_size` (64 or 128, dividing n: per row and group of
+    columns a float32 scale). Returns out (FP8), or (out, new_residual); with group_size
+    (out, scales) or (out, scales, new_residual), scales of shape x.shape[:-1] + (n // group_size,).
+    FP8 outputs have no gradient: jax.grad through one raises. out_dtype=None or x's dtype: no FP8.
     interpret=None picks the compiled GPU kernel when JAX's default backend is a GPU, else interpret mode.
     """
     for name, a in (("x", x), ("weight", weight), ("residual", residual)):
@@ -266,6 +268,7 @@ def rms_norm(
         eps=eps, residual_shape=None if residual is None else residual.shape,
         residual_dtype=None if residual is None else dtype_name(residual.dtype),
         mode=mode, weight_offset=weight_offset)
+    quant, scale = fp8_arguments(x.shape[-1], dtype_name(x.dtype), out_dtype, scale, group_size)
     n = x.shape[-1]
     if n > MAX_ELEMENTS:
         raise ValueError(f"x: at most {MAX_ELEMENTS} elements per row (Pallas-Triton indexes with int32); "
@@ -273,17 +276,24 @@ def rms_norm(
     # Above the limit: pieces of piece_rows(n) rows (module docstring), the bits of one call.
     piece = piece_rows(n) if x.size > MAX_ELEMENTS else None
     interpret = default_interpret() if interpret is None else bool(interpret)
-    return _apply(x, weight, residual, eps=float(eps), mode=mode, weight_offset=float(weight_offset),
-                  interpret=interpret, piece=piece)
+    return _apply(x, weight, residual, scale, eps=float(eps), mode=mode, weight_offset=float(weight_offset),
+                  interpret=interpret, piece=piece, quant=quant)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "mode", "weight_offset", "interpret", "piece"))
-def _apply(x, weight, residual, *, eps, mode, weight_offset, interpret, piece):
+@functools.partial(jax.jit, static_argnames=("eps", "mode", "weight_offset", "interpret", "piece", "quant"))
+def _apply(x, weight, residual, scale, *, eps, mode, weight_offset, interpret, piece, quant):
     """Jitted so eager calls hit a compile cache; inlined into the caller's jit otherwise."""
     n = x.shape[-1]
-    fn = _differentiable(eps, mode, weight_offset, interpret, residual is not None, piece)
+    has_residual = residual is not None
     x2 = x.reshape(-1, n)
-    if residual is None:
-        return fn(x2, weight).reshape(x.shape)
-    out, new_residual = fn(x2, weight, residual.reshape(-1, n))
-    return out.reshape(x.shape), new_residual.reshape(x.shape)
+    args = (x2, weight) + ((residual.reshape(-1, n),) if has_residual else ())
+    if quant.kind == "none":
+        fn = _differentiable(eps, mode, weight_offset, interpret, has_residual, piece)
+    else:
+        fn = _fp8_fn(eps, mode, weight_offset, interpret, has_residual, piece, quant)
+        args += (scale,) if quant.kind == "static" else ()
+    results = fn(*args)
+    if not isinstance(results, tuple):
+        return results.reshape(x.shape)
+    # The group scales have x's leading shape; out and the new residual x's shape.
+    return tuple(r.reshape(x.shape[:-1] + r.shape[-1:]) for r in results)

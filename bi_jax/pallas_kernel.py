@@ -1,11 +1,11 @@
-"""The Pallas kernel: NUMERICS.md contract v1, one program per block of ROWS rows.
+"""The Pallas kernel: NUMERICS.md contract v1 (and v1.2's FP8 output), one program per block of ROWS rows.
 
 Mirrors bi_torch/triton_kernel.py line for line. Pallas on GPU lowers `/`, jnp.sqrt and
 lax.rsqrt to approximate instructions and lets ptxas fuse a plain mul into a following add,
 so the exact steps go through `ExactOps`: PTX div.rn / sqrt.rn / mul.rn inline assembly on GPU,
 and in interpret mode (XLA on CPU) plain jnp ops behind optimization barriers, with a
 slice-based tree, because XLA's CPU simplifier rewrites 1/sqrt into rsqrt, x / const into
-x * (1/const), and reorders reshape-based reductions.
+x * (1/const), and reorders reshape-based reductions. The FP8 steps are in pallas_fp8.py.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from bridge.contract import CANONICAL_NAN_BITS
+
+from .pallas_fp8 import NO_QUANT, Quant, quantize_groups, quantize_static
 
 NAN_F32 = CANONICAL_NAN_BITS["float32"]
 NAN_BF16 = CANONICAL_NAN_BITS["bfloat16"]
@@ -61,6 +63,10 @@ class ExactOps:
 
     def div(self, a: jax.Array, b: jax.Array) -> jax.Array:
         # Barriers on both sides: XLA would turn a / const into a * (1/const), and v * (1/r) into v / r.
+        # The operands are broadcast first (the inline assembly takes equal shapes only), the divisor
+        # inside its barrier: XLA also turns a / broadcast(b) into a * broadcast(1/b) (seen: FP8 groups).
+        shape = jnp.broadcast_shapes(a.shape, b.shape)
+        a, b = jnp.broadcast_to(a, shape), jnp.broadcast_to(b, shape)
         if self.interpret:
             return lax.optimization_barrier(a / lax.optimization_barrier(b))
         return _ptx("div.rn.f32 $0, $1, $2;", a, b)
@@ -157,20 +163,32 @@ def load_weight(w_ref, cols, n_cols: int, weight_offset: float) -> jax.Array:
     return w
 
 
-def scale_store(v, inv, w, out_ref, offsets, mask, llama: bool, stream: str | None) -> None:
-    """Step 6: out = rnD(rn(v * inv) [rounded to D in llama mode] * w)."""
+def scale_store(ops: ExactOps, v, inv, w, out_ref, offsets, mask, dtype, llama: bool, stream: str | None,
+                quant: Quant, inv_scale, scales_ref, rows, row_mask, chunk, n_cols: int, ROWS: int, CHUNK: int) -> None:
+    """Step 6: u = rn(v * inv) [rounded to dtype, x's dtype, in llama mode] * w (Q1), then
+    out = rnD(u) (quant "none"), or u quantized to FP8 with the static scale or per group."""
     normed = v * inv
     if llama:
-        normed = round_to(normed, out_ref.dtype)
-    plgpu.store(out_ref.at[offsets], encode(normed * w, out_ref.dtype), mask=mask, eviction_policy=stream)
+        normed = round_to(normed, dtype)
+    u = normed * w
+    if quant.kind == "static":
+        q = quantize_static(u, inv_scale, quant)
+    elif quant.kind == "group":
+        q = quantize_groups(ops, u, scales_ref, rows, row_mask, chunk, n_cols, ROWS, CHUNK, quant)
+    else:
+        q = encode(u, dtype)
+    plgpu.store(out_ref.at[offsets], q, mask=mask, eviction_policy=stream)
 
 
 def rms_norm_kernel(
-    x_ref, r_ref, w_ref, out_ref, new_r_ref, *,
+    x_ref, r_ref, w_ref, scale_ref, out_ref, scales_ref, new_r_ref, *,
     n_rows: int, n_cols: int, eps: float, weight_offset: float,
     has_residual: bool, llama: bool, rows_per_program: int, chunk: int, num_chunks: int, split: int,
-    interpret: bool,
+    interpret: bool, quant: Quant = NO_QUANT,
 ):
+    # quant "none": out in x's dtype. FP8 (out_ref uint8 codes): "static" multiplies by the
+    # reciprocal of the float32 scalar in scale_ref; "group" writes one float32 scale per group of
+    # columns to scales_ref (row-major, n_cols // group per row). Refs a call does not use are None.
     ops, R = ExactOps(interpret), rows_per_program
     # Rows are contiguous (stride n_cols); offsets are int32, so the wrapper bounds rows * n below 2**31.
     rows = (pl.program_id(0) * R + jnp.arange(R, dtype=jnp.int32))[:, None]
@@ -180,6 +198,11 @@ def rms_norm_kernel(
     # resident programs are about as large as an H100's L2); what neither reads again streams past it.
     keep = "evict_last" if num_chunks > 1 else None
     stream = "evict_first" if num_chunks > 1 else None
+    if quant.kind == "static":
+        # Q2: rn(1 / scale), once per program.
+        inv_scale = ops.div(jnp.full((1, 1), 1.0, jnp.float32), plgpu.load(scale_ref.at[jnp.zeros((1, 1), jnp.int32)]))
+    else:
+        inv_scale = 1.0
     if num_chunks == 1:
         # The whole row stays in registers: one read of x (and residual), one write per output.
         mask = row_mask & (cols < n_cols)
@@ -203,7 +226,8 @@ def rms_norm_kernel(
         ops.barrier()
     inv = inverse_rms(ops, s, n_cols, eps, R)[:, None]
     if num_chunks == 1:
-        scale_store(v, inv, w, out_ref, offsets, mask, llama, stream)
+        scale_store(ops, v, inv, w, out_ref, offsets, mask, x_ref.dtype, llama, stream, quant, inv_scale, scales_ref,
+                    rows, row_mask, 0, n_cols, R, chunk)
     else:
         # The second pass reads z again (the new residual, or x), last chunk first: the most
         # recently read chunks are the likeliest still in L2.
@@ -215,7 +239,8 @@ def rms_norm_kernel(
             offsets = rows * n_cols + ccols
             v = plgpu.load(z_ref.at[offsets], mask=mask, other=0.0, eviction_policy=stream).astype(jnp.float32)
             w = load_weight(w_ref, ccols, n_cols, weight_offset)
-            scale_store(v, inv, w, out_ref, offsets, mask, llama, stream)
+            scale_store(ops, v, inv, w, out_ref, offsets, mask, x_ref.dtype, llama, stream, quant, inv_scale,
+                        scales_ref, rows, row_mask, num_chunks - 1 - i, n_cols, R, chunk)
             return carry
 
         lax.fori_loop(0, num_chunks, chunk_scale, 0)
