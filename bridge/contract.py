@@ -148,6 +148,7 @@ def check_fp8_args(
     scale_dtype: Optional[str] = None,
     scale_value: Optional[float] = None,
     group_size: object = None,
+    x_dtype: Optional[str] = None,
 ) -> None:
     """The FP8 output's arguments (contract v1.2), after check_rms_norm_args.
 
@@ -159,8 +160,9 @@ def check_fp8_args(
     fp8 = out_dtype in FP8_FORMATS
     if out_dtype in FP8_NOT_YET:
         raise ValueError(f"out_dtype: {out_dtype} is not supported yet (contract v1.2 defines {', '.join(FP8_FORMATS)})")
-    if out_dtype is not None and not fp8 and out_dtype not in DTYPES:
-        raise TypeError(f"out_dtype: expected None, x's dtype or one of {', '.join(FP8_FORMATS)}; got {out_dtype}")
+    if out_dtype is not None and not fp8 and (out_dtype not in DTYPES or x_dtype not in (None, out_dtype)):
+        own = f"x's dtype ({x_dtype})" if x_dtype else "x's dtype"
+        raise TypeError(f"out_dtype: expected None, {own} or one of {', '.join(FP8_FORMATS)}; got {out_dtype}")
     has_scale, has_group = scale_shape is not None, group_size is not None
     if not fp8:
         if has_scale or has_group:

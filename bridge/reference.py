@@ -22,7 +22,7 @@ _NUMPY_DTYPES = {
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
     "float16": np.dtype(np.float16),
 }
-_BITS_DTYPES = {"float32": np.uint32, "bfloat16": np.uint16, "float16": np.uint16}
+_BITS_DTYPES = {"float32": np.uint32, "bfloat16": np.uint16, "float16": np.uint16, "float8_e4m3fn": np.uint8}
 
 
 def dtype_name(dtype: np.dtype) -> str:
@@ -110,7 +110,7 @@ def rms_norm(
     """
     _check(x, weight, eps, residual, mode, weight_offset)
     scale_arr = None if scale is None else np.asarray(scale)
-    check_fp8_args(n=x.shape[-1], out_dtype=out_dtype,
+    check_fp8_args(n=x.shape[-1], out_dtype=out_dtype, x_dtype=dtype_name(x.dtype),
                    scale_shape=None if scale_arr is None else scale_arr.shape,
                    scale_dtype=None if scale_arr is None else dtype_name(scale_arr.dtype),
                    scale_value=None if scale_arr is None or scale_arr.size != 1 else float(scale_arr.reshape(())),

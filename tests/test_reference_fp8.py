@@ -435,3 +435,10 @@ def test_reproduces_fp8_corpus(fp8_cases: dict, name: str) -> None:
             assert w.dtype == g.dtype and w.shape == g.shape
             as_bytes = [np.ascontiguousarray(a).view(np.uint8) for a in (g, w)]
             np.testing.assert_array_equal(*as_bytes, err_msg=f"{name} {mode}/{offset:g}")
+
+
+def test_out_dtype_other_than_xs_own_is_rejected_naming_it():
+    x = np.ones((2, 128), np.float32)
+    with pytest.raises(TypeError, match=r"out_dtype: expected None, x's dtype \(float32\)"):
+        reference.rms_norm(x, np.ones(128, np.float32), out_dtype="bfloat16")
+    assert reference.rms_norm(x, np.ones(128, np.float32), out_dtype="float32").dtype == np.float32
