@@ -144,18 +144,23 @@ def encode_fp8(c, MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr, NAN_
 
     Normal results: drop the float32 mantissa's low bits with round-half-even and rebias the
     exponent. Below the smallest normal 2**(1 - bias) the code is |c| / 2**(2 - bias - mantissa bits)
-    rounded to an integer: adding and subtracting 2**23 rounds it in float32 (ties to even, exact).
+    rounded to an integer: the 24-bit significand shifted right with round-half-even (integers, exact;
+    bi_jax's twin cannot round with float32 adds of 2**23, which XLA:CPU folds away).
     """
     SHIFT: tl.constexpr = 23 - MANTISSA_BITS
     HALF: tl.constexpr = (1 << (SHIFT - 1)) - 1
     REBIAS: tl.constexpr = (127 - EXPONENT_BIAS) << MANTISSA_BITS
     MIN_NORMAL: tl.constexpr = 2.0 ** (1 - EXPONENT_BIAS)
-    SUBNORMAL_SCALE: tl.constexpr = 2.0 ** (EXPONENT_BIAS - 1 + MANTISSA_BITS)
+    # |c| * 2**(bias - 1 + mantissa bits) = significand >> (SUBNORMAL_SHIFT - exponent field), exactly.
+    SUBNORMAL_SHIFT: tl.constexpr = 127 + 23 - (EXPONENT_BIAS - 1 + MANTISSA_BITS)
     b = c.to(tl.uint32, bitcast=True)
     a = b & 0x7FFFFFFF
     magnitude = a.to(tl.float32, bitcast=True)
     normal = ((a + HALF + ((a >> SHIFT) & 1)) >> SHIFT) - REBIAS
-    subnormal = ((magnitude * SUBNORMAL_SCALE + 8388608.0) - 8388608.0).to(tl.uint32)
+    # >= 6 for |c| <= M; beyond 25 every significand rounds to 0 (NaN's exponent wraps it there).
+    sub_shift = tl.minimum(SUBNORMAL_SHIFT - (a >> 23), 25)
+    significand = (a & 0x7FFFFF) | 0x800000
+    subnormal = (significand + ((1 << (sub_shift - 1)) - 1) + ((significand >> sub_shift) & 1)) >> sub_shift
     code = tl.where(magnitude < MIN_NORMAL, subnormal, normal) | ((b >> 31) << 7)
     return tl.where(c != c, NAN_FP8, code).to(tl.uint8)
 
