@@ -3,10 +3,9 @@
 Mirrors the FP8 helpers of bi_torch/triton_kernel.py line for line (clamp_fp8, encode_fp8,
 quantize_static, quantize_groups; its div_rn is ExactOps.div here). rnFP8 (encode_fp8) works on
 the float32 bit pattern on the GPU and in interpret mode alike: one code path, exact by
-construction, whatever a compiler's float32 -> FP8 conversion does. One line differs from the
-Triton kernel: below FP8's smallest normal the code is rounded with integer shifts, not by adding
-and subtracting 2**23 in float32, because XLA's CPU backend folds (a + 2**23) - 2**23 back into a
-(seen: jax 0.10.2); both are exact (round half to even of |c| * 2**(bias - 1 + mantissa bits)).
+construction, whatever a compiler's float32 -> FP8 conversion does. Below FP8's smallest normal
+both kernels round with integer shifts: adding and subtracting 2**23 in float32 would be exact too,
+but XLA's CPU backend folds (a + 2**23) - 2**23 back into a (seen: jax 0.10.2).
 The kernel writes the FP8 codes as uint8; bi_jax.ops bitcasts them to the format outside it.
 """
 
