@@ -1,6 +1,6 @@
-"""bridge.crossframework on the CPU: each framework's kernel on the other's arrays, forward and
-backward, bit for bit against the reference and the kernel's own framework, and how a difference
-is reported. (bridge.dlpack itself: test_bridge_cpu.py.)
+"""bridge.crossframework on the CPU: each framework's kernel on the other's arrays, forward,
+backward and FP8 output, bit for bit against the reference and the kernel's own framework, and how
+a difference is reported. (bridge.dlpack itself: test_bridge_cpu.py.)
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax import lax
 
 import bi_jax
 import bi_torch
-from bridge import crossframework, reference
+from bridge import crossframework, golden, reference
 from bridge.compare import assert_bitwise_equal
 from bridge.subnormals import flushed
 from bridge_helpers import jax_on_the_cpu  # noqa: F401 (an autouse fixture: JAX on the CPU)
@@ -168,3 +169,136 @@ def test_cross_check_backward_reports_the_first_difference(monkeypatch):
     monkeypatch.setattr(crossframework, "_bi_jax_backward", perturbed)
     problem = crossframework.cross_check_backward(x, w, g, 1e-6, r, None, "llama", 0.0, device="cpu")
     assert problem is not None and problem.startswith("grad_weight: 1 of 100 elements differ; first at index (7,): ")
+
+
+# ---------------------------------------------------------------- FP8 output across frameworks
+
+FP8 = "float8_e4m3fn"
+# (dtype, residual, mode, offset, quantization): both scalings, every residual kind, 0-d and 1-element scales.
+FP8_CROSS_CASES = [("float32", "none", "llama", 0.0, {"scale": np.array(0.02, np.float32)}),
+                   ("bfloat16", "same", "fp32", 1.0, {"scale": np.array([1e-3], np.float32)}),
+                   ("float16", "float32", "llama", 1.0, {"group_size": 64}),
+                   ("bfloat16", "none", "llama", 0.0, {"group_size": 128})]
+
+
+def _fp8_bits(a) -> np.ndarray:
+    """The bits of a torch tensor, a JAX or a numpy array, FP8 ones as their uint8 codes."""
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[a.element_size()]
+                                                  ).numpy().view(f"uint{8 * a.element_size()}")
+    a = np.asarray(a)
+    return np.ascontiguousarray(a).view(np.uint8) if a.dtype.itemsize == 1 else reference.bits(a)
+
+
+def _as_tuple(result) -> tuple:
+    return tuple(result) if isinstance(result, (tuple, list)) else (result,)
+
+
+@pytest.mark.parametrize("dtype,residual,mode,offset,quant", FP8_CROSS_CASES)
+def test_torch_fp8_kernel_on_jax_arrays(dtype, residual, mode, offset, quant):
+    x, w, r = _inputs(dtype, residual, shape=(3, 2, 128))
+    expected = _as_tuple(reference.rms_norm(x, w, 1e-6, r, mode=mode, weight_offset=offset, out_dtype=FP8, **quant))
+    kwargs = {"out_dtype": jnp.float8_e4m3fn, **{k: jnp.asarray(v) if k == "scale" else v for k, v in quant.items()}}
+    got = _as_tuple(crossframework.torch_rms_norm_on_jax(jnp.asarray(x), jnp.asarray(w), 1e-6,
+                                                         None if r is None else jnp.asarray(r), mode=mode,
+                                                         weight_offset=offset, **kwargs))
+    assert len(got) == len(expected) == 1 + ("group_size" in quant) + (r is not None)
+    assert got[0].dtype == jnp.float8_e4m3fn and got[0].shape == x.shape
+    for e, g in zip(expected, got):
+        assert isinstance(g, jax.Array) and g.devices() == {jax.devices("cpu")[0]}
+        np.testing.assert_array_equal(_fp8_bits(g), _fp8_bits(e))
+
+
+@pytest.mark.parametrize("dtype,residual,mode,offset,quant", FP8_CROSS_CASES)
+def test_jax_fp8_kernel_on_torch_tensors(dtype, residual, mode, offset, quant):
+    x, w, r = _inputs(dtype, residual, shape=(3, 2, 128))
+    expected = _as_tuple(reference.rms_norm(x, w, 1e-6, r, mode=mode, weight_offset=offset, out_dtype=FP8, **quant))
+    kwargs = {"out_dtype": torch.float8_e4m3fn,
+              **{k: torch.from_numpy(v.reshape(-1).copy()).reshape(v.shape) if k == "scale" else v
+                 for k, v in quant.items()}}
+    got = _as_tuple(crossframework.jax_rms_norm_on_torch(torch_from_numpy(x), torch_from_numpy(w), 1e-6,
+                                                         None if r is None else torch_from_numpy(r), mode=mode,
+                                                         weight_offset=offset, **kwargs))
+    assert len(got) == len(expected) and got[0].dtype == torch.float8_e4m3fn
+    for e, g in zip(expected, got):
+        assert isinstance(g, torch.Tensor) and g.device.type == "cpu"
+        np.testing.assert_array_equal(_fp8_bits(g), _fp8_bits(e))
+
+
+def test_fp8_crosses_dlpack_as_itself_on_the_cpu():
+    assert crossframework.fp8_probe() is None
+    assert crossframework.fp8_dlpack_route("cpu") == "as float8_e4m3fn"
+    t = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    a = crossframework._fp8_to_jax(t)
+    assert a.dtype == jnp.float8_e4m3fn and a.unsafe_buffer_pointer() == t.data_ptr()  # zero copy
+    back = crossframework._fp8_to_torch(a)
+    assert back.dtype == torch.float8_e4m3fn and torch.equal(back.view(torch.uint8), t.view(torch.uint8))
+
+
+def test_fp8_falls_back_to_uint8_views_where_dlpack_refuses_it(monkeypatch):
+    """Where DLPack carries no FP8 (some torch/jax builds on a GPU), the codes cross as uint8."""
+    honest_to_jax, honest_to_torch = crossframework.to_jax, crossframework.to_torch
+
+    def no_fp8_to_jax(t, **kwargs):
+        if t.dtype == torch.float8_e4m3fn:
+            raise TypeError("t: dtype torch.float8_e4m3fn has no JAX counterpart through DLPack")
+        return honest_to_jax(t, **kwargs)
+
+    def no_fp8_to_torch(a):
+        if a.dtype == jnp.float8_e4m3fn:
+            raise TypeError("a: dtype float8_e4m3fn has no torch counterpart through DLPack")
+        return honest_to_torch(a)
+
+    monkeypatch.setattr(crossframework, "to_jax", no_fp8_to_jax)
+    monkeypatch.setattr(crossframework, "to_torch", no_fp8_to_torch)
+    crossframework.fp8_dlpack_route.cache_clear()
+    try:
+        route = crossframework.fp8_dlpack_route("cpu")
+        assert route.startswith("as uint8 views (torch -> jax: TypeError") and "jax -> torch: TypeError" in route
+    finally:
+        crossframework.fp8_dlpack_route.cache_clear()
+    t = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+    a = crossframework._fp8_to_jax(t)
+    assert a.dtype == jnp.float8_e4m3fn
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.arange(256, dtype=np.uint8))
+    back = crossframework._fp8_to_torch(a)
+    assert back.dtype == torch.float8_e4m3fn and torch.equal(back.view(torch.uint8), t.view(torch.uint8))
+    x, w, r = _inputs("bfloat16", "float32", shape=(3, 128))
+    assert crossframework.cross_check_fp8(x, w, 1e-6, r, "llama", 0.0, {"out_dtype": FP8, "group_size": 64},
+                                          device="cpu") is None
+
+
+def test_cross_check_fp8_agrees_on_golden_cases():
+    """Short FP8 corpus cases: each scaling with each residual kind, the huge-weight cases (inf u)."""
+    chosen = {}
+    for case in golden.load_fp8_corpus():
+        if case.spec.n <= 128:
+            chosen.setdefault((case.spec.group_size is None, case.spec.residual, case.spec.weight), case)
+    assert len(chosen) >= 7
+    for case in chosen.values():
+        mode, offset = case.spec.outputs[0]
+        problem = crossframework.cross_check_fp8(case.x, case.weight, case.spec.eps, case.residual, mode, offset,
+                                                 case.quantization(), device="cpu")
+        assert problem is None, f"{case.spec.name} {mode}/{offset:g}: {problem}"
+
+
+@pytest.mark.parametrize("what", ["out", "scales"])
+def test_cross_check_fp8_reports_the_first_difference(monkeypatch, what):
+    x, w, r = _inputs("float16", "same", shape=(3, 128))
+    honest = crossframework._bi_jax
+
+    def perturbed(*args, **kwargs):
+        out, scales, new_residual = honest(*args, **kwargs)
+        if what == "out":
+            codes = lax.bitcast_convert_type(out, jnp.uint8)
+            out = lax.bitcast_convert_type(codes.at[1, 42].set(codes[1, 42] ^ 1), jnp.float8_e4m3fn)
+        else:
+            scales = scales.at[2, 1].set(scales[2, 1] * 2)
+        return out, scales, new_residual
+
+    monkeypatch.setattr(crossframework, "_bi_jax", perturbed)
+    problem = crossframework.cross_check_fp8(x, w, 1e-6, r, "fp32", 0.0, {"out_dtype": FP8, "group_size": 64},
+                                             device="cpu")
+    where, total = ("(1, 42)", 384) if what == "out" else ("(2, 1)", 6)
+    assert problem is not None
+    assert problem.startswith(f"{what}: 1 of {total} elements differ; first at index {where}: torch ")
