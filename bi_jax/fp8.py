@@ -19,24 +19,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridge.contract import DTYPES, FP8_FORMATS, as_float32, check_fp8_args
+from bridge.contract import FP8_FORMATS, as_float32, check_fp8_args
 
 from .pallas_fp8 import NO_QUANT, Quant
 
 
 def _out_dtype_name(out_dtype, x_dtype: str) -> Optional[str]:
-    """The contract's name for out_dtype: None for no quantization (None or x's dtype)."""
+    """The contract's name for out_dtype (jnp.dtype's), None for None; the contract judges it."""
     if out_dtype is None:
         return None
     try:
-        name = jnp.dtype(out_dtype).name
+        return jnp.dtype(out_dtype).name
     except TypeError:
         raise TypeError(f"out_dtype: expected None, x's dtype ({x_dtype}) or one of {', '.join(FP8_FORMATS)}; "
                         f"got {out_dtype!r}") from None
-    if name in DTYPES and name != x_dtype:
-        raise TypeError(f"out_dtype: expected None, x's dtype ({x_dtype}) or one of {', '.join(FP8_FORMATS)}; "
-                        f"got {name} (rms_norm rounds to x's dtype or to FP8 only)")
-    return name
 
 
 def _scale_operand(scale) -> Tuple[Optional[jax.Array], Optional[tuple], Optional[str], Optional[float]]:
@@ -64,7 +60,7 @@ def fp8_arguments(n: int, x_dtype: str, out_dtype, scale, group_size) -> Tuple[Q
     name = _out_dtype_name(out_dtype, x_dtype)
     array, shape, dtype, value = _scale_operand(scale)
     check_fp8_args(n=n, out_dtype=name, scale_shape=shape, scale_dtype=dtype, scale_value=value,
-                   group_size=group_size)
+                   group_size=group_size, x_dtype=x_dtype)
     if name not in FP8_FORMATS:
         return NO_QUANT, None
     if array is not None:
