@@ -45,9 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     residual = b.add_mutually_exclusive_group()
     residual.add_argument("--no-residual", action="store_true", help="only the variant without a residual")
     residual.add_argument("--residual-only", action="store_true", help="only the fused residual-add variant")
-    b.add_argument("--pass", dest="passes", action="append", choices=("forward", "backward", "fwd+bwd"),
+    b.add_argument("--pass", dest="passes", action="append",
+                   choices=("forward", "backward", "fwd+bwd", "fp8-static", "fp8-group"),
                    help="time this pass (repeatable); default: forward and backward; fwd+bwd: forward and backward "
-                   "in one call, torch only")
+                   "in one call, torch only; fp8-static, fp8-group: the forward with FP8 output (float8_e4m3fn), "
+                   "a static scale or a scale per token and 128 channels")
     b.add_argument("--peers", help="comma-separated peers to time (default: all; our kernels and the copy always)")
     b.add_argument("--out", type=Path, default=Path("bench-out"), help="where bench.csv, bench-table.txt, "
                    "bench-determinism.csv, bench.png (GB/s) and bench-copy.png (%% of copy) go")

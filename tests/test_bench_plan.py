@@ -166,11 +166,13 @@ def _bench_imports() -> dict:
 
 def test_bench_package_imports_go_one_way() -> None:
     graph = _bench_imports()
-    assert {"plan", "timing", "measuring", "peers", "backward", "backward_peers", "report", "__init__"} <= set(graph)
-    for name in ("plan", "timing", "measuring", "peers", "backward", "backward_peers"):
+    assert {"plan", "timing", "measuring", "peers", "backward", "backward_peers", "fp8", "fp8_peers", "report",
+            "__init__"} <= set(graph)
+    for name in ("plan", "timing", "measuring", "peers", "backward", "backward_peers", "fp8", "fp8_peers"):
         assert "report" not in graph[name], f"{name} imports the report"
     assert not graph["plan"] and graph["report"] <= {"plan"} and graph["peers"] <= {"plan", "timing"}
     assert graph["backward"] <= {"plan", "timing", "backward_peers"} and graph["backward_peers"] <= {"plan", "peers"}
+    assert graph["fp8"] <= {"plan", "timing", "fp8_peers"} and graph["fp8_peers"] <= {"plan", "peers"}
     assert all("__init__" not in deps for deps in graph.values())
 
     def reaches(start: str) -> set:

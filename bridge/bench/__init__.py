@@ -1,17 +1,21 @@
-"""`bi-norm bench`: time both kernels' forward and backward against peers and a device-to-device
-copy on a GPU.
+"""`bi-norm bench`: time both kernels' forward, backward and FP8-output forward against peers and
+a device-to-device copy on a GPU.
 
 BENCHMARKS.md describes the method. The package's modules, imported one way only:
 
 - plan: the shapes, dtypes, passes, implementations, bytes counted per case, rotated sets, knobs;
 - timing: the timing loops (CUDA-graph replay for torch, a jitted on-GPU loop for JAX), the copy
   ceiling, one implementation's build-check-time step; imports plan;
-- measuring: the loop over the plan's cases (GPU only), the forward's; imports plan, timing and
-  backward, and peers lazily;
+- measuring: the loop over the plan's cases (GPU only), the forward's; imports plan, timing,
+  backward and fp8, and peers lazily;
 - backward: the backward's and fwd+bwd's cases, checked against bridge.reference, and the
   determinism counts; imports plan and timing, and backward_peers lazily;
+- fp8: the FP8 passes' cases (fp8-static, fp8-group), checked against bridge.reference; imports
+  plan and timing, and fp8_peers lazily;
 - peers: the forward's peers (torch and triton at import: a GPU run only); imports plan;
 - backward_peers: the backward's and fwd+bwd's implementations, ours too; imports plan and peers;
+- fp8_peers: the FP8 passes' peers (a norm, then a separate quantization; vLLM's fused kernels);
+  imports plan and peers;
 - report: bench.csv, bench-table.txt, bench-determinism.csv, bench.png, bench-copy.png; imports plan.
 
 torch and jax are imported inside functions only, so that `import bridge` stays framework-free
@@ -25,14 +29,16 @@ import argparse
 import sys
 from typing import List
 
-from .backward import check_grads, check_rows, count_patterns, loop_op
+from .backward import check_grads, count_patterns, loop_op
+from .fp8 import check_fp8, fp8_loop_op, fp8_steps
 from .measuring import measure, package_versions
 from .measuring import _no_gpu_reason
 from .plan import (CHECK_ROWS, CHECK_TOL, DEFAULT_PASSES, DEFAULT_SHAPES, DETERMINISM_RUNS, DETERMINISM_SHAPES, DTYPES,
-                   EPS, HIDDEN, IMPL_BY_NAME, IMPLS, ITEMSIZE, JAX_CALL_S, JAX_SETS, LIGER_SITE, MAX_REPS, MAX_SETS,
-                   MEASURE_S, MIN_REPS, PASSES, PEER_NAMES, POOL_BYTES, QUICK_SHAPES, SMALL_TOKENS, TOKENS, Case,
-                   Determinism, Impl, Plan, Skip, Timing, UsageError, checks_determinism, make_plan, parse_peers,
-                   parse_shapes, rotation_sets, runs_in, synthetic_determinism, synthetic_timings)
+                   EPS, FP8_GROUP_SIZE, FP8_PASSES, FP8_SCALE, FP8_ULPS, HIDDEN, IMPL_BY_NAME, IMPLS, ITEMSIZE,
+                   JAX_CALL_S, JAX_SETS, LIGER_SITE, MAX_REPS, MAX_SETS, MEASURE_S, MIN_REPS, PASSES, PEER_NAMES,
+                   POOL_BYTES, QUICK_SHAPES, SMALL_TOKENS, TOKENS, Case, Determinism, Impl, Plan, Skip, Timing,
+                   UsageError, check_rows, checks_determinism, make_plan, parse_peers, parse_shapes, rotation_sets,
+                   runs_in, synthetic_determinism, synthetic_timings)
 from .report import (CSV_COLUMNS, DETERMINISM_COLUMNS, DETERMINISM_CSV, Row, determinism_lines, fastest_peer,
                      format_table, label, read_csv, read_determinism_csv, summarize, target_lines, write_copy_plot,
                      write_csv, write_determinism_csv, write_plot, write_report)
@@ -40,19 +46,17 @@ from .timing import check_close, copy_timing, rel_err, run_impl, time_copy, time
     torch_sets
 
 __all__ = [
-    "check_grads", "check_rows", "count_patterns", "loop_op",
-    "CHECK_ROWS", "CHECK_TOL", "DEFAULT_PASSES", "DEFAULT_SHAPES", "DETERMINISM_RUNS", "DETERMINISM_SHAPES", "DTYPES",
-    "EPS", "HIDDEN", "IMPL_BY_NAME", "IMPLS", "ITEMSIZE", "JAX_CALL_S", "JAX_SETS", "LIGER_SITE", "MAX_REPS",
-    "MAX_SETS", "MEASURE_S", "MIN_REPS", "PASSES", "PEER_NAMES", "POOL_BYTES", "QUICK_SHAPES", "SMALL_TOKENS",
-    "TOKENS", "Case", "Determinism", "Impl", "Plan", "Skip", "Timing", "UsageError", "checks_determinism",
-    "make_plan", "parse_peers", "parse_shapes", "rotation_sets", "runs_in", "synthetic_determinism",
-    "synthetic_timings",
-    "CSV_COLUMNS", "DETERMINISM_COLUMNS", "DETERMINISM_CSV", "Row", "determinism_lines", "fastest_peer",
-    "format_table", "label", "read_csv", "read_determinism_csv", "summarize", "target_lines", "write_copy_plot",
-    "write_csv", "write_determinism_csv", "write_plot", "write_report",
+    "check_grads", "count_patterns", "loop_op", "check_fp8", "fp8_loop_op", "fp8_steps", "CHECK_ROWS", "CHECK_TOL",
+    "DEFAULT_PASSES", "DEFAULT_SHAPES", "DETERMINISM_RUNS", "DETERMINISM_SHAPES", "DTYPES", "EPS", "FP8_GROUP_SIZE",
+    "FP8_PASSES", "FP8_SCALE", "FP8_ULPS", "HIDDEN", "IMPL_BY_NAME", "IMPLS", "ITEMSIZE", "JAX_CALL_S", "JAX_SETS",
+    "LIGER_SITE", "MAX_REPS", "MAX_SETS", "MEASURE_S", "MIN_REPS", "PASSES", "PEER_NAMES", "POOL_BYTES",
+    "QUICK_SHAPES", "SMALL_TOKENS", "TOKENS", "Case", "Determinism", "Impl", "Plan", "Skip", "Timing", "UsageError",
+    "check_rows", "checks_determinism", "make_plan", "parse_peers", "parse_shapes", "rotation_sets", "runs_in",
+    "synthetic_determinism", "synthetic_timings", "CSV_COLUMNS", "DETERMINISM_COLUMNS", "DETERMINISM_CSV", "Row",
+    "determinism_lines", "fastest_peer", "format_table", "label", "read_csv", "read_determinism_csv", "summarize",
+    "target_lines", "write_copy_plot", "write_csv", "write_determinism_csv", "write_plot", "write_report",
     "check_close", "copy_timing", "rel_err", "run_impl", "time_copy", "time_jax", "time_jax_unrolled", "time_torch",
-    "torch_sets",
-    "measure", "package_versions", "run",
+    "torch_sets", "measure", "package_versions", "run",
 ]
 
 

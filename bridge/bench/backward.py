@@ -17,8 +17,8 @@ import dataclasses
 import functools
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .plan import (BACKWARD_CHECK_ELEMENTS, CHECK_TOL, DETERMINISM_RUNS, EPS, IMPL_BY_NAME, Case, Determinism,
-                   Timing, checks_determinism, runs_in)
+from .plan import (CHECK_TOL, DETERMINISM_RUNS, EPS, IMPL_BY_NAME, Case, Determinism, Timing, check_rows,
+                   checks_determinism, runs_in)
 from .timing import copy_timing, rel_err, run_impl, time_jax, time_torch, torch_sets
 
 Results = Tuple[List[Timing], List[Determinism]]
@@ -34,11 +34,6 @@ def measure(case: Case, n_sets: int, peers: Sequence[str], unavailable: Dict[str
         jax_timings, jax_determinism = _measure_jax(case, n_sets, peers, unavailable)
         timings, determinism = timings + jax_timings, determinism + jax_determinism
     return timings, determinism
-
-
-def check_rows(case: Case) -> int:
-    """The rows compared with the reference: about BACKWARD_CHECK_ELEMENTS elements (it is numpy)."""
-    return max(1, min(case.tokens, BACKWARD_CHECK_ELEMENTS // case.hidden))
 
 
 def check_grads(case: Case, got: tuple, want: tuple, rows: int, to_numpy: Callable) -> None:

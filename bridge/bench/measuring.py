@@ -1,7 +1,7 @@
 """`bi-norm bench`'s measuring loop (GPU only): every case's torch and JAX implementations built,
 checked and timed, a failure noted rather than fatal; the forward's here, the backward's and
-fwd+bwd's in bridge.bench.backward. It hands its results to a checkpoint callback and never
-imports the report.
+fwd+bwd's in bridge.bench.backward, the FP8 passes' in bridge.bench.fp8. It hands its results to
+a checkpoint callback and never imports the report.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import backward
-from .plan import (EPS, IMPL_BY_NAME, IMPLS, LIGER_SITE, PASSES, Case, Determinism, Plan, Timing, rotation_sets,
-                   runs_in)
+from . import backward, fp8
+from .plan import (EPS, FP8_PASSES, IMPL_BY_NAME, IMPLS, LIGER_SITE, PASSES, Case, Determinism, Plan, Timing,
+                   rotation_sets, runs_in)
 from .timing import check_close, copy_timing, run_impl, time_jax, time_torch, torch_sets
 
 
@@ -50,7 +50,9 @@ def measure(plan: Plan, checkpoint: Callable[[List[Timing], List[Determinism]], 
     for i, case in enumerate(plan.cases, 1):
         n_sets = rotation_sets(case, l2_bytes)
         skipped = unavailable[case.phase]
-        if case.phase != "forward":
+        if case.phase in FP8_PASSES:
+            case_timings = fp8.measure(case, n_sets, plan.peers, skipped, jax_why is None)
+        elif case.phase != "forward":
             case_timings, case_determinism = backward.measure(case, n_sets, plan.peers, skipped, jax_why is None)
             determinism += case_determinism
         else:

@@ -56,15 +56,19 @@ def _llama_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     return _llama_rms_norm(hidden_states, weight, eps), hidden_states
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(residual: bool) -> Callable:
+def raise_recompile_limit() -> None:
+    """One graph per (hidden, dtype, residual) with the token count dynamic, as a server compiles
+    it; the default limit of 8 recompiles per function is smaller than the plan's variety."""
     import torch._dynamo
 
-    # One graph per (hidden, dtype, residual) with the token count dynamic, as a server compiles
-    # it; the default limit of 8 recompiles per function is smaller than the plan's variety.
     for knob in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 256)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(residual: bool) -> Callable:
+    raise_recompile_limit()
     return torch.compile(_llama_add_rms_norm if residual else _llama_rms_norm)
 
 

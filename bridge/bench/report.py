@@ -1,6 +1,7 @@
-"""`bi-norm bench`'s report: bench.csv, bench-table.txt (a table per pass, the targets, the
-backward's determinism), bench-determinism.csv, bench.png (GB/s, log axis) and bench-copy.png
-(% of copy, linear axis), from the timings and determinism counts; and those CSVs read back.
+"""`bi-norm bench`'s report: bench.csv, bench-table.txt (a table per pass, FP8 ones included, the
+targets, the backward's determinism), bench-determinism.csv, bench.png (GB/s, log axis) and
+bench-copy.png (% of copy, linear axis), from the timings and determinism counts; and those CSVs
+read back.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .plan import IMPL_BY_NAME, IMPLS, PASSES, SMALL_TOKENS, Case, Determinism, Timing
+from .plan import FP8_GROUP_SIZE, FP8_PASSES, IMPL_BY_NAME, IMPLS, PASSES, SMALL_TOKENS, Case, Determinism, Timing
 
 CSV_COLUMNS = ("tokens", "hidden", "dtype", "residual", "pass", "impl", "kind", "residual_add", "bytes", "us", "gbps",
                "frac_copy", "ratio_fastest_peer", "ratio_framework_peer", "wall_s", "note")
@@ -20,7 +21,11 @@ DETERMINISM_COLUMNS = ("tokens", "hidden", "dtype", "residual", "impl", "runs", 
 _TITLES = {"forward": "forward",
            "backward": "backward: grad_x (= grad_residual) and grad_weight from z (x or the new residual), "
                        "grad_out(s) and the weight",
-           "fwd+bwd": "fwd+bwd: the forward and its backward in one call (torch)"}
+           "fwd+bwd": "fwd+bwd: the forward and its backward in one call (torch)",
+           "fp8-static": "fp8-static: FP8 output (float8_e4m3fn), static scale; peers: the norm, then a separate "
+                         "quantization",
+           "fp8-group": f"fp8-group: FP8 output (float8_e4m3fn) and a scale per token and {FP8_GROUP_SIZE} channels; "
+                        "peers: the norm, then a separate quantization"}
 
 
 @dataclasses.dataclass
@@ -156,8 +161,9 @@ def _table_line(case: Case, rows: Dict[str, Row]) -> str:
 
 
 def _checks(phase: str, rows: List[Tuple[Case, Row]]) -> List[Tuple[str, List[bool]]]:
-    """Issue 6's targets for the forward, issue 15's for the backward; fwd+bwd has none."""
-    if phase == "forward":
+    """Issue 6's targets for the forward (and the FP8 passes, a forward too: issue 17 sets none of its
+    own), issue 15's for the backward; fwd+bwd has none."""
+    if phase == "forward" or phase in FP8_PASSES:
         return [
             ("copy >= 95% at >= 512 MB", [r.frac_copy >= 0.95 for c, r in rows
                                           if c.bytes_moved >= 512e6 and r.frac_copy is not None]),

@@ -87,6 +87,30 @@ def time_jax(op: Callable, sets: Sequence[tuple], weight, case: Case) -> Tuple[f
     a copy in the loop (extra bytes), the unrolled scheme (time_jax_unrolled) is used instead.
     """
     import jax
+
+    compiled, carry, calls = compile_jax_loop(op, sets, weight, case)
+    copies = len(_ARRAY_COPY.findall(compiled.as_text()))
+    if copies:
+        us, note = time_jax_unrolled(op, sets, weight)
+        return us, f"unrolled: XLA kept {copies} array copies in the loop; {note}".rstrip("; ")
+    t0 = time.perf_counter()
+    carry = jax.block_until_ready(compiled(carry, weight))  # warm-up
+    warm_s = time.perf_counter() - t0
+    if warm_s > 10 * JAX_CALL_S:  # far slower than guessed: one timed call (never the warm-up,
+        t0 = time.perf_counter()  # whose first run of a big case can include allocations)
+        carry = jax.block_until_ready(compiled(carry, weight))
+        return (time.perf_counter() - t0) / calls * 1e6, "one sample"
+    samples = []
+    for _ in range(MIN_REPS):
+        t0 = time.perf_counter()
+        carry = jax.block_until_ready(compiled(carry, weight))
+        samples.append((time.perf_counter() - t0) / calls)
+    return statistics.median(samples) * 1e6, ""
+
+
+def compile_jax_loop(op: Callable, sets: Sequence[tuple], weight, case: Case) -> Tuple[object, list, int]:
+    """time_jax's loop, compiled: (the executable, its carry (copies of the first K sets), op calls per run)."""
+    import jax
     import jax.numpy as jnp
 
     k = min(len(sets), JAX_SETS)
@@ -106,24 +130,7 @@ def time_jax(op: Callable, sets: Sequence[tuple], weight, case: Case) -> Tuple[f
         return jax.lax.fori_loop(0, iterations, body, carry)
 
     carry = jax.tree.map(jnp.copy, [tuple(s) for s in sets[:k]])
-    compiled = jax.jit(loop, donate_argnums=0).lower(carry, weight).compile()
-    copies = len(_ARRAY_COPY.findall(compiled.as_text()))
-    if copies:
-        us, note = time_jax_unrolled(op, sets, weight)
-        return us, f"unrolled: XLA kept {copies} array copies in the loop; {note}".rstrip("; ")
-    t0 = time.perf_counter()
-    carry = jax.block_until_ready(compiled(carry, weight))  # warm-up
-    warm_s = time.perf_counter() - t0
-    if warm_s > 10 * JAX_CALL_S:  # far slower than guessed: one timed call (never the warm-up,
-        t0 = time.perf_counter()  # whose first run of a big case can include allocations)
-        carry = jax.block_until_ready(compiled(carry, weight))
-        return (time.perf_counter() - t0) / (iterations * 2 * k) * 1e6, "one sample"
-    samples = []
-    for _ in range(MIN_REPS):
-        t0 = time.perf_counter()
-        carry = jax.block_until_ready(compiled(carry, weight))
-        samples.append((time.perf_counter() - t0) / (iterations * 2 * k))
-    return statistics.median(samples) * 1e6, ""
+    return jax.jit(loop, donate_argnums=0).lower(carry, weight).compile(), carry, iterations * 2 * k
 
 
 # A copy of a non-scalar array in optimized HLO text, e.g. "%copy.3 = bf16[256,4096]{1,0} copy(%p)".
