@@ -179,10 +179,8 @@ def _arrays(case: GoldenCase) -> Dict[str, np.ndarray]:
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
-    """The stored bit patterns: reference.bits, and an FP8 array's uint8 codes; shape () kept
-    (np.ascontiguousarray makes a 0-d array 1-d)."""
-    if reference.dtype_name(a.dtype) in FP8_FORMATS:
-        return np.ascontiguousarray(a).view(np.uint8).reshape(a.shape)
+    """The stored bit patterns (reference.bits; FP8 as uint8 codes), shape () kept: reference.bits
+    makes a 0-d array 1-d (np.ascontiguousarray)."""
     return reference.bits(a).reshape(a.shape)
 
 

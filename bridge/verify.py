@@ -17,9 +17,7 @@ import numpy as np
 
 from . import crossframework, golden, golden_backward, subnormals
 from .backends import BACKENDS, Backend
-from .compare import first_mismatch as _first_mismatch
-from .contract import FP8_FORMATS
-from .reference import dtype_name
+from .compare import first_mismatch
 from .verify_report import BackendReport, PassReport, Progress, Ticker, Unavailable, overall_status, run_pass
 
 QUICK_MAX_N = 1025
@@ -62,26 +60,6 @@ class Plan:
 
     def steps(self) -> int:
         return self.forward_steps() + self.backward_steps() + len(self.fp8_cases) + len(self.fp8_invariance_cases)
-
-
-def first_mismatch(expected: np.ndarray, actual: np.ndarray) -> Optional[str]:
-    """bridge.compare.first_mismatch, FP8 arrays included (compared on their uint8 codes)."""
-    names = dtype_name(expected.dtype), dtype_name(actual.dtype)
-    if names[0] not in FP8_FORMATS and names[1] not in FP8_FORMATS:
-        return _first_mismatch(expected, actual)
-    if expected.shape != actual.shape:
-        return f"shape {actual.shape} != expected {expected.shape}"
-    if names[0] != names[1]:
-        return f"dtype {names[1]} != expected {names[0]}"
-    e, a = (np.ascontiguousarray(v).view(np.uint8).ravel() for v in (expected, actual))
-    diff = np.flatnonzero(e != a)
-    if diff.size == 0:
-        return None
-    i = int(diff[0])
-    where = tuple(int(k) for k in np.unravel_index(i, expected.shape))
-    return (f"{diff.size} of {e.size} elements differ; first at index {where}: "
-            f"got {float(actual.ravel()[i])!r} (0x{int(a[i]):02x}), expected {float(expected.ravel()[i])!r} "
-            f"(0x{int(e[i]):02x})")
 
 
 def _select_cases(cases: Sequence, dtypes: Optional[Sequence[str]], quick: bool) -> list:
