@@ -173,7 +173,7 @@ def check_fp8_args(
         raise ValueError(f"out_dtype={out_dtype}: give exactly one of scale (a static float32 scale) or group_size "
                          f"(per-token-group scales, one of {GROUP_SIZES}); got {'both' if has_scale else 'neither'}")
     if has_group:
-        if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        if type(group_size) is not int or group_size not in GROUP_SIZES:  # 64.0 and True are not sizes
             raise ValueError(f"group_size: expected one of {GROUP_SIZES}; got {group_size!r}")
         if n % group_size:
             raise ValueError(f"group_size: must divide n = {n} (x's last dimension); got {group_size}")

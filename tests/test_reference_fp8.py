@@ -442,3 +442,9 @@ def test_out_dtype_other_than_xs_own_is_rejected_naming_it():
     with pytest.raises(TypeError, match=r"out_dtype: expected None, x's dtype \(float32\)"):
         reference.rms_norm(x, np.ones(128, np.float32), out_dtype="bfloat16")
     assert reference.rms_norm(x, np.ones(128, np.float32), out_dtype="float32").dtype == np.float32
+
+
+@pytest.mark.parametrize("group_size", [64.0, True, "64"])
+def test_group_size_must_be_an_int(group_size):
+    with pytest.raises(ValueError, match=r"group_size: expected one of \(64, 128\)"):
+        check_fp8_args(n=128, out_dtype=FP8, group_size=group_size)

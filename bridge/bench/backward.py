@@ -7,8 +7,8 @@ on the first set with both gradients zero past its first rows: those rows' gradi
 included, are then the reference's on those rows alone (a zero output gradient adds nothing), at
 the timed shape, so through the same kernels. torch times fn(i, grad_out, grad_new_residual) over
 the sets in a CUDA graph captured on the stream its forwards ran on (autograd runs a backward
-there). JAX carries (z, g[, gr], grad_weight) through time_jax's loop: each call's grad_x is the
-next call's grad_out (and grad_residual the next gr), so no call can be hoisted or dropped.
+there). JAX carries (z, g[, gr], grad_weight) through time_jax's loop (loop_op): every input of a
+call is an output of the call before, so no call, and no part of one, can be hoisted or dropped.
 """
 
 from __future__ import annotations
@@ -173,8 +173,7 @@ def _measure_jax(case: Case, n_sets: int, peers: Sequence[str], unavailable: Dic
     zs = [normal(keys[3 * i]) for i in range(n_sets)]
     gs = [normal(keys[3 * i + 1]) for i in range(n_sets)]
     grs = [normal(keys[3 * i + 2]) if case.residual else None for i in range(n_sets)]
-    sets = [(z, g, *([gr] if case.residual else []), jnp.zeros((case.hidden,), dtype))
-            for z, g, gr in zip(zs, gs, grs)]
+    sets = [(z, g, *([gr] if case.residual else []), weight) for z, g, gr in zip(zs, gs, grs)]
     rows = check_rows(case)
     check_g, check_gr = (None if a is None else a.at[rows:].set(0) for a in (gs[0], grs[0]))
     z0 = np.asarray(zs[0][:rows])
@@ -203,13 +202,16 @@ def _measure_jax(case: Case, n_sets: int, peers: Sequence[str], unavailable: Dic
 
 
 def loop_op(grads: Callable, residual: bool) -> Callable:
-    """grads as time_jax's op: (z, g[, gr], grad_weight, w) -> the next set, z kept, the gradients in it."""
+    """grads as time_jax's op: (z, g[, gr], gw, w) -> the next set. Every input of a call is an
+    output of the one before (z <- g, g <- grad_x, gr <- grad_residual, and the previous call's
+    grad_weight is this call's weight), so XLA can neither drop a grad_weight nobody reads nor share
+    one row norm between two calls on the same z. The values drift; the GPU's speed does not depend
+    on them, and the check runs apart from the loop."""
     def op(z, g, *rest):
-        w = rest[-1]
         gr = rest[0] if residual else None
-        grad_x, grad_residual, grad_weight = grads(z, g, gr, w)
+        grad_x, grad_residual, grad_weight = grads(z, g, gr, rest[-2])
         if not residual:
-            return z, grad_x, grad_weight
+            return g, grad_x, grad_weight
         # An implementation that gives grad_x as the residual's gradient too keeps gr for the next call.
-        return z, grad_x, gr if grad_residual is None else grad_residual, grad_weight
+        return g, grad_x, gr if grad_residual is None else grad_residual, grad_weight
     return op
