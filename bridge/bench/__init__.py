@@ -1,7 +1,7 @@
 """`bi-norm bench`: time both kernels' forward, backward and FP8-output forward against peers and
 a device-to-device copy on a GPU.
 
-BENCHMARKS.md describes the method. The package's modules, imported one way only:
+benchmarks/METHOD.md describes the method. The package's modules, imported one way only:
 
 - plan: the shapes, dtypes, passes, implementations, bytes counted per case, rotated sets, knobs;
 - timing: the timing loops (CUDA-graph replay for torch, a jitted on-GPU loop for JAX), the copy

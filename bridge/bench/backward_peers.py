@@ -119,7 +119,7 @@ def liger_backward(weight: torch.Tensor, eps: float, residual: bool, xs: Sets, r
         from liger_kernel.ops.fused_add_rms_norm import fused_add_rms_norm_backward, fused_add_rms_norm_forward
         from liger_kernel.ops.rms_norm import rms_norm_backward, rms_norm_forward
     except ImportError as e:
-        raise Skip(f"liger_kernel not importable ({e}); install the wheel from .whl (BENCHMARKS.md)") from None
+        raise Skip(f"liger_kernel not importable ({e}); install the wheel from .whl (benchmarks/METHOD.md)") from None
     if not residual:
         # (X, RSTD, BLOCK_SIZE, num_warps, casting_mode): offset 0, casting mode "llama", no row mode
         saved = [rms_norm_forward(x, weight, eps, 0.0, "llama", None)[1:] for x in xs]

@@ -1,4 +1,4 @@
-"""The peers `bi-norm bench` times our kernels against (BENCHMARKS.md says how each is configured).
+"""The peers `bi-norm bench` times our kernels against (benchmarks/METHOD.md says how each is configured).
 
 Imported by bridge.bench.measuring on a GPU run only: it needs torch and triton (the status-quo
 kernel is defined here), and imports jax and liger_kernel inside the functions that use them. Each
@@ -97,7 +97,7 @@ def liger(weight: torch.Tensor, eps: float, residual: bool) -> TorchFn:
         # The submodules: Liger's default Triton kernels, not a backend its dispatcher may pick.
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
     except ImportError as e:
-        raise Skip(f"liger_kernel not importable ({e}); install the wheel from .whl (BENCHMARKS.md)") from None
+        raise Skip(f"liger_kernel not importable ({e}); install the wheel from .whl (benchmarks/METHOD.md)") from None
     if not residual:
         # offset 0, casting mode "llama": HF Llama's numerics, as ours (mode "llama").
         return lambda x, r: LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama")
