@@ -18,7 +18,8 @@ import numpy as np
 from bridge import reference
 from bridge.contract import FP8_FORMATS, GROUP_AMAX_FLOOR
 
-E4M3 = FP8_FORMATS["float8_e4m3fn"]
+FP8 = "float8_e4m3fn"
+E4M3 = FP8_FORMATS[FP8]
 F8 = np.dtype(ml_dtypes.float8_e4m3fn)
 NAN = 0x7F
 MAX_CODE = 0x7E  # 448

@@ -1,10 +1,12 @@
-"""The reference's FP8 output (contract v1.2, NUMERICS.md Q1-Q4) against independent implementations.
+"""The reference's FP8 rounding and scaling steps (contract v1.2, NUMERICS.md Q2-Q4) against independent
+implementations.
 
 rnFP8 (bridge.reference_fp8.encode_fp8, through ml_dtypes) against rounding on the integers of the
-float32 bit pattern and against the nearest FP8 value in float64 (tests/fp8_helpers.py); the static
-and per-token-group steps against float64 (float32 division and multiplication are the float64
-ones rounded once more: 53 >= 2 * 24 + 2 bits, so no double-rounding error); the special values of
-NUMERICS.md's FP8 table; batch invariance of out and the scales; and check_fp8_args's errors.
+float32 bit pattern and against the nearest FP8 value in float64 (tests/fp8_helpers.py); the clamp;
+the static and per-token-group steps against float64 (float32 division and multiplication are the
+float64 ones rounded once more: 53 >= 2 * 24 + 2 bits, so no double-rounding error). The whole
+rms_norm path, special rows and batch invariance are in test_reference_fp8_rows.py; check_fp8_args's
+errors in test_reference_fp8_args.py.
 """
 
 from __future__ import annotations
@@ -12,14 +14,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bridge import golden, reference
-from bridge.contract import FP8_FORMATS, GROUP_AMAX_FLOOR, check_fp8_args
+from bridge.contract import FP8_FORMATS, GROUP_AMAX_FLOOR
 from bridge.reference_fp8 import clamp, encode_fp8, quantize_groups, quantize_static
-from fp8_helpers import (F8, FLOOR_SCALE, MAX_CODE, NAN, POSITIVE, captured_u, decode, fp8_bits, half_ulp,
-                         nearest_fp8_bits, rn_fp8_bits)
-from reference_helpers import MODES_OFFSETS, rounded
+from fp8_helpers import (F8, FLOOR_SCALE, FP8, MAX_CODE, NAN, POSITIVE, decode, fp8_bits, half_ulp, nearest_fp8_bits,
+                         rn_fp8_bits)
 
-FP8 = "float8_e4m3fn"
 M = FP8_FORMATS[FP8].max
 F32_MAX_BITS = 0x43E00000  # 448.0
 
@@ -211,240 +210,3 @@ def test_group_clamp_matters_when_the_scale_rounds_down() -> None:
     at = np.abs(u) == amax[:, None]
     assert np.all(np.isin(fp8_bits(q)[at & over[:, None]], [0x7E, 0xFE]))
     assert np.all(np.abs(decode(q)) <= M)
-
-
-# --- rms_norm(out_dtype="float8_e4m3fn"): Q1 and the whole path ---------------------------------
-
-
-def _inputs(rng: np.random.Generator, dtype: str, residual: str, rows: int, n: int):
-    x = rounded(rng.standard_normal((rows, n)) * np.exp2(rng.uniform(-8, 8, (rows, 1))), dtype)
-    w = rounded(1 + 0.25 * rng.standard_normal(n), dtype)
-    r_dtype = dtype if residual == "same" else "float32"
-    r = None if residual == "none" else rounded(rng.standard_normal((rows, n)), r_dtype)
-    return x, w, r
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize("residual", ["none", "same", "float32"])
-def test_rms_norm_fp8_is_q2_to_q4_of_the_forwards_u(dtype: str, residual: str) -> None:
-    """u (captured) rounds to D as the forward's out; out and scales are the quantization of u;
-    the new residual is the forward's."""
-    rng = np.random.default_rng(len(dtype) * 7 + len(residual))
-    x, w, r = _inputs(rng, dtype, residual, 7, 256)
-    for mode, offset in MODES_OFFSETS:
-        plain = reference.rms_norm(x, w, 1e-6, r, mode=mode, weight_offset=offset)
-        plain_out = plain if r is None else plain[0]
-        for quant in ({"scale": np.array(0.01, np.float32)}, {"group_size": 64}, {"group_size": 128}):
-            with captured_u() as seen:
-                got = reference.rms_norm(x, w, 1e-6, r, mode=mode, weight_offset=offset, out_dtype=FP8, **quant)
-            (u,) = seen
-            assert u.dtype == np.float32 and u.shape == x.shape
-            np.testing.assert_array_equal(reference.bits(reference.encode(u, dtype)), reference.bits(plain_out))
-            if "scale" in quant:
-                out, rest = (got, ()) if r is None else (got[0], got[1:])
-                np.testing.assert_array_equal(fp8_bits(out), fp8_bits(quantize_static(u, quant["scale"], FP8)))
-            else:
-                out, scales, rest = got[0], got[1], got[2:]
-                want_q, want_s = quantize_groups(u, quant["group_size"], FP8)
-                np.testing.assert_array_equal(fp8_bits(out), fp8_bits(want_q))
-                np.testing.assert_array_equal(scales.view(np.uint32), want_s.view(np.uint32))
-                assert scales.shape == (7, 256 // quant["group_size"])
-            assert out.dtype == F8 and out.shape == x.shape
-            if r is not None:
-                (new_residual,) = rest
-                np.testing.assert_array_equal(reference.bits(new_residual), reference.bits(plain[1]))
-            else:
-                assert rest == ()
-
-
-def test_rms_norm_fp8_keeps_leading_shapes() -> None:
-    rng = np.random.default_rng(5)
-    x, w, _ = _inputs(rng, "bfloat16", "none", 6, 128)
-    x3 = x.reshape(2, 3, 128)
-    out, scales = reference.rms_norm(x3, w, out_dtype=FP8, group_size=64)
-    assert out.shape == (2, 3, 128) and scales.shape == (2, 3, 2)
-    flat_out, flat_scales = reference.rms_norm(x, w, out_dtype=FP8, group_size=64)
-    np.testing.assert_array_equal(fp8_bits(out).reshape(6, 128), fp8_bits(flat_out))
-    np.testing.assert_array_equal(scales.reshape(6, 2), flat_scales)
-
-
-def _row(values, n: int, dtype: str) -> np.ndarray:
-    return rounded(np.resize(np.asarray(values, np.float64), n)[None, :], dtype)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_special_rows(dtype: str) -> None:
-    n = 128
-    w = rounded(np.full(n, 1.5), dtype)
-    rng = np.random.default_rng(1)
-    normal = rng.standard_normal(n)
-    # A NaN row: every u NaN, out all 0x7F; every scale the floor's.
-    nan_row = normal.copy()
-    nan_row[17] = np.nan
-    x = _row(nan_row, n, dtype)
-    assert np.all(fp8_bits(reference.rms_norm(x, w, out_dtype=FP8, scale=np.float32(1))) == NAN)
-    out, s = reference.rms_norm(x, w, out_dtype=FP8, group_size=64)
-    assert np.all(fp8_bits(out) == NAN) and np.all(s == FLOOR_SCALE)
-    # A zero row with -0.0 in it: +-0 out, the floor's scales.
-    zeros = _row(np.where(np.arange(n) % 3 == 0, -0.0, 0.0), n, dtype)
-    want = np.where(np.arange(n) % 3 == 0, 0x80, 0x00)[None, :]
-    np.testing.assert_array_equal(fp8_bits(reference.rms_norm(zeros, w, out_dtype=FP8, scale=np.float32(0.5))), want)
-    out, s = reference.rms_norm(zeros, w, out_dtype=FP8, group_size=128)
-    np.testing.assert_array_equal(fp8_bits(out), want)
-    assert s.shape == (1, 1) and s[0, 0] == FLOOR_SCALE
-    # An inf in x: u NaN there (inf * 0), signed zeros elsewhere.
-    inf_row = normal.copy()
-    inf_row[40] = -np.inf
-    x = _row(inf_row, n, dtype)
-    for got in (reference.rms_norm(x, w, out_dtype=FP8, scale=np.float32(0.01)),
-                reference.rms_norm(x, w, out_dtype=FP8, group_size=64)[0]):
-        q = fp8_bits(got)[0]
-        assert q[40] == NAN and np.all(np.isin(np.delete(q, 40), [0x00, 0x80]))
-    # A zero group inside a normal row: that group's scale is the floor's, the other's is not.
-    part = normal.copy()
-    part[64:] = 0.0
-    out, s = reference.rms_norm(_row(part, n, dtype), w, out_dtype=FP8, group_size=64)
-    assert s[0, 1] == FLOOR_SCALE and s[0, 0] > FLOOR_SCALE
-    assert np.all(fp8_bits(out)[0, 64:] == 0)
-    # A scale that saturates almost everything, and one that puts values among FP8's subnormals.
-    x = _row(normal, n, dtype)
-    q = fp8_bits(reference.rms_norm(x, w, out_dtype=FP8, scale=np.float32(1e-4)))
-    assert np.mean(np.isin(q, [0x7E, 0xFE])) > 0.9
-    q = fp8_bits(reference.rms_norm(x, w, out_dtype=FP8, scale=np.float32(200.0)))
-    assert np.mean(np.isin(q & 0x7F, np.arange(1, 8))) > 0.5
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_infinite_u_from_a_huge_weight(dtype: str) -> None:
-    """u = xhat * w overflows to inf: static saturates it to +-448; per group s = inf, the group's
-    finite values give signed zeros and the inf gives NaN (inf / inf)."""
-    n = 128
-    x = _row(np.where(np.arange(n) == 0, -3.0, np.linspace(-0.1, 0.1, n)), n, dtype)  # xhat[0] about -11
-    w = rounded(np.where(np.arange(n) == 0, 2.0**127, 1.0), dtype)
-    with captured_u() as seen:
-        q = fp8_bits(reference.rms_norm(x, w, out_dtype=FP8, scale=np.float32(1.0)))
-    assert np.isneginf(seen[0][0, 0])
-    assert q[0, 0] == 0xFE
-    out, s = reference.rms_norm(x, w, out_dtype=FP8, group_size=64)
-    q = fp8_bits(out)[0]
-    assert np.isinf(s[0, 0]) and np.isfinite(s[0, 1])
-    assert q[0] == NAN and np.all(np.isin(q[1:64], [0x00, 0x80]))
-
-
-# --- batch invariance --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("quant", [{"scale": np.array([0.02], np.float32)}, {"group_size": 64}],
-                         ids=["static", "group"])
-@pytest.mark.parametrize("residual", ["none", "float32"])
-def test_a_row_alone_equals_the_row_in_batches_of_255_and_300(quant: dict, residual: str) -> None:
-    rng = np.random.default_rng(255)
-    x, w, r = _inputs(rng, "bfloat16", residual, 1, 192)
-    alone = reference.rms_norm(x, w, 1e-6, r, mode="llama", out_dtype=FP8, **quant)
-    alone = alone if isinstance(alone, tuple) else (alone,)
-    for batch in (255, 300):
-        bx, _, br = _inputs(rng, "bfloat16", residual, batch, 192)
-        pos = (batch * 5) // 7
-        bx[pos] = x[0]
-        if br is not None:
-            br[pos] = r[0]
-        got = reference.rms_norm(bx, w, 1e-6, br, mode="llama", out_dtype=FP8, **quant)
-        got = got if isinstance(got, tuple) else (got,)
-        assert len(got) == len(alone)
-        for a, g in zip(alone, got):
-            view = fp8_bits if a.dtype == F8 else reference.bits
-            np.testing.assert_array_equal(view(g[pos]), view(a[0]))
-
-
-# --- argument checks ---------------------------------------------------------------------------
-
-
-F32_SCALE = dict(scale_shape=(), scale_dtype="float32")
-BAD_ARGS = [
-    (dict(out_dtype="float8_e5m2", group_size=64), ValueError, r"^out_dtype: float8_e5m2 is not supported yet"),
-    (dict(out_dtype="int8", group_size=64), TypeError, r"^out_dtype: expected None, x's dtype or one of"),
-    (dict(out_dtype=None, scale_shape=(), scale_dtype="float32", scale_value=1.0), ValueError, r"^scale: only with"),
-    (dict(out_dtype="bfloat16", group_size=64), ValueError, r"^group_size: only with an FP8 out_dtype"),
-    (dict(out_dtype=FP8), ValueError, r"^out_dtype=float8_e4m3fn: give exactly one of scale .* got neither"),
-    (dict(out_dtype=FP8, scale_shape=(), scale_dtype="float32", scale_value=1.0, group_size=64), ValueError,
-     r"^out_dtype=float8_e4m3fn: give exactly one .* got both"),
-    (dict(out_dtype=FP8, group_size=32), ValueError, r"^group_size: expected one of \(64, 128\); got 32"),
-    (dict(out_dtype=FP8, group_size=True), ValueError, r"^group_size: expected one of"),
-    (dict(out_dtype=FP8, n=192, group_size=128), ValueError, r"^group_size: must divide n = 192"),
-    (dict(out_dtype=FP8, scale_shape=(2,), scale_dtype="float32"), ValueError, r"^scale: expected a 0-d or 1-element"),
-    (dict(out_dtype=FP8, scale_shape=(1, 1), scale_dtype="float32"), ValueError, r"^scale: expected a 0-d"),
-    (dict(out_dtype=FP8, scale_shape=(), scale_dtype="float64"), TypeError, r"^scale: expected dtype float32"),
-    (dict(out_dtype=FP8, **F32_SCALE, scale_value=0.0), ValueError, r"^scale: expected a finite"),
-    (dict(out_dtype=FP8, **F32_SCALE, scale_value=-1.0), ValueError, r"^scale: expected a finite"),
-    (dict(out_dtype=FP8, scale_shape=(1,), scale_dtype="float32", scale_value=float("inf")), ValueError,
-     r"^scale: expected a finite"),
-    (dict(out_dtype=FP8, **F32_SCALE, scale_value=float("nan")), ValueError, r"^scale: expected a finite"),
-]
-
-
-@pytest.mark.parametrize("kwargs,error,message", BAD_ARGS)
-def test_check_fp8_args_names_the_argument(kwargs: dict, error, message: str) -> None:
-    with pytest.raises(error, match=message):
-        check_fp8_args(**{"n": 128, **kwargs})
-
-
-def test_check_fp8_args_accepts() -> None:
-    check_fp8_args(n=128, out_dtype=None)
-    check_fp8_args(n=128, out_dtype="bfloat16")
-    check_fp8_args(n=192, out_dtype=FP8, group_size=64)
-    check_fp8_args(n=128, out_dtype=FP8, scale_shape=(1,), scale_dtype="float32", scale_value=1e-30)
-    check_fp8_args(n=128, out_dtype=FP8, scale_shape=(), scale_dtype="float32")  # a GPU scale: value unread
-
-
-def test_rms_norm_runs_the_fp8_checks_first() -> None:
-    x = np.ones((2, 128), np.float32)
-    w = np.ones(128, np.float32)
-    with pytest.raises(ValueError, match=r"^scale: expected a finite float32 > 0; got 0.0"):
-        reference.rms_norm(x, w, out_dtype=FP8, scale=np.float32(0))
-    with pytest.raises(TypeError, match=r"^scale: expected dtype float32; got float64"):
-        reference.rms_norm(x, w, out_dtype=FP8, scale=np.float64(1))
-    with pytest.raises(ValueError, match=r"^scale: expected a 0-d or 1-element"):
-        reference.rms_norm(x, w, out_dtype=FP8, scale=np.ones(2, np.float32))
-    with pytest.raises(ValueError, match=r"^group_size: must divide n = 100"):
-        reference.rms_norm(np.ones((2, 100), np.float32), np.ones(100, np.float32), out_dtype=FP8, group_size=64)
-    # x's own dtype as out_dtype: no quantization, the forward's bits.
-    np.testing.assert_array_equal(reference.rms_norm(x, w, out_dtype="float32"), reference.rms_norm(x, w))
-
-
-# --- the golden corpus's FP8 cases -------------------------------------------------------------
-
-FP8_CASE_NAMES = [entry["name"] for entry in golden.load_manifest()["fp8_cases"]]
-
-
-@pytest.fixture(scope="module")
-def fp8_cases() -> dict:
-    return {case.spec.name: case for case in golden.load_fp8_corpus()}
-
-
-@pytest.mark.parametrize("name", FP8_CASE_NAMES)
-def test_reproduces_fp8_corpus(fp8_cases: dict, name: str) -> None:
-    case = fp8_cases[name]
-    for mode, offset in case.spec.outputs:
-        got = reference.rms_norm(case.x, case.weight, case.spec.eps, case.residual, mode=mode, weight_offset=offset,
-                                 **case.quantization())
-        got = got if isinstance(got, tuple) else (got,)
-        out, scales, new_residual = case.expected(mode, offset)
-        want = [a for a in (out, scales, new_residual) if a is not None]
-        assert len(got) == len(want)
-        for w, g in zip(want, got):
-            assert w.dtype == g.dtype and w.shape == g.shape
-            as_bytes = [np.ascontiguousarray(a).view(np.uint8) for a in (g, w)]
-            np.testing.assert_array_equal(*as_bytes, err_msg=f"{name} {mode}/{offset:g}")
-
-
-def test_out_dtype_other_than_xs_own_is_rejected_naming_it():
-    x = np.ones((2, 128), np.float32)
-    with pytest.raises(TypeError, match=r"out_dtype: expected None, x's dtype \(float32\)"):
-        reference.rms_norm(x, np.ones(128, np.float32), out_dtype="bfloat16")
-    assert reference.rms_norm(x, np.ones(128, np.float32), out_dtype="float32").dtype == np.float32
-
-
-@pytest.mark.parametrize("group_size", [64.0, True, "64"])
-def test_group_size_must_be_an_int(group_size):
-    with pytest.raises(ValueError, match=r"group_size: expected one of \(64, 128\)"):
-        check_fp8_args(n=128, out_dtype=FP8, group_size=group_size)
