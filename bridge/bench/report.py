@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..tiling import MAX_WHOLE_ROW
 from .plan import FP8_GROUP_SIZE, FP8_PASSES, IMPL_BY_NAME, IMPLS, PASSES, SMALL_TOKENS, Case, Determinism, Timing
 
 CSV_COLUMNS = ("tokens", "hidden", "dtype", "residual", "pass", "impl", "kind", "residual_add", "bytes", "us", "gbps",
@@ -161,17 +162,17 @@ def _table_line(case: Case, rows: Dict[str, Row]) -> str:
 
 
 def _checks(phase: str, rows: List[Tuple[Case, Row]]) -> List[Tuple[str, List[bool]]]:
-    """Issue 6's targets for the forward (and the FP8 passes, a forward too: issue 17 sets none of its
-    own), issue 15's for the backward; fwd+bwd has none."""
+    """Issue 15's targets (H200) for the forward and the backward; the FP8 passes, forwards too,
+    take the forward's (issue 17 sets none of its own); fwd+bwd has none. Long rows (hidden above
+    MAX_WHOLE_ROW) are outside the forward's copy targets: two passes over x set their floor."""
     if phase == "forward" or phase in FP8_PASSES:
+        one_pass = [(c, r) for c, r in rows if c.hidden <= MAX_WHOLE_ROW and r.frac_copy is not None]
         return [
-            ("copy >= 95% at >= 512 MB", [r.frac_copy >= 0.95 for c, r in rows
-                                          if c.bytes_moved >= 512e6 and r.frac_copy is not None]),
-            ("copy >= 90% at >= 64 MB", [r.frac_copy >= 0.90 for c, r in rows
-                                         if c.bytes_moved >= 64e6 and r.frac_copy is not None]),
-            ("ratio <= 1.00", [r.ratio <= 1.0 for c, r in rows if r.ratio is not None]),
-            (f"same-framework ratio <= 1.10 at <= {SMALL_TOKENS} tokens",
-             [r.framework_ratio <= 1.10 for c, r in rows if c.tokens <= SMALL_TOKENS and r.framework_ratio is not None]),
+            ("copy >= 97% at >= 512 MB", [r.frac_copy >= 0.97 for c, r in one_pass if c.bytes_moved >= 512e6]),
+            ("copy >= 93% at >= 64 MB", [r.frac_copy >= 0.93 for c, r in one_pass if c.bytes_moved >= 64e6]),
+            ("ratio <= 1.00 at >= 256 tokens", [r.ratio <= 1.0 for c, r in rows if c.tokens >= 256 and r.ratio is not None]),
+            (f"same-framework ratio <= 1.05 at <= {SMALL_TOKENS} tokens",
+             [r.framework_ratio <= 1.05 for c, r in rows if c.tokens <= SMALL_TOKENS and r.framework_ratio is not None]),
         ]
     if phase == "backward":  # faster than every peer's backward: strictly
         return [
