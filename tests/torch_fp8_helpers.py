@@ -2,8 +2,9 @@
 bi_torch's calls in one tuple form, bitwise comparison of FP8 codes, and FP8 row patterns.
 
 FP8 arrays are compared as their uint8 codes (bridge.compare works on 16- and 32-bit floats);
-scales and new residuals go through torch_helpers.assert_bits. Shared by test_torch_fp8_cpu.py and
-test_torch_fp8_gpu.py (the same inputs and float32 patterns on both).
+scales and new residuals go through torch_helpers.assert_bits. Shared by test_torch_fp8_cpu.py,
+test_torch_fp8_rows_cpu.py, test_torch_fp8_api_cpu.py and test_torch_fp8_gpu.py (the same inputs and
+float32 patterns on all).
 """
 
 from __future__ import annotations
