@@ -28,6 +28,12 @@ def backward_corpus():
     return {case.spec.name: case for case in golden.load_backward_corpus()}
 
 
+@pytest.fixture(scope="session")
+def fp8_cases():
+    """The FP8 cases (bridge.golden_fp8.Fp8Case) by name, in the manifest's order."""
+    return {case.spec.name: case for case in golden.load_fp8_corpus()}
+
+
 @pytest.fixture
 def fresh_dynamo():
     """torch.compile's caches emptied before and after a test, so that each test compiles afresh."""

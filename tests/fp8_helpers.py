@@ -15,7 +15,7 @@ from typing import Iterator, List
 import ml_dtypes
 import numpy as np
 
-from bridge import reference
+from bridge import golden, reference
 from bridge.contract import FP8_FORMATS, GROUP_AMAX_FLOOR
 
 FP8 = "float8_e4m3fn"
@@ -28,6 +28,8 @@ VALUES = np.arange(256, dtype=np.uint8).view(F8).astype(np.float64)
 POSITIVE = VALUES[:MAX_CODE + 1]
 # The all-zero (or all-NaN) group's scale: rn(rn(1e-10) / 448).
 FLOOR_SCALE = np.float32(np.float32(GROUP_AMAX_FLOOR) / np.float32(E4M3.max))
+# The FP8 golden cases' names, for parametrising (the cases themselves: conftest's fp8_cases).
+FP8_CASE_NAMES = [entry["name"] for entry in golden.load_manifest()["fp8_cases"]]
 
 
 def fp8_bits(a: np.ndarray) -> np.ndarray:

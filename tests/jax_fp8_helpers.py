@@ -94,3 +94,16 @@ def assert_fp8_result(expected_result, actual_result, what: str) -> None:
                                                        f"expected {len(expected_result)}"
     for k, (e, a) in enumerate(zip(expected_result, actual_result)):
         assert_bits(e, a, f"{what}: result {k}")
+
+
+def check_fp8_corpus_case(fn, case, name: str) -> None:
+    """Every (mode, offset) output of an FP8 golden case through fn (a jitted bi_jax.rms_norm), bit for bit."""
+    x, w = jnp.asarray(case.x), jnp.asarray(case.weight)
+    r = None if case.residual is None else jnp.asarray(case.residual)
+    kwargs = quant_kwargs("static", jnp.asarray(case.scale)) if case.scale is not None else \
+        quant_kwargs(f"group{case.spec.group_size}", None)
+    for (mode, offset) in case.out:
+        result = fn(x, w, case.spec.eps, r, mode=mode, weight_offset=offset, **kwargs)
+        got = tuple(result) if isinstance(result, tuple) else (result,)
+        exp = tuple(a for a in case.expected(mode, offset) if a is not None)
+        assert_fp8_result(exp, tuple(np.asarray(a) for a in got), f"{name} ({mode}, offset {offset})")

@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax_fp8_helpers import (E4M3, FP8_JIT, HUGE_WEIGHT_COLUMN, QUANTS, assert_fp8_result, call, expected,
-                             fp8_rows, fp8_weight, quant_kwargs)
+from fp8_helpers import FP8_CASE_NAMES
+from jax_fp8_helpers import (E4M3, FP8_JIT, HUGE_WEIGHT_COLUMN, QUANTS, assert_fp8_result, call,
+                             check_fp8_corpus_case, expected, fp8_rows, fp8_weight, quant_kwargs)
 from jax_helpers import _seed, assert_bits, random_rows, ref, residual_dtype
 
 import bi_jax
-from bridge import golden
 
 # --------------------------------------------------------------------------------------------
 # A) rnFP8 on the bit pattern (encode_fp8, clamp_fp8) against ml_dtypes (bridge.reference_fp8):
@@ -63,28 +63,9 @@ def test_encode_fp8_matches_ml_dtypes():
 # B) The golden corpus's FP8 cases (bridge/golden_fp8.py), bit for bit: out, scales, new residual.
 # --------------------------------------------------------------------------------------------
 
-FP8_CASE_NAMES = [entry["name"] for entry in golden.load_manifest()["fp8_cases"]]
-
-
-@pytest.fixture(scope="module")
-def fp8_cases():
-    return {case.spec.name: case for case in golden.load_fp8_corpus()}
-
-
 @pytest.mark.parametrize("name", FP8_CASE_NAMES)
 def test_fp8_corpus_case(fp8_cases, name):
-    case = fp8_cases[name]
-    x, w = jnp.asarray(case.x), jnp.asarray(case.weight)
-    r = None if case.residual is None else jnp.asarray(case.residual)
-    if case.scale is not None:
-        kwargs = {"out_dtype": jnp.float8_e4m3fn, "scale": jnp.asarray(case.scale)}
-    else:
-        kwargs = {"out_dtype": jnp.float8_e4m3fn, "group_size": case.spec.group_size}
-    for (mode, offset) in case.out:
-        result = FP8_JIT(x, w, case.spec.eps, r, mode=mode, weight_offset=offset, **kwargs)
-        got = tuple(result) if isinstance(result, tuple) else (result,)
-        exp = tuple(a for a in case.expected(mode, offset) if a is not None)
-        assert_fp8_result(exp, got, f"{name} ({mode}, offset {offset})")
+    check_fp8_corpus_case(FP8_JIT, fp8_cases[name], name)
 
 
 # --------------------------------------------------------------------------------------------

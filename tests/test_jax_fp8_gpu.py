@@ -25,11 +25,11 @@ from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 import bi_jax  # noqa: E402
-from bridge import golden  # noqa: E402
 from bi_jax.pallas_fp8 import clamp_fp8, encode_fp8  # noqa: E402
 
+from fp8_helpers import FP8_CASE_NAMES  # noqa: E402
 from jax_fp8_helpers import (E4M3, HUGE_WEIGHT_COLUMN, QUANTS, assert_fp8_result, call,  # noqa: E402
-                             expected, fp8_rows, fp8_weight, quant_kwargs)
+                             check_fp8_corpus_case, expected, fp8_rows, fp8_weight, quant_kwargs)
 from jax_gpu_marks import JAX_GPU_MARKS  # noqa: E402
 from jax_helpers import _seed, residual_dtype  # noqa: E402
 
@@ -55,28 +55,9 @@ COMBOS = [
 STATIC_SCALES = (np.float32(0.0123), np.float32(150.0), np.float32(2.0**-126), np.float32(2.0**-127))
 
 
-FP8_CASE_NAMES = [entry["name"] for entry in golden.load_manifest()["fp8_cases"]]
-
-
-@pytest.fixture(scope="module")
-def fp8_cases():
-    return {case.spec.name: case for case in golden.load_fp8_corpus()}
-
-
 @pytest.mark.parametrize("name", FP8_CASE_NAMES)
 def test_fp8_corpus_case_compiled(fp8_cases, name):
-    case = fp8_cases[name]
-    x, w = jnp.asarray(case.x), jnp.asarray(case.weight)
-    r = None if case.residual is None else jnp.asarray(case.residual)
-    if case.scale is not None:
-        kwargs = {"out_dtype": jnp.float8_e4m3fn, "scale": jnp.asarray(case.scale)}
-    else:
-        kwargs = {"out_dtype": jnp.float8_e4m3fn, "group_size": case.spec.group_size}
-    for (mode, offset) in case.out:
-        result = COMPILED(x, w, case.spec.eps, r, mode=mode, weight_offset=offset, **kwargs)
-        got = tuple(result) if isinstance(result, tuple) else (result,)
-        exp = tuple(a for a in case.expected(mode, offset) if a is not None)
-        assert_fp8_result(exp, tuple(np.asarray(a) for a in got), f"{name} ({mode}, offset {offset})")
+    check_fp8_corpus_case(COMPILED, fp8_cases[name], name)
 
 
 @pytest.mark.parametrize("n", [256, 4096, 16512, 20480])

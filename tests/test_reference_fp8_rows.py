@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bridge import golden, reference
+from bridge import reference
 from bridge.reference_fp8 import quantize_groups, quantize_static
-from fp8_helpers import F8, FLOOR_SCALE, FP8, NAN, captured_u, fp8_bits
+from fp8_helpers import F8, FLOOR_SCALE, FP8, FP8_CASE_NAMES, NAN, captured_u, fp8_bits
 from reference_helpers import MODES_OFFSETS, rounded
 
 
@@ -158,14 +158,6 @@ def test_a_row_alone_equals_the_row_in_batches_of_255_and_300(quant: dict, resid
 
 
 # --- the golden corpus's FP8 cases -------------------------------------------------------------
-
-FP8_CASE_NAMES = [entry["name"] for entry in golden.load_manifest()["fp8_cases"]]
-
-
-@pytest.fixture(scope="module")
-def fp8_cases() -> dict:
-    return {case.spec.name: case for case in golden.load_fp8_corpus()}
-
 
 @pytest.mark.parametrize("name", FP8_CASE_NAMES)
 def test_reproduces_fp8_corpus(fp8_cases: dict, name: str) -> None:

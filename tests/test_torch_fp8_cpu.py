@@ -13,9 +13,9 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from bi_torch import launch
-from bridge import golden, reference_fp8
-from torch_fp8_helpers import FP8, FP8_CASE_NAMES, assert_fp8_bits, bi_fp8, check_fp8, fp8_codes, fp8_patterns
-from torch_helpers import assert_bits, to_torch
+from bridge import reference_fp8
+from fp8_helpers import FP8_CASE_NAMES
+from torch_fp8_helpers import FP8, assert_fp8_bits, check_fp8_corpus_case, fp8_codes, fp8_patterns
 
 # The interpreter evaluates special values (inf, NaN, overflowing squares) with numpy, which warns.
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
@@ -57,21 +57,9 @@ def test_encode_fp8_matches_reference_on_float32_patterns():
 # The FP8 golden corpus, bit for bit.
 # --------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def fp8_cases():
-    return {case.spec.name: case for case in golden.load_fp8_corpus()}
-
-
 @pytest.mark.parametrize("name", FP8_CASE_NAMES)
 def test_fp8_corpus_case(fp8_cases, name):
-    case = fp8_cases[name]
-    x, w, r = to_torch(case.x), to_torch(case.weight), to_torch(case.residual)
-    scale = None if case.scale is None else torch.from_numpy(case.scale.copy())
-    for (mode, offset), expected_out in case.out.items():
-        expected = (expected_out, case.scales.get((mode, offset)), case.new_residual)
-        got = bi_fp8(x, w, case.spec.eps, r, mode, offset, scale=scale, group_size=case.spec.group_size)
-        check_fp8(expected, got, f"{name} ({mode}, offset {offset})")
-    assert_bits(case.x, x, f"{name}: x was modified")
+    check_fp8_corpus_case(fp8_cases[name], name)
 
 
 def test_fp8_corpus_is_there():

@@ -17,9 +17,10 @@ import triton.language as tl
 
 import bi_torch
 from bi_torch import launch, triton_kernel
-from bridge import golden, reference_fp8
-from torch_fp8_helpers import (DTYPE_RESIDUALS, FP8, FP8_CASE_NAMES, QUANTS, TORCH_FP8, assert_fp8_bits, bi_fp8,
-                               check_fp8, fp8_inputs, fp8_patterns, ref_fp8, scale_array)
+from bridge import reference_fp8
+from fp8_helpers import FP8_CASE_NAMES
+from torch_fp8_helpers import (DTYPE_RESIDUALS, FP8, QUANTS, TORCH_FP8, assert_fp8_bits, bi_fp8,
+                               check_fp8, check_fp8_corpus_case, fp8_inputs, fp8_patterns, ref_fp8, scale_array)
 from torch_helpers import assert_bits, to_numpy, to_torch
 
 DEV = "cuda"
@@ -61,21 +62,9 @@ def test_encode_fp8_compiled_matches_reference():
                     "compiled encode_fp8(clamp_fp8(c)) vs reference")
 
 
-@pytest.fixture(scope="module")
-def fp8_cases():
-    return {case.spec.name: case for case in golden.load_fp8_corpus()}
-
-
 @pytest.mark.parametrize("name", FP8_CASE_NAMES)
 def test_fp8_corpus_case_cuda(fp8_cases, name):
-    case = fp8_cases[name]
-    x, w, r = _cuda(case.x, case.weight, case.residual)
-    scale = None if case.scale is None else torch.from_numpy(case.scale.copy()).to(DEV)
-    for (mode, offset), expected_out in case.out.items():
-        expected = (expected_out, case.scales.get((mode, offset)), case.new_residual)
-        got = bi_fp8(x, w, case.spec.eps, r, mode, offset, scale=scale, group_size=case.spec.group_size)
-        assert got[0].is_cuda
-        check_fp8(expected, _to_cpu(got), f"{name} ({mode}, offset {offset})")
+    check_fp8_corpus_case(fp8_cases[name], name, DEV)
 
 
 @pytest.mark.parametrize("n", [128, 4096, 5120, 16384, 20480, 65536])

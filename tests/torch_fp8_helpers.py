@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 import bi_torch
-from bridge import golden, reference, reference_fp8
+from bridge import reference, reference_fp8
 from bridge.reference_fp8 import fp8_numpy_dtype
-from torch_helpers import DTYPES, NUMPY_DTYPES, assert_bits, random_rows, random_weight, seeded_rng
+from torch_helpers import DTYPES, NUMPY_DTYPES, assert_bits, random_rows, random_weight, seeded_rng, to_torch
 
 FP8 = "float8_e4m3fn"
 TORCH_FP8 = torch.float8_e4m3fn
@@ -26,7 +26,6 @@ QUANTS = (("static", 0.0123, None), ("g64", None, 64), ("g128", None, 128))
 RESIDUALS = ("none", "same", "float32")
 # float32's same-dtype residual is its float32 residual.
 DTYPE_RESIDUALS = [(d, k) for d in DTYPES for k in RESIDUALS if not (d == "float32" and k == "same")]
-FP8_CASE_NAMES = [entry["name"] for entry in golden.load_manifest().get("fp8_cases", [])]
 
 
 def fp8_codes(a) -> np.ndarray:
@@ -146,3 +145,15 @@ def fp8_patterns() -> np.ndarray:
     special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1e-45, -1e-45, 2.0**-10, 2.0**-9 * 0.5,
                         2.0**-6, 3e38], np.float32)
     return np.concatenate([near, -near, sweep, special]).astype(np.float32)
+
+
+def check_fp8_corpus_case(case, name: str, device: str = "cpu") -> None:
+    """Every (mode, offset) output of an FP8 golden case through bi_torch on `device`, bit for bit."""
+    x, w, r = (to_torch(a, device) for a in (case.x, case.weight, case.residual))
+    scale = None if case.scale is None else torch.from_numpy(case.scale.copy()).to(device)
+    for (mode, offset), expected_out in case.out.items():
+        expected = (expected_out, case.scales.get((mode, offset)), case.new_residual)
+        got = bi_fp8(x, w, case.spec.eps, r, mode, offset, scale=scale, group_size=case.spec.group_size)
+        assert got[0].device.type == torch.device(device).type
+        check_fp8(expected, tuple(None if t is None else t.cpu() for t in got), f"{name} ({mode}, offset {offset})")
+    assert_bits(case.x, x.cpu(), f"{name}: x was modified")
