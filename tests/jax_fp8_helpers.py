@@ -22,6 +22,18 @@ from bridge import reference
 # The format's fields as the kernel takes them (fp8_max, mantissa_bits, exponent_bias, nan_fp8).
 E4M3 = Quant.fp8("static", "float8_e4m3fn")
 QUANTS = ("static", "group128", "group64")
+# (dtype, residual kind, mode, offset, quant): each quant with each mode, offset and residual kind at least once.
+COMBOS = [
+    ("float32", "none", "llama", 0.0, "static"),
+    ("bfloat16", "float32", "llama", 0.0, "static"),
+    ("float16", "same", "fp32", 1.0, "static"),
+    ("bfloat16", "none", "fp32", 1.0, "group128"),
+    ("float16", "float32", "llama", 0.0, "group128"),
+    ("float32", "same", "fp32", 0.0, "group128"),
+    ("bfloat16", "same", "llama", 1.0, "group64"),
+    ("float16", "none", "llama", 0.0, "group64"),
+    ("float32", "float32", "fp32", 1.0, "group64"),
+]
 FP8_JIT = jax.jit(bi_jax.rms_norm, static_argnames=("eps", "mode", "weight_offset", "out_dtype", "group_size",
                                                      "interpret"))
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from fp8_helpers import FP8_CASE_NAMES
-from jax_fp8_helpers import (E4M3, FP8_JIT, HUGE_WEIGHT_COLUMN, QUANTS, assert_fp8_result, call,
+from jax_fp8_helpers import (COMBOS, E4M3, FP8_JIT, HUGE_WEIGHT_COLUMN, QUANTS, assert_fp8_result, call,
                              check_fp8_corpus_case, expected, fp8_rows, fp8_weight, quant_kwargs)
 from jax_helpers import _seed, assert_bits, random_rows, ref, residual_dtype
 
@@ -72,18 +72,6 @@ def test_fp8_corpus_case(fp8_cases, name):
 # C) Against the reference: random rows with special values, every mode, offset and residual kind.
 # --------------------------------------------------------------------------------------------
 
-# (dtype, residual kind, mode, offset, quant): each quant with each mode, offset and residual kind at least once.
-COMBOS = [
-    ("float32", "none", "llama", 0.0, "static"),
-    ("bfloat16", "float32", "llama", 0.0, "static"),
-    ("float16", "same", "fp32", 1.0, "static"),
-    ("bfloat16", "none", "fp32", 1.0, "group128"),
-    ("float16", "float32", "llama", 0.0, "group128"),
-    ("float32", "same", "fp32", 0.0, "group128"),
-    ("bfloat16", "same", "llama", 1.0, "group64"),
-    ("float16", "none", "llama", 0.0, "group64"),
-    ("float32", "float32", "fp32", 1.0, "group64"),
-]
 # Static scales: FP8's normal range, its subnormals (t ~ 1e-3) and saturation, 2**-126 (t overflows to inf).
 STATIC_SCALES = (np.float32(0.0123), np.float32(150.0), np.float32(2.0**-126))
 

@@ -28,7 +28,7 @@ import bi_jax  # noqa: E402
 from bi_jax.pallas_fp8 import clamp_fp8, encode_fp8  # noqa: E402
 
 from fp8_helpers import FP8_CASE_NAMES  # noqa: E402
-from jax_fp8_helpers import (E4M3, HUGE_WEIGHT_COLUMN, QUANTS, assert_fp8_result, call,  # noqa: E402
+from jax_fp8_helpers import (COMBOS, E4M3, HUGE_WEIGHT_COLUMN, QUANTS, assert_fp8_result, call,  # noqa: E402
                              check_fp8_corpus_case, expected, fp8_rows, fp8_weight, quant_kwargs)
 from jax_gpu_marks import JAX_GPU_MARKS  # noqa: E402
 from jax_helpers import _seed, residual_dtype  # noqa: E402
@@ -39,17 +39,6 @@ STATIC = ("eps", "mode", "weight_offset", "out_dtype", "group_size")
 COMPILED = jax.jit(functools.partial(bi_jax.rms_norm, interpret=False), static_argnames=STATIC)
 INTERPRETED = jax.jit(functools.partial(bi_jax.rms_norm, interpret=True), static_argnames=STATIC)
 
-COMBOS = [
-    ("float32", "none", "llama", 0.0, "static"),
-    ("bfloat16", "float32", "llama", 0.0, "static"),
-    ("float16", "same", "fp32", 1.0, "static"),
-    ("bfloat16", "none", "fp32", 1.0, "group128"),
-    ("float16", "float32", "llama", 0.0, "group128"),
-    ("float32", "same", "fp32", 0.0, "group128"),
-    ("bfloat16", "same", "llama", 1.0, "group64"),
-    ("float16", "none", "llama", 0.0, "group64"),
-    ("float32", "float32", "fp32", 1.0, "group64"),
-]
 # FP8's normal range, its subnormals, 2**-126 (t overflows) and 2**-127, a float32 subnormal whose
 # reciprocal is finite: the GPU keeps subnormals (XLA:CPU would read it as 0, hence not in the CPU tests).
 STATIC_SCALES = (np.float32(0.0123), np.float32(150.0), np.float32(2.0**-126), np.float32(2.0**-127))

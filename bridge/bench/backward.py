@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .plan import (CHECK_TOL, DETERMINISM_RUNS, EPS, IMPL_BY_NAME, Case, Determinism, Timing, check_rows,
                    checks_determinism, runs_in)
-from .timing import copy_timing, rel_err, run_impl, time_jax, time_torch, torch_sets
+from .timing import copy_timing, rel_err, run_impl, time_jax, time_torch, torch_case_inputs
 
 Results = Tuple[List[Timing], List[Determinism]]
 
@@ -78,20 +78,11 @@ def _backward_peers(framework: str, names: Sequence[str], unavailable: Dict[str,
 
 
 def _measure_torch(case: Case, n_sets: int, peers: Sequence[str], unavailable: Dict[str, str]) -> Results:
-    import torch
-
     from bi_torch import to_numpy
 
     names = [n for n in ("bi-torch", *peers) if IMPL_BY_NAME[n].framework == "torch" and runs_in(n, case)]
     module = _backward_peers("torch", names, unavailable)
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[case.dtype]
-    g = torch.Generator(device="cuda").manual_seed(case.tokens * 7919 + case.hidden)
-    shape = (case.tokens, case.hidden)
-    xs = torch_sets(n_sets, shape, dtype, g)
-    rs = torch_sets(n_sets, shape, dtype, g) if case.residual else [None] * n_sets
-    gs = torch_sets(n_sets, shape, dtype, g)
-    grs = torch_sets(n_sets, shape, dtype, g) if case.residual else [None] * n_sets
-    weight = (1 + 0.1 * torch.randn(case.hidden, generator=g, device="cuda")).to(dtype)
+    xs, rs, gs, grs, weight = torch_case_inputs(case, n_sets, gradients=True)
     timings: List[Optional[Timing]] = []
     determinism: List[Determinism] = []
     if module is not None:
@@ -103,7 +94,7 @@ def _measure_torch(case: Case, n_sets: int, peers: Sequence[str], unavailable: D
             timings.append(_time_torch_impl(case, name, factories[name], inputs, unavailable, determinism))
         del inputs
     del xs, rs, gs, grs
-    timings.append(copy_timing(case, n_sets, g, module and module.sm_copy, unavailable))
+    timings.append(copy_timing(case, n_sets, module and module.sm_copy, unavailable))
     return [t for t in timings if t is not None], determinism
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from .plan import (CHECK_TOL, EPS, FP8_FORMAT, FP8_GROUP_SIZE, FP8_SCALE, FP8_ULPS, IMPL_BY_NAME, PEER_NAMES, Case,
                    Timing, check_rows, runs_in)
-from .timing import copy_timing, rel_err, run_impl, time_jax, time_jax_unrolled, time_torch, torch_sets
+from .timing import copy_timing, rel_err, run_impl, time_jax, time_jax_unrolled, time_torch, torch_case_inputs
 
 Parts = Tuple[object, Optional[object], Optional[object]]  # (out, scales or None, new residual or None)
 
@@ -179,12 +179,7 @@ def _measure_torch(case: Case, n_sets: int, peers: Sequence[str], unavailable: D
 
     names = _names("bi-torch", "torch", peers, case)
     module = _fp8_peers("torch", names, unavailable)
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[case.dtype]
-    g = torch.Generator(device="cuda").manual_seed(case.tokens * 7919 + case.hidden)
-    shape = (case.tokens, case.hidden)
-    xs = torch_sets(n_sets, shape, dtype, g)
-    rs = torch_sets(n_sets, shape, dtype, g) if case.residual else [None] * n_sets
-    weight = (1 + 0.1 * torch.randn(case.hidden, generator=g, device="cuda")).to(dtype)
+    xs, rs, weight = torch_case_inputs(case, n_sets)
     rows = check_rows(case)
     want = reference_parts(case, to_numpy(xs[0][:rows]), None if rs[0] is None else to_numpy(rs[0][:rows]),
                            to_numpy(weight))
@@ -201,7 +196,7 @@ def _measure_torch(case: Case, n_sets: int, peers: Sequence[str], unavailable: D
     timings = _check_and_time(case, names, factory, lambda fn: fn(*sets[0]), to_numpy, want,
                               lambda fn: time_torch(fn, sets), unavailable)
     del xs, rs, sets
-    copy = copy_timing(case, n_sets, g, module and module.sm_copy, unavailable)
+    copy = copy_timing(case, n_sets, module and module.sm_copy, unavailable)
     return timings + ([copy] if copy is not None else [])
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from . import backward, fp8
 from .plan import (EPS, FP8_PASSES, IMPL_BY_NAME, IMPLS, LIGER_SITE, PASSES, Case, Determinism, Plan, Timing,
                    rotation_sets, runs_in)
-from .timing import check_close, copy_timing, run_impl, time_jax, time_torch, torch_sets
+from .timing import check_close, copy_timing, run_impl, time_jax, time_torch, torch_case_inputs
 
 
 def _no_gpu_reason() -> Optional[str]:
@@ -115,17 +115,10 @@ def _peers_module(framework: str, peers: Sequence[str], unavailable: Dict[str, s
 
 
 def _measure_torch(case: Case, n_sets: int, peers: Sequence[str], unavailable: Dict[str, str]) -> List[Timing]:
-    import torch
-
     import bi_torch
 
     bench_peers = _peers_module("torch", peers, unavailable)
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[case.dtype]
-    g = torch.Generator(device="cuda").manual_seed(case.tokens * 7919 + case.hidden)
-    shape = (case.tokens, case.hidden)
-    xs = torch_sets(n_sets, shape, dtype, g)
-    rs = torch_sets(n_sets, shape, dtype, g) if case.residual else [None] * n_sets
-    weight = (1 + 0.1 * torch.randn(case.hidden, generator=g, device="cuda")).to(dtype)
+    xs, rs, weight = torch_case_inputs(case, n_sets)
     sets = list(zip(xs, rs))
 
     def ours(x, r):
@@ -148,7 +141,7 @@ def _measure_torch(case: Case, n_sets: int, peers: Sequence[str], unavailable: D
                                      lambda fn: time_torch(fn, sets), unavailable))
     _note_unchecked(timings, want, "bi-torch")
     del xs, rs, sets, want
-    timings.append(copy_timing(case, n_sets, g, bench_peers and bench_peers.sm_copy, unavailable))
+    timings.append(copy_timing(case, n_sets, bench_peers and bench_peers.sm_copy, unavailable))
     return [t for t in timings if t is not None]
 
 

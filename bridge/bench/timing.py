@@ -204,6 +204,22 @@ def torch_sets(n_sets: int, shape: Tuple[int, ...], dtype, g, device: str = "cud
     return [pool[i, :numel].view(shape) for i in range(n_sets)]
 
 
+def torch_case_inputs(case: Case, n_sets: int, gradients: bool = False) -> tuple:
+    """A case's rotated inputs on the GPU, seeded by its shape: (xs, rs[, gs, grs], weight), rs (and
+    grs) None per set without a residual, gs and grs the output gradients when asked, the weight
+    1 + 0.1 N(0, 1); drawn in that order, so every pass of a case sees the same x."""
+    import torch
+
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[case.dtype]
+    g = torch.Generator(device="cuda").manual_seed(case.tokens * 7919 + case.hidden)
+    shape = (case.tokens, case.hidden)
+    pair = lambda: (torch_sets(n_sets, shape, dtype, g),  # noqa: E731
+                    torch_sets(n_sets, shape, dtype, g) if case.residual else [None] * n_sets)
+    drawn = pair() + (pair() if gradients else ())
+    weight = (1 + 0.1 * torch.randn(case.hidden, generator=g, device="cuda")).to(dtype)
+    return (*drawn, weight)
+
+
 def time_copy(candidates: Dict[str, Callable], copies: Sequence[tuple]) -> Tuple[float, str]:
     """The fastest of the copy candidates (dst.copy_(src), a Triton copy), named in the note."""
     times = {how: time_torch(fn, copies)[0] for how, fn in candidates.items()}
@@ -211,11 +227,12 @@ def time_copy(candidates: Dict[str, Callable], copies: Sequence[tuple]) -> Tuple
     return times[best], f"{best} ({', '.join(f'{how} {us:.2f} µs' for how, us in times.items())})"
 
 
-def copy_timing(case: Case, n_sets: int, g, sm_copy: Optional[Callable],
+def copy_timing(case: Case, n_sets: int, sm_copy: Optional[Callable],
                 unavailable: Dict[str, str]) -> Optional[Timing]:
     """The ceiling: copies moving the case's bytes, half read and half written, over as many sets."""
     import torch
 
+    g = torch.Generator(device="cuda").manual_seed(case.tokens * 7919 + case.hidden + 1)  # any bits do
     words = (-(-case.bytes_moved // 8),)  # half the bytes, in 4-byte words
     copies = list(zip(torch_sets(n_sets, words, torch.int32, g), torch_sets(n_sets, words, torch.int32, g)))
     candidates = {"memcpy": lambda s, d: d.copy_(s)}
