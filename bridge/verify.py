@@ -15,7 +15,8 @@ from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from . import crossframework, golden, golden_backward, subnormals
+from . import crossframework, crossframework_backward, crossframework_device, crossframework_fp8
+from . import golden, golden_backward, subnormals
 from .backends import BACKENDS, Backend
 from .compare import first_mismatch
 from .verify_report import BackendReport, PassReport, Progress, Ticker, Unavailable, overall_status, run_pass
@@ -197,11 +198,11 @@ def run_cross_framework(cases, backward_cases, progress: Progress, fp8_cases: Se
     meet no float32 subnormal: XLA:CPU flushes those in bi_jax's interpret mode) and the FP8 corpus
     (on a CPU, short rows)."""
     report = BackendReport(CROSS_FRAMEWORK, "ok")
-    reason = crossframework.probe()
+    reason = crossframework_device.probe()
     if reason is not None:
         report.status, report.reason = "unavailable", reason
         return report
-    device = crossframework.best_device()
+    device = crossframework_device.best_device()
     short = (lambda c: c.spec.n <= CROSS_CPU_MAX_N) if device == "cpu" else (lambda c: True)
     chosen, chosen_backward = [c for c in cases if short(c)], [c for c in backward_cases if short(c)]
     chosen_fp8 = [c for c in fp8_cases if short(c)]
@@ -227,22 +228,23 @@ def run_cross_framework(cases, backward_cases, progress: Progress, fp8_cases: Se
                     if rows.any() or cols.any():  # the whole check is left out: every row and column
                         r.flushed += rows.size + cols.size
                         continue
-                r.note(f"{case.spec.name} {mode}/{offset:g}", crossframework.cross_check_backward(*args, device=device))
+                r.note(f"{case.spec.name} {mode}/{offset:g}",
+                       crossframework_backward.cross_check_backward(*args, device=device))
             tick()
         r.reason = f"on {device}"
 
     def fp8(r: PassReport) -> None:
-        fp8_reason = crossframework.fp8_probe()
+        fp8_reason = crossframework_fp8.fp8_probe()
         if fp8_reason is not None:
             raise Unavailable(fp8_reason)
         for case in chosen_fp8:
             r.cases += 1
             for mode, offset in case.spec.outputs:
-                r.note(f"{case.spec.name} {mode}/{offset:g}", crossframework.cross_check_fp8(
+                r.note(f"{case.spec.name} {mode}/{offset:g}", crossframework_fp8.cross_check_fp8(
                     case.x, case.weight, case.spec.eps, case.residual, mode, offset, case.quantization(),
                     device=device))
             tick()
-        r.reason = f"on {device}; FP8 through DLPack {crossframework.fp8_dlpack_route(device)}"
+        r.reason = f"on {device}; FP8 through DLPack {crossframework_fp8.fp8_dlpack_route(device)}"
 
     report.forward = run_pass(forward, backward=False)
     tick.reach(len(chosen))

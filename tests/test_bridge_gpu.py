@@ -20,7 +20,7 @@ from jax import lax
 
 import bi_jax
 import bi_torch
-from bridge import crossframework, dlpack, reference
+from bridge import crossframework, crossframework_device, dlpack, reference
 from bridge.compare import assert_bitwise_equal
 from bridge.dlpack import to_jax, to_torch
 
@@ -256,7 +256,7 @@ def test_cpu_tensors_stay_on_the_cpu_on_a_gpu_machine():
 
 
 def test_cross_check_on_cuda_agrees_on_golden_cases(corpus):
-    assert crossframework.best_device() == "cuda"
+    assert crossframework_device.best_device() == "cuda"
     # n = 100: every residual kind and all special-value rows; longer rows are covered above.
     cases = [c for c in corpus if c.spec.n == 100 and c.spec.dtype in ("bfloat16", "float32")]
     assert len(cases) == 5

@@ -1,6 +1,7 @@
-"""bridge.crossframework on the CPU: each framework's kernel on the other's arrays, forward,
-backward and FP8 output, bit for bit against the reference and the kernel's own framework, and how
-a difference is reported. (bridge.dlpack itself: test_bridge_cpu.py.)
+"""bridge.crossframework (and crossframework_device, _backward, _fp8) on the CPU: each framework's
+kernel on the other's arrays, forward, backward and FP8 output, bit for bit against the reference
+and the kernel's own framework, and how a difference is reported. (bridge.dlpack itself:
+test_bridge_cpu.py.)
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from jax import lax
 
 import bi_jax
 import bi_torch
-from bridge import crossframework, golden, reference
+from bridge import crossframework, crossframework_backward, crossframework_device, crossframework_fp8, golden
+from bridge import reference
 from bridge.compare import assert_bitwise_equal
 from bridge.subnormals import flushed
 from bridge_helpers import jax_on_the_cpu  # noqa: F401 (an autouse fixture: JAX on the CPU)
@@ -73,11 +75,11 @@ def test_jax_kernel_on_torch_tensors(dtype, residual, mode, offset):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_best_device_is_the_cpu_without_a_gpu():
-    assert crossframework.best_device() == "cpu"
+    assert crossframework_device.best_device() == "cpu"
 
 
 def test_cross_check_agrees_on_golden_cases(corpus):
-    assert crossframework.probe() is None
+    assert crossframework_device.probe() is None
     cases = [c for c in corpus if c.spec.n == 100]  # every dtype and residual kind, all special-value rows
     assert len(cases) == 8
     for case in cases:
@@ -106,17 +108,17 @@ def test_first_bit_difference_compares_bits_and_names_the_index():
     flipped = bits.copy()
     flipped.view(np.uint16)[2, 5] ^= 0x8000  # the sign bit: a different pattern whatever the value
     a, b = jnp.asarray(bits), jnp.asarray(flipped)
-    assert crossframework.first_bit_difference(a, jnp.array(a, copy=True)) is None
-    problem = crossframework.first_bit_difference(a, b, labels=("torch", "jax"))
+    assert crossframework_device.first_bit_difference(a, jnp.array(a, copy=True)) is None
+    problem = crossframework_device.first_bit_difference(a, b, labels=("torch", "jax"))
     old, new = bits.view(np.uint16)[2, 5], flipped.view(np.uint16)[2, 5]
     assert problem == (f"1 of 32 elements differ; first at index (2, 5): torch {a[2, 5].item()!r} (0x{old:04x}), "
                        f"jax {b[2, 5].item()!r} (0x{new:04x})")
     # Bits, not values: NaN equals the same NaN, and +0 differs from -0.
     nan = jnp.asarray(np.array([np.nan, 0.0], np.float32))
-    assert crossframework.first_bit_difference(nan, nan) is None
-    assert crossframework.first_bit_difference(nan, nan.at[1].set(-0.0)) == (
+    assert crossframework_device.first_bit_difference(nan, nan) is None
+    assert crossframework_device.first_bit_difference(nan, nan.at[1].set(-0.0)) == (
         "1 of 2 elements differ; first at index (1,): a 0.0 (0x00000000), b -0.0 (0x80000000)")
-    assert crossframework.first_bit_difference(a, a[:2]) == "a is bfloat16[4, 8], b is bfloat16[2, 8]"
+    assert crossframework_device.first_bit_difference(a, a[:2]) == "a is bfloat16[4, 8], b is bfloat16[2, 8]"
 
 
 # ---------------------------------------------------------------- gradients across frameworks
@@ -133,9 +135,9 @@ def test_cross_check_backward_agrees_with_the_reference(dtype, residual, mode, o
                                            None if r is None else r.reshape(-1, 100),
                                            None if gr is None else gr.reshape(-1, 100), mode=mode,
                                            weight_offset=offset)
-    got = crossframework._bi_torch_backward(*(None if a is None else torch_from_numpy(a) for a in (x, w, g)), 1e-6,
-                                            None if r is None else torch_from_numpy(r),
-                                            None if gr is None else torch_from_numpy(gr), mode, offset)
+    got = crossframework_backward._bi_torch_backward(*(None if a is None else torch_from_numpy(a) for a in (x, w, g)),
+                                                     1e-6, None if r is None else torch_from_numpy(r),
+                                                     None if gr is None else torch_from_numpy(gr), mode, offset)
     for e, t in zip(expected, got):
         assert_bitwise_equal(e, numpy_of_torch(t).reshape(e.shape))
 
@@ -160,13 +162,13 @@ def test_cross_check_backward_on_golden_cases(backward_corpus):
 def test_cross_check_backward_reports_the_first_difference(monkeypatch):
     x, w, r = _inputs("bfloat16", "float32", shape=(3, 100))
     g = _inputs("bfloat16", "none", shape=(3, 100))[0][::-1].copy()
-    honest = crossframework._bi_jax_backward
+    honest = crossframework_backward._bi_jax_backward
 
     def perturbed(*args):
         grad_x, grad_residual, grad_weight = honest(*args)
         return grad_x, grad_residual, grad_weight.at[7].set(-grad_weight[7])
 
-    monkeypatch.setattr(crossframework, "_bi_jax_backward", perturbed)
+    monkeypatch.setattr(crossframework_backward, "_bi_jax_backward", perturbed)
     problem = crossframework.cross_check_backward(x, w, g, 1e-6, r, None, "llama", 0.0, device="cpu")
     assert problem is not None and problem.startswith("grad_weight: 1 of 100 elements differ; first at index (7,): ")
 
@@ -226,18 +228,18 @@ def test_jax_fp8_kernel_on_torch_tensors(dtype, residual, mode, offset, quant):
 
 
 def test_fp8_crosses_dlpack_as_itself_on_the_cpu():
-    assert crossframework.fp8_probe() is None
-    assert crossframework.fp8_dlpack_route("cpu") == "as float8_e4m3fn"
+    assert crossframework_fp8.fp8_probe() is None
+    assert crossframework_fp8.fp8_dlpack_route("cpu") == "as float8_e4m3fn"
     t = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
-    a = crossframework._fp8_to_jax(t)
+    a = crossframework_fp8._fp8_to_jax(t)
     assert a.dtype == jnp.float8_e4m3fn and a.unsafe_buffer_pointer() == t.data_ptr()  # zero copy
-    back = crossframework._fp8_to_torch(a)
+    back = crossframework_fp8._fp8_to_torch(a)
     assert back.dtype == torch.float8_e4m3fn and torch.equal(back.view(torch.uint8), t.view(torch.uint8))
 
 
 def test_fp8_falls_back_to_uint8_views_where_dlpack_refuses_it(monkeypatch):
     """Where DLPack carries no FP8 (some torch/jax builds on a GPU), the codes cross as uint8."""
-    honest_to_jax, honest_to_torch = crossframework.to_jax, crossframework.to_torch
+    honest_to_jax, honest_to_torch = crossframework_fp8.to_jax, crossframework_fp8.to_torch
 
     def no_fp8_to_jax(t, **kwargs):
         if t.dtype == torch.float8_e4m3fn:
@@ -249,23 +251,23 @@ def test_fp8_falls_back_to_uint8_views_where_dlpack_refuses_it(monkeypatch):
             raise TypeError("a: dtype float8_e4m3fn has no torch counterpart through DLPack")
         return honest_to_torch(a)
 
-    monkeypatch.setattr(crossframework, "to_jax", no_fp8_to_jax)
-    monkeypatch.setattr(crossframework, "to_torch", no_fp8_to_torch)
-    crossframework.fp8_dlpack_route.cache_clear()
+    monkeypatch.setattr(crossframework_fp8, "to_jax", no_fp8_to_jax)
+    monkeypatch.setattr(crossframework_fp8, "to_torch", no_fp8_to_torch)
+    crossframework_fp8.fp8_dlpack_route.cache_clear()
     try:
-        route = crossframework.fp8_dlpack_route("cpu")
+        route = crossframework_fp8.fp8_dlpack_route("cpu")
         assert route.startswith("as uint8 views (torch -> jax: TypeError") and "jax -> torch: TypeError" in route
     finally:
-        crossframework.fp8_dlpack_route.cache_clear()
+        crossframework_fp8.fp8_dlpack_route.cache_clear()
     t = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
-    a = crossframework._fp8_to_jax(t)
+    a = crossframework_fp8._fp8_to_jax(t)
     assert a.dtype == jnp.float8_e4m3fn
     np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.arange(256, dtype=np.uint8))
-    back = crossframework._fp8_to_torch(a)
+    back = crossframework_fp8._fp8_to_torch(a)
     assert back.dtype == torch.float8_e4m3fn and torch.equal(back.view(torch.uint8), t.view(torch.uint8))
     x, w, r = _inputs("bfloat16", "float32", shape=(3, 128))
-    assert crossframework.cross_check_fp8(x, w, 1e-6, r, "llama", 0.0, {"out_dtype": FP8, "group_size": 64},
-                                          device="cpu") is None
+    assert crossframework_fp8.cross_check_fp8(x, w, 1e-6, r, "llama", 0.0, {"out_dtype": FP8, "group_size": 64},
+                                              device="cpu") is None
 
 
 def test_cross_check_fp8_agrees_on_golden_cases():
@@ -277,15 +279,15 @@ def test_cross_check_fp8_agrees_on_golden_cases():
     assert len(chosen) >= 7
     for case in chosen.values():
         mode, offset = case.spec.outputs[0]
-        problem = crossframework.cross_check_fp8(case.x, case.weight, case.spec.eps, case.residual, mode, offset,
-                                                 case.quantization(), device="cpu")
+        problem = crossframework_fp8.cross_check_fp8(case.x, case.weight, case.spec.eps, case.residual, mode, offset,
+                                                     case.quantization(), device="cpu")
         assert problem is None, f"{case.spec.name} {mode}/{offset:g}: {problem}"
 
 
 @pytest.mark.parametrize("what", ["out", "scales"])
 def test_cross_check_fp8_reports_the_first_difference(monkeypatch, what):
     x, w, r = _inputs("float16", "same", shape=(3, 128))
-    honest = crossframework._bi_jax
+    honest = crossframework_fp8._bi_jax
 
     def perturbed(*args, **kwargs):
         out, scales, new_residual = honest(*args, **kwargs)
@@ -296,9 +298,9 @@ def test_cross_check_fp8_reports_the_first_difference(monkeypatch, what):
             scales = scales.at[2, 1].set(scales[2, 1] * 2)
         return out, scales, new_residual
 
-    monkeypatch.setattr(crossframework, "_bi_jax", perturbed)
-    problem = crossframework.cross_check_fp8(x, w, 1e-6, r, "fp32", 0.0, {"out_dtype": FP8, "group_size": 64},
-                                             device="cpu")
+    monkeypatch.setattr(crossframework_fp8, "_bi_jax", perturbed)
+    problem = crossframework_fp8.cross_check_fp8(x, w, 1e-6, r, "fp32", 0.0, {"out_dtype": FP8, "group_size": 64},
+                                                 device="cpu")
     where, total = ("(1, 42)", 384) if what == "out" else ("(2, 1)", 6)
     assert problem is not None
     assert problem.startswith(f"{what}: 1 of {total} elements differ; first at index {where}: torch ")
