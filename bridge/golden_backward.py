@@ -15,7 +15,9 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import golden, reference
+from . import golden_forward, reference
+from .golden_forward import DTYPES, OUTPUT_SETS
+from .golden_format import output_key
 
 # (residual kind, grad_new_residual stored): absent means None, which counts as zeros (NUMERICS.md B6).
 VARIANTS = (("none", False), ("same", False), ("same", True), ("float32", False), ("float32", True))
@@ -23,10 +25,9 @@ VARIANTS = (("none", False), ("same", False), ("same", True), ("float32", False)
 # counts that are not powers of two, so that the row tree's +0.0 padding matters (65 and 100 pad
 # with several power-of-two blocks). From n = 1000 on: one or two variants per dtype of 1-7 rows,
 # 16384 for two dtypes and 65536 for one: the kernel suites run the corpus through interpreters.
-PLAN = ((1, 5, (100, 65, 33, 7), golden.DTYPES), (3, 5, (65, 100, 33, 7), golden.DTYPES),
-        (127, 5, (7, 33, 3, 65, 3), golden.DTYPES), (128, 5, (7, 3), golden.DTYPES),
-        (129, 5, (33, 7, 3), golden.DTYPES), (1000, 2, (3, 7), golden.DTYPES), (4096, 1, (3,), golden.DTYPES),
-        (5120, 1, (1,), golden.DTYPES), (8192, 1, (1,), golden.DTYPES), (16384, 1, (1,), ("float32", "float16")),
+PLAN = ((1, 5, (100, 65, 33, 7), DTYPES), (3, 5, (65, 100, 33, 7), DTYPES), (127, 5, (7, 33, 3, 65, 3), DTYPES),
+        (128, 5, (7, 3), DTYPES), (129, 5, (33, 7, 3), DTYPES), (1000, 2, (3, 7), DTYPES), (4096, 1, (3,), DTYPES),
+        (5120, 1, (1,), DTYPES), (8192, 1, (1,), DTYPES), (16384, 1, (1,), ("float32", "float16")),
         (65536, 1, (1,), ("bfloat16",)))
 SIZES = tuple(n for n, *_ in PLAN)
 # Gradient patterns (grad_out and grad_new_residual), taken in turn by the rows of a case: signed
@@ -54,7 +55,7 @@ class BackwardSpec:
     n: int
     residual: str  # "none", "same" (D) or "float32"
     grad_new_residual: bool  # stored, or absent (None)
-    x_patterns: Tuple[str, ...]  # one per row (golden.PATTERNS), for x and the residual
+    x_patterns: Tuple[str, ...]  # one per row (golden_forward.PATTERNS), for x and the residual
     g_patterns: Tuple[str, ...]  # one per row (G_PATTERNS), for grad_out and grad_new_residual
     eps: float
     outputs: Tuple[Tuple[str, float], ...]  # the (mode, weight_offset) pairs stored
@@ -93,7 +94,7 @@ def _patterns(n: int, rows: int, k: int) -> Tuple[Tuple[str, ...], Tuple[str, ..
     if rows == 1:
         return ("mixed",), ("mixed" if n >= 16384 else SINGLE_ROW_G[k % len(SINGLE_ROW_G)],)
     # A NaN in x makes its row's every p NaN, hence all of grad_weight: one case in four has one.
-    xs = golden.PATTERNS if k % 4 == 3 else tuple(p for p in golden.PATTERNS if p != "nan")
+    xs = golden_forward.PATTERNS if k % 4 == 3 else tuple(p for p in golden_forward.PATTERNS if p != "nan")
     if rows <= 3 and k % 3 == 0:
         # Every leaf a signed zero: some grad_weight columns have only -0.0 leaves (2^-rows of them),
         # whose tree is -0.0 only without padding, +0.0 with it.
@@ -105,7 +106,7 @@ def _patterns(n: int, rows: int, k: int) -> Tuple[Tuple[str, ...], Tuple[str, ..
 def case_specs() -> List[BackwardSpec]:
     """The backward corpus, PLAN's cases for each dtype in turn."""
     specs = []
-    for d in golden.DTYPES:
+    for d in DTYPES:
         variants = tuple(v for v in VARIANTS if not (d == "float32" and v[0] == "same"))  # same is float32
         k = 0  # the case's index within its dtype: rows, eps and outputs go round with it
         for i, (n, count, row_counts, dtypes) in enumerate(PLAN):
@@ -114,10 +115,10 @@ def case_specs() -> List[BackwardSpec]:
             for j in range(min(count, len(variants))):
                 kind, has_gr = variants[(i + j) % len(variants)]
                 rows = row_counts[k % len(row_counts)]
-                xs, gs = _patterns(n, rows, k + golden.DTYPES.index(d))  # dtypes differ
+                xs, gs = _patterns(n, rows, k + DTYPES.index(d))  # dtypes differ
                 name = f"bwd-{d}-n{n}-r{rows}-res_{kind}" + ("-gr" if has_gr else "")
                 specs.append(BackwardSpec(name, d, n, kind, has_gr, xs, gs, 1e-5 if k % 3 == 1 else 1e-6,
-                                          golden.OUTPUT_SETS[k % 2]))
+                                          OUTPUT_SETS[k % 2]))
                 k += 1
     for d, n, rows, kind, has_gr in EDGE_CASES:
         name = f"bwd-{d}-n{n}-r{rows}-res_{kind}" + ("-gr" if has_gr else "") + "-signs"
@@ -144,31 +145,32 @@ def _g_row(rng: np.random.Generator, pattern: str, n: int, dtype: str) -> np.nda
         start = int(rng.integers(0, max(1, n - n // 8)))
         row[start:start + n // 8] = sign[start:start + n // 8] * 0.0
         return row
-    return golden.pattern_row(rng, pattern, n, dtype)  # normal, zeros, inf, nan: as x's rows
+    return golden_forward.pattern_row(rng, pattern, n, dtype)  # normal, zeros, inf, nan: as x's rows
 
 
 def _x_row(rng: np.random.Generator, pattern: str, n: int, dtype: str) -> np.ndarray:
-    """One float64 row of x (or the residual): golden's patterns, and "positive" (|normal| + 0.1)."""
-    return np.abs(rng.standard_normal(n)) + 0.1 if pattern == "positive" else golden.pattern_row(rng, pattern, n, dtype)
+    """One float64 row of x (or the residual): golden_forward's patterns, and "positive" (|normal| + 0.1)."""
+    return (np.abs(rng.standard_normal(n)) + 0.1 if pattern == "positive"
+            else golden_forward.pattern_row(rng, pattern, n, dtype))
 
 
 def generate_case(spec: BackwardSpec) -> BackwardCase:
     """Inputs from a generator seeded by the case name; expected gradients from the reference."""
     rng = np.random.default_rng(zlib.crc32(spec.name.encode()))
     d, n = spec.dtype, spec.n
-    x = golden.pattern_rows(rng, spec.x_patterns, n, d, d, row=_x_row)
-    weight = golden.random_weight(rng, n, d)
+    x = golden_forward.pattern_rows(rng, spec.x_patterns, n, d, d, row=_x_row)
+    weight = golden_forward.random_weight(rng, n, d)
     if "positive" in spec.x_patterns:
         # w + offset >= +0.0 for EDGE_OUTPUTS' offsets (the -0.0 weight becomes exactly 0.5): every
         # a = -0.0 * w is -0.0.
-        weight = golden.as_dtype(np.abs(weight.astype(np.float64)) + 0.5, d)
-    grad_out = golden.pattern_rows(rng, spec.g_patterns, n, d, d, row=_g_row)
-    r_dtype = golden.residual_dtype(d, spec.residual)
+        weight = golden_forward.as_dtype(np.abs(weight.astype(np.float64)) + 0.5, d)
+    grad_out = golden_forward.pattern_rows(rng, spec.g_patterns, n, d, d, row=_g_row)
+    r_dtype = golden_forward.residual_dtype(d, spec.residual)
     residual = grad_new_residual = None
     if r_dtype is not None:
-        residual = golden.pattern_rows(rng, spec.x_patterns, n, d, r_dtype, row=_x_row)
+        residual = golden_forward.pattern_rows(rng, spec.x_patterns, n, d, r_dtype, row=_x_row)
         if spec.grad_new_residual:
-            grad_new_residual = golden.pattern_rows(rng, spec.g_patterns, n, d, r_dtype, row=_g_row)
+            grad_new_residual = golden_forward.pattern_rows(rng, spec.g_patterns, n, d, r_dtype, row=_g_row)
     expected = {(mode, offset): reference.rms_norm_backward(x, weight, grad_out, spec.eps, residual, grad_new_residual,
                                                             mode=mode, weight_offset=offset)
                 for mode, offset in spec.outputs}
@@ -182,7 +184,7 @@ def arrays(case: BackwardCase) -> Dict[str, np.ndarray]:
     stored = {k: v for k, v in stored.items() if v is not None}
     for (mode, offset), outputs in case.expected.items():
         for what, a in zip(output_names(case.residual is not None), outputs):
-            stored[golden.output_key(what, mode, offset)] = a
+            stored[output_key(what, mode, offset)] = a
     return stored
 
 
@@ -193,6 +195,6 @@ def case_from(entry: dict, stored: Dict[str, np.ndarray]) -> BackwardCase:
                            "g_patterns": tuple(fields["g_patterns"]),
                            "outputs": tuple((m, float(o)) for m, o in fields["outputs"])})
     names = output_names("residual" in stored)
-    expected = {pair: tuple(stored[golden.output_key(what, *pair)] for what in names) for pair in spec.outputs}
+    expected = {pair: tuple(stored[output_key(what, *pair)] for what in names) for pair in spec.outputs}
     return BackwardCase(spec, stored["x"], stored["weight"], stored["grad_out"], stored.get("residual"),
                         stored.get("grad_new_residual"), expected)

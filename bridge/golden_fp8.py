@@ -19,21 +19,23 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import golden, reference
+from . import golden_forward, reference
+from .golden_forward import DTYPES, OUTPUT_SETS
+from .golden_format import output_key
 
 OUT_DTYPE = "float8_e4m3fn"
-# Row patterns of their own, besides golden.PATTERNS: whole 64-column groups of signed zeros in a
-# normal row (a zero group's scale is the floor's), rows of signed zeros only (+0 and -0 codes), and
-# magnitudes spread over 2**-14..1 (within a group, most values far below its amax: FP8 subnormals).
+# Row patterns of their own, besides golden_forward.PATTERNS: whole 64-column groups of signed zeros
+# in a normal row (a zero group's scale is the floor's), rows of signed zeros only (+0 and -0 codes),
+# and magnitudes spread over 2**-14..1 (within a group, most values far below its amax: FP8 subnormals).
 FP8_PATTERNS = ("zero_groups", "signed_zeros", "spread")
 # Every pattern once, the ones with many distinct values (even places) between the special ones, so
 # that a case of a few rows, which starts at an even place, has values to round in its first row.
 PATTERNS = ("normal", "zeros", "spread", "nan", "outliers", "signed_zeros", "mixed", "inf", "zero_groups", "huge",
             "wide_range", "tiny")
-assert sorted(PATTERNS) == sorted(golden.PATTERNS + FP8_PATTERNS)
-# Weights: golden.random_weight (around 1, one -0.0), or that with 2**127 at columns 5, 305, ..., where
-# x is +-4 in every other row, so that u = xhat * w overflows to inf there (float32 and bfloat16
-# only: float16 cannot reach it), and is huge (mostly finite) in the other rows.
+assert sorted(PATTERNS) == sorted(golden_forward.PATTERNS + FP8_PATTERNS)
+# Weights: golden_forward.random_weight (around 1, one -0.0), or that with 2**127 at columns 5, 305,
+# ..., where x is +-4 in every other row, so that u = xhat * w overflows to inf there (float32 and
+# bfloat16 only: float16 cannot reach it), and is huge (mostly finite) in the other rows.
 WEIGHTS = ("random", "huge")
 HUGE_COLUMNS = slice(5, None, 300)
 
@@ -125,25 +127,25 @@ def case_specs() -> List[Fp8Spec]:
     """PLAN's cases for each dtype in turn, then EXTRA's."""
     specs = []
     k = 0  # outputs, eps and the rows' patterns go round with it
-    for d in golden.DTYPES:
+    for d in DTYPES:
         kinds = ("none", "float32") if d == "float32" else ("none", "same", "float32")
         for i, (n, rows, scale, group) in enumerate(PLAN):
             kind = kinds[i % len(kinds)]
             pats = _patterns(rows, k)
             specs.append(Fp8Spec(_name(d, n, len(pats), kind, scale, group, "random"), d, n, kind, pats, "random",
-                                 1e-5 if k % 3 == 1 else 1e-6, golden.OUTPUT_SETS[(i + golden.DTYPES.index(d)) % 2],
+                                 1e-5 if k % 3 == 1 else 1e-6, OUTPUT_SETS[(i + DTYPES.index(d)) % 2],
                                  OUT_DTYPE, _f32(scale), group))
             k += 1
     for j, (d, n, rows, kind, scale, group, weight) in enumerate(EXTRA):
         pats = _patterns(rows, k + j) if weight == "random" else tuple(("normal", "spread", "outliers")[r % 3]
                                                                          for r in range(rows))
         specs.append(Fp8Spec(_name(d, n, rows, kind, scale, group, weight), d, n, kind, pats, weight, 1e-6,
-                             golden.OUTPUT_SETS[j % 2], OUT_DTYPE, _f32(scale), group))
+                             OUTPUT_SETS[j % 2], OUT_DTYPE, _f32(scale), group))
     return specs
 
 
 def _row(rng: np.random.Generator, pattern: str, n: int, dtype: str) -> np.ndarray:
-    """One float64 row: FP8_PATTERNS here, golden's patterns from golden.pattern_row."""
+    """One float64 row: FP8_PATTERNS here, golden_forward's patterns from golden_forward.pattern_row."""
     sign = rng.choice([-1.0, 1.0], n)
     if pattern == "zero_groups":
         row = rng.standard_normal(n)
@@ -155,14 +157,14 @@ def _row(rng: np.random.Generator, pattern: str, n: int, dtype: str) -> np.ndarr
         return sign * 0.0
     if pattern == "spread":
         return sign * np.exp2(rng.uniform(-14, 0, n))
-    return golden.pattern_row(rng, pattern, n, dtype)
+    return golden_forward.pattern_row(rng, pattern, n, dtype)
 
 
 def _weight(rng: np.random.Generator, kind: str, n: int, dtype: str) -> np.ndarray:
-    w = golden.random_weight(rng, n, dtype)
+    w = golden_forward.random_weight(rng, n, dtype)
     if kind == "huge":
         w = w.copy()
-        w[HUGE_COLUMNS] = golden.as_dtype(np.array(2.0**127), dtype)
+        w[HUGE_COLUMNS] = golden_forward.as_dtype(np.array(2.0**127), dtype)
     return w
 
 
@@ -170,12 +172,12 @@ def generate_case(spec: Fp8Spec) -> Fp8Case:
     """Inputs from a generator seeded by the case name; expected outputs from the reference."""
     rng = np.random.default_rng(zlib.crc32(spec.name.encode()))
     d, n = spec.dtype, spec.n
-    x = golden.pattern_rows(rng, spec.patterns, n, d, d, row=_row)
+    x = golden_forward.pattern_rows(rng, spec.patterns, n, d, d, row=_row)
     if spec.weight == "huge":
-        x[0::2, HUGE_COLUMNS] = golden.as_dtype(np.where(x[0::2, HUGE_COLUMNS] < 0, -4.0, 4.0), d)
+        x[0::2, HUGE_COLUMNS] = golden_forward.as_dtype(np.where(x[0::2, HUGE_COLUMNS] < 0, -4.0, 4.0), d)
     weight = _weight(rng, spec.weight, n, d)
-    r_dtype = golden.residual_dtype(d, spec.residual)
-    residual = None if r_dtype is None else golden.pattern_rows(rng, spec.patterns, n, d, r_dtype, row=_row)
+    r_dtype = golden_forward.residual_dtype(d, spec.residual)
+    residual = None if r_dtype is None else golden_forward.pattern_rows(rng, spec.patterns, n, d, r_dtype, row=_row)
     # The scale's shape alternates between () and (1,) with the case's name.
     scale = None
     if spec.scale is not None:
@@ -199,9 +201,9 @@ def arrays(case: Fp8Case) -> Dict[str, np.ndarray]:
               "new_residual": case.new_residual}
     stored = {k: v for k, v in stored.items() if v is not None}
     for pair, out in case.out.items():
-        stored[golden.output_key("out", *pair)] = out
+        stored[output_key("out", *pair)] = out
     for pair, scales in case.scales.items():
-        stored[golden.output_key("scales", *pair)] = scales
+        stored[output_key("scales", *pair)] = scales
     return stored
 
 
@@ -210,8 +212,8 @@ def case_from(entry: dict, stored: Dict[str, np.ndarray]) -> Fp8Case:
     fields = {f.name: entry[f.name] for f in dataclasses.fields(Fp8Spec)}
     spec = Fp8Spec(**{**fields, "patterns": tuple(fields["patterns"]),
                       "outputs": tuple((m, float(o)) for m, o in fields["outputs"])})
-    out = {pair: stored[golden.output_key("out", *pair)] for pair in spec.outputs}
-    scales = ({pair: stored[golden.output_key("scales", *pair)] for pair in spec.outputs}
+    out = {pair: stored[output_key("out", *pair)] for pair in spec.outputs}
+    scales = ({pair: stored[output_key("scales", *pair)] for pair in spec.outputs}
               if spec.group_size is not None else {})
     return Fp8Case(spec, stored["x"], stored["weight"], stored.get("residual"), stored.get("scale"), out, scales,
                    stored.get("new_residual"))

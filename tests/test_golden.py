@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bridge import golden, golden_backward, golden_fp8, reference
+from bridge import golden, golden_backward, golden_forward, golden_fp8, reference
 from bridge.contract import GROUP_AMAX_FLOOR, GROUP_SIZES, next_power_of_two
 
 
@@ -19,7 +19,7 @@ def test_regeneration_reproduces_identical_bytes() -> None:
 
 
 @pytest.mark.parametrize("load,specs,victim", [
-    (golden.load_corpus, golden.case_specs, "float16-n128-res_same"),
+    (golden.load_corpus, golden_forward.case_specs, "float16-n128-res_same"),
     (golden.load_backward_corpus, golden_backward.case_specs, "bwd-float16-n129-r7-res_same"),
     (golden.load_fp8_corpus, golden_fp8.case_specs, "fp8-float16-n192-r7-res_float32-g64"),
 ])
@@ -40,10 +40,10 @@ def test_corpus_covers_the_contract(corpus) -> None:
     assert {s.dtype for s in specs} == {"float32", "bfloat16", "float16"}
     # Every (mode, weight_offset) pair for every dtype, not just somewhere in the corpus.
     pairs = {(s.dtype, mode, offset) for s in specs for mode, offset in s.outputs}
-    assert pairs == {(d, m, o) for d in golden.DTYPES for m in ("llama", "fp32") for o in (0.0, 1.0)}
+    assert pairs == {(d, m, o) for d in golden_forward.DTYPES for m in ("llama", "fp32") for o in (0.0, 1.0)}
     assert {s.residual for s in specs} == {"none", "same", "float32"}
-    assert {s.n for s in specs} == set(golden.SIZES)
-    assert {p for s in specs for p in s.patterns} == set(golden.PATTERNS)
+    assert {s.n for s in specs} == set(golden_forward.SIZES)
+    assert {p for s in specs for p in s.patterns} == set(golden_forward.PATTERNS)
     for case in corpus:  # each case holds what its spec says
         assert case.x.shape == (len(case.spec.patterns), case.spec.n)
         assert (case.residual is None) == (case.spec.residual == "none") == (case.new_residual is None)
@@ -91,14 +91,14 @@ def test_backward_corpus_covers_the_contract(backward_corpus) -> None:
     pairs = {(s.dtype, mode, offset) for s in specs for mode, offset in s.outputs}
     # Every pair for every dtype, and the sign cases' negative offset, which makes a masked column's
     # a = 0 * offset a -0.0 (golden_backward.EDGE_CASES): exactly these.
-    assert pairs == ({(d, m, o) for d in golden.DTYPES for m in ("llama", "fp32") for o in (0.0, 1.0)}
-                     | {(d, "fp32", -0.5) for d in golden.DTYPES})
+    assert pairs == ({(d, m, o) for d in golden_forward.DTYPES for m in ("llama", "fp32") for o in (0.0, 1.0)}
+                     | {(d, "fp32", -0.5) for d in golden_forward.DTYPES})
     # Every residual kind with and without grad_new_residual, per dtype (float32's "same" is float32).
     variants = {(s.dtype, s.residual, s.grad_new_residual) for s in specs}
-    assert variants == {(d, r, g) for d in golden.DTYPES for r, g in golden_backward.VARIANTS
+    assert variants == {(d, r, g) for d in golden_forward.DTYPES for r, g in golden_backward.VARIANTS
                         if not (d == "float32" and r == "same")}
     assert {s.n for s in specs} >= {1, 3, 127, 128, 129, 1000, 4096, 5120, 8192, 16384, 65536}
-    assert {p for s in specs for p in s.x_patterns} == set(golden.PATTERNS) | {"positive"}
+    assert {p for s in specs for p in s.x_patterns} == set(golden_forward.PATTERNS) | {"positive"}
     assert {p for s in specs for p in s.g_patterns} == set(golden_backward.G_PATTERNS) | {"mixed", "negative_zeros"}
     rows = {len(s.x_patterns) for s in specs}
     # Row counts whose +0.0 padding is several power-of-two blocks (65: 63 = 32+16+...), and one row.
@@ -123,13 +123,13 @@ def test_fp8_corpus_covers_the_contract(fp8_corpus) -> None:
     specs = [c.spec for c in fp8_corpus]
     # Both scalings, every (mode, offset) pair and every residual kind, for every dtype.
     pairs = {(s.dtype, _quant(s), m, o) for s in specs for m, o in s.outputs}
-    assert pairs == {(d, q, m, o) for d in golden.DTYPES for q in ("static", "group") for m in ("llama", "fp32")
-                     for o in (0.0, 1.0)}
+    assert pairs == {(d, q, m, o) for d in golden_forward.DTYPES for q in ("static", "group")
+                     for m in ("llama", "fp32") for o in (0.0, 1.0)}
     kinds = {(s.dtype, _quant(s), s.residual) for s in specs}
-    assert kinds == {(d, q, r) for d in golden.DTYPES for q in ("static", "group") for r in ("none", "same", "float32")
-                     if not (d == "float32" and r == "same")}
+    assert kinds == {(d, q, r) for d in golden_forward.DTYPES for q in ("static", "group")
+                     for r in ("none", "same", "float32") if not (d == "float32" and r == "same")}
     groups = {(s.dtype, s.group_size) for s in specs if s.group_size}
-    assert groups == {(d, g) for d in golden.DTYPES for g in GROUP_SIZES}
+    assert groups == {(d, g) for d in golden_forward.DTYPES for g in GROUP_SIZES}
     assert {s.out_dtype for s in specs} == {"float8_e4m3fn"}
     assert {p for s in specs for p in s.patterns} == set(golden_fp8.PATTERNS)
     assert {s.weight for s in specs} == set(golden_fp8.WEIGHTS)
@@ -160,7 +160,7 @@ def test_fp8_corpus_reaches_the_special_values(fp8_corpus) -> None:
     """Per dtype: rows that saturate almost entirely and rows mostly among FP8's subnormals (static),
     subnormals per group, NaN (0x7F), +-0, +-448; the floor's scale and an infinite one."""
     floor = np.float32(np.float32(GROUP_AMAX_FLOOR) / np.float32(448))
-    for d in golden.DTYPES:
+    for d in golden_forward.DTYPES:
         cases = [c for c in fp8_corpus if c.spec.dtype == d]
         codes = {int(v) for c in cases for out in c.out.values() for v in np.unique(out.view(np.uint8))}
         assert {0x00, 0x80, 0x7F, 0x7E, 0xFE} | set(range(1, 8)) | set(range(0x81, 0x88)) <= codes, d
@@ -223,7 +223,7 @@ def test_backward_corpus_has_columns_of_negative_zero_leaves(backward_corpus) ->
             want = 0 if padded else NEG_ZERO[case.spec.dtype]
             assert np.all(reference.bits(outputs[-1])[column] == want), case.spec.name
             seen.add((case.spec.dtype, padded))
-    assert seen == {(d, p) for d in golden.DTYPES for p in (False, True)}
+    assert seen == {(d, p) for d in golden_forward.DTYPES for p in (False, True)}
 
 
 def test_backward_corpus_has_negative_zero_dv_with_absent_grad_new_residual(backward_corpus) -> None:
@@ -243,7 +243,7 @@ def test_backward_corpus_has_negative_zero_dv_with_absent_grad_new_residual(back
                 assert np.all(reference.bits(grad_residual)[negative] == 0), case.spec.name
                 assert np.all(reference.bits(grad_x)[negative] == 0), case.spec.name
                 dtypes.add(case.spec.dtype)
-    assert dtypes == set(golden.DTYPES)
+    assert dtypes == set(golden_forward.DTYPES)
 
 
 def test_import_bridge_needs_no_framework() -> None:

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import pytest
 
-from bridge import golden
+from bridge import golden, golden_forward
 from bridge.compare import assert_bitwise_equal, first_mismatch
 from bridge.contract import CANONICAL_NAN_BITS, next_power_of_two
 from bridge.reference import bits, pairwise_sum, rms_norm
@@ -38,7 +38,7 @@ def test_reproduces_corpus(cases: dict, name: str) -> None:
             assert_bitwise_equal(case.new_residual, got[1], f"{name} {mode}/{offset:g} new_residual")
 
 
-def _outputs(x, case: golden.GoldenCase, residual: Optional[np.ndarray], mode: str, offset: float):
+def _outputs(x, case: golden_forward.GoldenCase, residual: Optional[np.ndarray], mode: str, offset: float):
     got = rms_norm(x, case.weight, case.spec.eps, residual, mode=mode, weight_offset=offset)
     return (got, None) if residual is None else got
 
