@@ -65,13 +65,19 @@ def test_torch_fp8_implementations_match_the_reference(phase: str, dtype: str, r
                            fp8.split(ours, case)[2].view(torch.int16 if dtype == "bfloat16" else torch.int32))
 
 
-def test_hf_compiled_fp8_matches_the_reference(fresh_dynamo, monkeypatch) -> None:
-    """Inductor on the CPU (a C++ compiler): the same function as on the GPU, four graphs."""
+@pytest.fixture
+def kept_recompile_limit():
+    """The factory raises dynamo's recompile limit; put it back by assignment afterwards
+    (monkeypatch's undo deletes the attribute of torch's config module, which hides it for good)."""
     import torch._dynamo
 
-    for knob in ("recompile_limit", "cache_size_limit"):  # restored afterwards: the factory raises them
-        if hasattr(torch._dynamo.config, knob):
-            monkeypatch.setattr(torch._dynamo.config, knob, getattr(torch._dynamo.config, knob))
+    saved = torch._dynamo.config.recompile_limit
+    yield
+    torch._dynamo.config.recompile_limit = saved
+
+
+def test_hf_compiled_fp8_matches_the_reference(fresh_dynamo, kept_recompile_limit) -> None:
+    """Inductor on the CPU (a C++ compiler): the same function as on the GPU, four graphs."""
     for phase, dtype, residual in CASES:
         if dtype == "bfloat16":
             case = bench.Case(TOKENS, HIDDEN, dtype, residual, phase)
