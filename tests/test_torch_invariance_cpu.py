@@ -119,6 +119,18 @@ def _poisoned(shape, dtype):
     return np.full(shape, np.nan, dtype=np.float32).astype(NUMPY_DTYPES[dtype])
 
 
+def _strided_views(a: np.ndarray, dtype: str, pad: int = 5):
+    """a's rows as two strided torch views, each with its NaN-poisoned parent: big[:, :n] of a
+    wider buffer (any over-read of the padding shows) and big[::2] (the rows in between NaN)."""
+    b, n = a.shape
+    big = _poisoned((b, n + pad), dtype)
+    big[:, :n] = a
+    tall = _poisoned((2 * b, n), dtype)
+    tall[::2] = a
+    big_t, tall_t = to_torch(big), to_torch(tall)
+    return (big_t[:, :n], big_t), (tall_t[::2], tall_t)
+
+
 @pytest.mark.parametrize("res_dtype", [None, "float32"], ids=["nores", "res_f32"])
 @pytest.mark.parametrize("n,dtype", [(7, "bfloat16"), (128, "float16"), (1000, "float32"), (5120, "bfloat16"),
                                      (20000, "bfloat16"), (20000, "float32")])
@@ -131,27 +143,8 @@ def test_strided_row_views(n, dtype, res_dtype, launched):
     rn = None if res_dtype is None else random_rows(rng, (b, n), res_dtype)
     e_out, e_res = ref(xn, wn, 1e-6, rn)
 
-    # Padded rows: x = big[:, :n] of a wider buffer (the padding is NaN, so any over-read shows).
-    pad = 5
-    big = _poisoned((b, n + pad), dtype)
-    big[:, :n] = xn
-    big_t = to_torch(big)
-    x_cols = big_t[:, :n]
-    # Every other row: x = big[::2], the rows in between NaN.
-    tall = _poisoned((2 * b, n), dtype)
-    tall[::2] = xn
-    tall_t = to_torch(tall)
-    x_rows = tall_t[::2]
-    r_cols = r_rows = r_big_t = r_tall_t = None
-    if rn is not None:
-        r_big = _poisoned((b, n + pad), res_dtype)
-        r_big[:, :n] = rn
-        r_big_t = to_torch(r_big)
-        r_cols = r_big_t[:, :n]
-        r_tall = _poisoned((2 * b, n), res_dtype)
-        r_tall[::2] = rn
-        r_tall_t = to_torch(r_tall)
-        r_rows = r_tall_t[::2]
+    (x_cols, big_t), (x_rows, tall_t) = _strided_views(xn, dtype)
+    (r_cols, r_big_t), (r_rows, r_tall_t) = _strided_views(rn, res_dtype) if rn is not None else ((None,) * 2,) * 2
 
     contiguous_out, contiguous_res = bi(to_torch(xn), w, 1e-6, to_torch(rn))
     assert_bits(e_out, contiguous_out, "contiguous vs reference")
