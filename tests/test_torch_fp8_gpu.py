@@ -21,7 +21,7 @@ from bridge import reference_fp8
 from fp8_helpers import FP8_CASE_NAMES
 from torch_fp8_helpers import (DTYPE_RESIDUALS, FP8, QUANTS, TORCH_FP8, assert_fp8_bits, bi_fp8,
                                check_fp8, check_fp8_corpus_case, fp8_inputs, fp8_patterns, ref_fp8, scale_array)
-from torch_helpers import assert_bits, to_numpy, to_torch
+from torch_helpers import assert_bits, to_numpy, to_torch, warm_up
 
 DEV = "cuda"
 pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")]
@@ -143,16 +143,6 @@ def test_compile_cuda(fresh_dynamo):
         (assert_fp8_bits if e.dtype == TORCH_FP8 else assert_bits)(e, a, f"compiled output {i} vs eager")
 
 
-def _warm_up(fn):
-    """Run fn on a side stream before capture (compiles the kernel; no allocation inside the capture)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("n", [4096, 20480])
 def test_cuda_graph_static_scale_on_the_gpu(n):
     """The static path and the vLLM drop-ins captured with a device scale; the scale's value and the
@@ -173,7 +163,7 @@ def test_cuda_graph_static_scale_on_the_gpu(n):
         bi_torch.fused_add_rms_norm_static_fp8_quant(result, static_x, static_r2, w, scale, 1e-6)
         return a, b, c
 
-    _warm_up(calls)
+    warm_up(calls)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_a, (static_b, static_new_r), (static_c, static_scales) = calls()

@@ -15,7 +15,8 @@ import torch
 
 import bi_torch
 from bridge import golden
-from torch_helpers import DTYPES, assert_bits, bi, int_view, random_rows, random_weight, ref, to_numpy, to_torch
+from torch_helpers import (DTYPES, assert_bits, bi, int_view, random_rows, random_weight, ref, to_numpy, to_torch,
+                           warm_up)
 
 CASE_NAMES = [entry["name"] for entry in golden.load_manifest()["cases"]]
 TD = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -172,16 +173,6 @@ def test_compile_inplace_cuda(fresh_dynamo):
     assert_bits(re_, r, "compiled in place residual vs eager")
 
 
-def _warm_up(fn):
-    """Run fn on a side stream before capture (compiles the kernel; no allocation inside the capture)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("n", [4096, 65536])
 def test_cuda_graph_replay(n):
@@ -190,7 +181,7 @@ def test_cuda_graph_replay(n):
     w = cuda_weight(g, n, "bfloat16")
     static_x = torch.zeros(rows, n, dtype=torch.bfloat16, device=DEV)
     static_r = torch.zeros(rows, n, dtype=torch.float32, device=DEV)
-    _warm_up(lambda: (bi_torch.rms_norm(static_x, w, 1e-6), bi_torch.rms_norm(static_x, w, 1e-6, static_r)))
+    warm_up(lambda: (bi_torch.rms_norm(static_x, w, 1e-6), bi_torch.rms_norm(static_x, w, 1e-6, static_r)))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_out = bi_torch.rms_norm(static_x, w, 1e-6)
@@ -217,7 +208,7 @@ def test_cuda_graph_replay_inplace(n):
     w = cuda_weight(g, n, "bfloat16")
     static_x = torch.zeros(rows, n, dtype=torch.bfloat16, device=DEV)
     static_r = torch.zeros(rows, n, dtype=torch.float32, device=DEV)
-    _warm_up(lambda: bi_torch.fused_add_rms_norm_(static_x, static_r, w, 1e-6))
+    warm_up(lambda: bi_torch.fused_add_rms_norm_(static_x, static_r, w, 1e-6))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         bi_torch.fused_add_rms_norm_(static_x, static_r, w, 1e-6)

@@ -167,3 +167,14 @@ def patch_backward_config(patch: pytest.MonkeyPatch, overrides: dict) -> None:
     """Apply one of BACKWARD_CONFIGS with a monkeypatch (or one of its contexts)."""
     for name, value in overrides.items():
         patch.setattr(bridge.tiling, name, value)
+
+
+def warm_up(fn) -> None:
+    """Run fn on a side stream before a CUDA-graph capture (compiles the kernel; no allocation inside
+    the capture)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
