@@ -20,7 +20,8 @@ import numpy as np
 
 from .plan import (CHECK_TOL, EPS, FP8_FORMAT, FP8_GROUP_SIZE, FP8_SCALE, FP8_ULPS, IMPL_BY_NAME, PEER_NAMES, Case,
                    Timing, check_rows, runs_in)
-from .timing import copy_timing, rel_err, run_impl, time_jax, time_jax_unrolled, time_torch, torch_case_inputs
+from .timing import (copy_timing, jax_case_inputs, rel_err, run_impl, time_jax, time_jax_unrolled, time_torch,
+                     torch_case_inputs)
 
 Parts = Tuple[object, Optional[object], Optional[object]]  # (out, scales or None, new residual or None)
 
@@ -208,11 +209,7 @@ def _measure_jax(case: Case, n_sets: int, peers: Sequence[str], unavailable: Dic
 
     names = _names("bi-jax", "jax", peers, case)
     module = _fp8_peers("jax", names, unavailable)
-    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[case.dtype]
-    normal = jax.jit(lambda key: jax.random.normal(key, (case.tokens, case.hidden), dtype))
-    keys = jax.random.split(jax.random.key(case.tokens * 7919 + case.hidden), 2 * n_sets + 1)
-    weight = (1 + 0.1 * jax.random.normal(keys[-1], (case.hidden,), jnp.float32)).astype(dtype)
-    sets = [(normal(keys[2 * i]), normal(keys[2 * i + 1]) if case.residual else None) for i in range(n_sets)]
+    sets, weight = jax_case_inputs(case, n_sets)
     rows = check_rows(case)
     x0, r0 = sets[0]
     want = reference_parts(case, np.asarray(x0[:rows]), None if r0 is None else np.asarray(r0[:rows]),

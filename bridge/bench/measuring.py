@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from . import backward, fp8
 from .plan import (EPS, FP8_PASSES, IMPL_BY_NAME, IMPLS, LIGER_SITE, PASSES, Case, Determinism, Plan, Timing,
                    rotation_sets, runs_in)
-from .timing import check_close, copy_timing, run_impl, time_jax, time_torch, torch_case_inputs
+from .timing import check_close, copy_timing, jax_case_inputs, run_impl, time_jax, time_torch, torch_case_inputs
 
 
 def _no_gpu_reason() -> Optional[str]:
@@ -153,11 +153,7 @@ def _measure_jax(case: Case, n_sets: int, peers: Sequence[str], unavailable: Dic
     import bi_jax
 
     bench_peers = _peers_module("jax", peers, unavailable)
-    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[case.dtype]
-    normal = jax.jit(lambda key: jax.random.normal(key, (case.tokens, case.hidden), dtype))
-    keys = jax.random.split(jax.random.key(case.tokens * 7919 + case.hidden), 2 * n_sets + 1)
-    weight = (1 + 0.1 * jax.random.normal(keys[-1], (case.hidden,), jnp.float32)).astype(dtype)
-    sets = [(normal(keys[2 * i]), normal(keys[2 * i + 1]) if case.residual else None) for i in range(n_sets)]
+    sets, weight = jax_case_inputs(case, n_sets)
 
     def ours(x, r, w):
         return bi_jax.rms_norm(x, w, EPS, r)

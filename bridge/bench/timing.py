@@ -220,6 +220,18 @@ def torch_case_inputs(case: Case, n_sets: int, gradients: bool = False) -> tuple
     return (*drawn, weight)
 
 
+def jax_case_inputs(case: Case, n_sets: int) -> tuple:
+    """A case's rotated JAX inputs, seeded by its shape: ([(x, residual or None)] per set, weight)."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[case.dtype]
+    normal = jax.jit(lambda key: jax.random.normal(key, (case.tokens, case.hidden), dtype))
+    keys = jax.random.split(jax.random.key(case.tokens * 7919 + case.hidden), 2 * n_sets + 1)
+    weight = (1 + 0.1 * jax.random.normal(keys[-1], (case.hidden,), jnp.float32)).astype(dtype)
+    return [(normal(keys[2 * i]), normal(keys[2 * i + 1]) if case.residual else None) for i in range(n_sets)], weight
+
+
 def time_copy(candidates: Dict[str, Callable], copies: Sequence[tuple]) -> Tuple[float, str]:
     """The fastest of the copy candidates (dst.copy_(src), a Triton copy), named in the note."""
     times = {how: time_torch(fn, copies)[0] for how, fn in candidates.items()}
