@@ -14,7 +14,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from bridge.contract import DTYPES, FP8_FORMATS, as_float32, check_fp8_args
+from bridge.contract import FP8_FORMATS, as_float32, check_fp8_args
 
 from .launch import launch
 from .ops import _rows, dtype_name
@@ -24,20 +24,15 @@ FP8_DTYPES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e
 TORCH_FP8 = {name: dtype for dtype, name in FP8_DTYPES.items() if name in FP8_FORMATS}
 
 
-def fp8_format(out_dtype: object, x: torch.Tensor) -> Optional[str]:
-    """The contract's name of out_dtype (x's dtype's name for x's dtype, i.e. no quantization), before
-    check_fp8_args. A torch.dtype only; another float dtype than x's is a TypeError here (the contract
-    quantizes to FP8 or not at all)."""
+def fp8_format(out_dtype: object) -> Optional[str]:
+    """The contract's name of out_dtype, for check_fp8_args (which judges it against x's dtype). A
+    torch.dtype only."""
     if out_dtype is None:
         return None
     if not isinstance(out_dtype, torch.dtype):
         raise TypeError(f"out_dtype: expected None or a torch.dtype ({', '.join(f'torch.{n}' for n in FP8_FORMATS)}); "
                         f"got {type(out_dtype).__name__}")
-    name = FP8_DTYPES.get(out_dtype) or dtype_name(out_dtype)
-    if name in DTYPES and out_dtype != x.dtype:
-        raise TypeError(f"out_dtype: expected None, x's dtype ({dtype_name(x.dtype)}) or one of "
-                        f"{', '.join(FP8_FORMATS)}; got {name}")
-    return name
+    return FP8_DTYPES.get(out_dtype) or dtype_name(out_dtype)
 
 
 def scale_tensor(scale: object, x: torch.Tensor) -> Tuple[Optional[torch.Tensor], dict]:
@@ -66,9 +61,9 @@ def check_fp8(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Te
               ) -> Tuple[Optional[str], Optional[torch.Tensor]]:
     """Every FP8 rule (bridge.contract.check_fp8_args) before any kernel runs, after ops._validate.
     Returns (the FP8 format's name or None for no quantization, the static scale tensor or None)."""
-    name = fp8_format(out_dtype, x)
+    name = fp8_format(out_dtype)
     make_scale, scale_args = scale_tensor(scale, x)
-    check_fp8_args(n=x.shape[-1], out_dtype=name, group_size=group_size, **scale_args)
+    check_fp8_args(n=x.shape[-1], out_dtype=name, group_size=group_size, x_dtype=dtype_name(x.dtype), **scale_args)
     if isinstance(scale, torch.Tensor) and scale.device != x.device:
         raise ValueError(f"scale: expected a tensor on {x.device} (x's device); got {scale.device}")
     if name not in FP8_FORMATS:
