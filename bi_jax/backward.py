@@ -66,7 +66,7 @@ def backward_rows(
         # No rows: T is the empty tree, all +0.0.
         return (jnp.empty(z2.shape, dtype), jnp.empty(z2.shape, z2.dtype) if has_residual else None,
                 jnp.zeros((n,), dw_dtype))
-    cfg = backward_config(n, n_rows, dtype.itemsize, z2.dtype.itemsize if has_residual else 0)
+    cfg = backward_config(n, n_rows, dtype.itemsize)
     eps32, offset32 = as_float32(eps), as_float32(weight_offset)
     flat = (n_rows * n,)
     z, g = z2.reshape(flat), g2.reshape(flat)
@@ -75,8 +75,8 @@ def backward_rows(
         inputs["gr"] = gr2.reshape(flat)
     if cfg.num_chunks > 1:
         stats_kernel = functools.partial(
-            row_stats_kernel, n_cols=n, eps=eps32, weight_offset=offset32, chunk=cfg.chunk,
-            num_chunks=cfg.num_chunks, split=cfg.split, interpret=interpret)
+            row_stats_kernel, n_cols=n, eps=eps32, weight_offset=offset32, chunk=cfg.stats_chunk,
+            num_chunks=cfg.stats_chunks, split=cfg.split, interpret=interpret)
         inputs["stats"] = pl.pallas_call(
             stats_kernel, out_shape=jax.ShapeDtypeStruct((n_rows * 2,), jnp.float32), grid=(n_rows,),
             compiler_params=_params(cfg.num_warps), interpret=interpret, name="bi_norm_row_stats")(z, g, weight)

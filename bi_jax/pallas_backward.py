@@ -101,13 +101,23 @@ def rms_norm_backward_kernel(
     lefts = (jnp.zeros((chunk,), jnp.float32),) * levels
     total = jnp.zeros((chunk,), jnp.float32)
 
+    def load_tile(rows, mask):
+        offsets = rows * n_cols + cols
+        refs = (z_ref, g_ref, gr_ref) if has_grad_residual else (z_ref, g_ref)
+        return tuple(plgpu.load(ref.at[offsets], mask=mask, other=0.0) for ref in refs)
+
+    # Offsets are int32 (Pallas-Triton indexes with int32): the wrapper bounds rows * n below 2**31.
+    first_rows = block * steps * R + jnp.arange(R, dtype=jnp.int32)[:, None]
+
     def tile(step, carry):
-        # Offsets are int32 (Pallas-Triton indexes with int32): the wrapper bounds rows * n below 2**31.
         rows = (block * steps + step) * R + jnp.arange(R, dtype=jnp.int32)[:, None]
         mask = (rows < n_rows) & col_mask
         offsets = rows * n_cols + cols
-        v = load_rows(z_ref, offsets, mask)
-        g = load_rows(g_ref, offsets, mask)
+        v, g, *g_r = (x.astype(jnp.float32) for x in carry[2])
+        # The next tile's loads are issued before this tile's trees, so that memory stays busy while
+        # they run; the last step loads nothing (the next block is another program's).
+        next_rows = rows + R
+        next_tile = load_tile(next_rows, (next_rows < n_rows) & col_mask & (step + 1 < steps))
         if num_chunks == 1:
             inv = inverse_rms(ops, ops.pairwise_sum(ops.square(v), R, chunk, split), n_cols, eps, R)[:, None]
         else:
@@ -128,15 +138,15 @@ def rms_norm_backward_kernel(
         dv = ops.mul(inv, a - ops.mul(xhat, c))
         if has_residual:
             # An absent grad of the new residual is +0.0, and the add is kept: -0.0 becomes +0.0.
-            g_r = load_rows(gr_ref, offsets, mask) if has_grad_residual else ops.positive_zero(dv.shape)
-            dz = dv + g_r
+            dz = dv + (g_r[0] if has_grad_residual else ops.positive_zero(dv.shape))
             plgpu.store(dr_ref.at[offsets], encode(dz, dr_ref.dtype), mask=mask)
         else:
             dz = dv
         plgpu.store(dx_ref.at[offsets], encode(dz, dx_ref.dtype), mask=mask)
-        return total, lefts
+        return total, lefts, next_tile
 
-    total = lax.fori_loop(0, steps, tile, (total, lefts))[0]
+    first_tile = load_tile(first_rows, (first_rows < n_rows) & col_mask)
+    total = lax.fori_loop(0, steps, tile, (total, lefts, first_tile))[0]
     wcols = cols.reshape(chunk)
     if final:
         plgpu.store(dw_ref.at[wcols], encode(total, dw_ref.dtype), mask=wcols < n_cols)

@@ -134,8 +134,7 @@ def launch_backward(
     """Run the backward on 2-D row views (last dimension contiguous): z is what the forward
     normalised (x, or the new residual); grad_residual is None without a residual."""
     n_rows, n = z.shape
-    cfg = backward_config(n, n_rows, grad_x.element_size(),
-                          0 if grad_residual is None else grad_residual.element_size())
+    cfg = backward_config(n, n_rows, grad_x.element_size())
     kernels = triton_backward if z.is_cuda else interpreted_backward_kernels()
     f32 = dict(dtype=torch.float32, device=z.device)
     stats = torch.empty((n_rows, 2) if cfg.num_chunks > 1 else (1,), **f32)
@@ -149,8 +148,8 @@ def launch_backward(
         if n_rows and cfg.num_chunks > 1:
             kernels.row_stats_kernel[(n_rows,)](
                 z, z.stride(0), grad_out, grad_out.stride(0), weight, stats, n_rows, n, float(n), eps32, offset32,
-                HAS_OFFSET=offset32 != 0, CHUNK=cfg.chunk, LOG2_CHUNK=log2(cfg.chunk), NUM_CHUNKS=cfg.num_chunks,
-                LOG2_NUM_CHUNKS=log2(cfg.num_chunks), LOG2_SPLIT=log2(cfg.split),
+                HAS_OFFSET=offset32 != 0, CHUNK=cfg.stats_chunk, LOG2_CHUNK=log2(cfg.stats_chunk),
+                NUM_CHUNKS=cfg.stats_chunks, LOG2_NUM_CHUNKS=log2(cfg.stats_chunks), LOG2_SPLIT=log2(cfg.split),
                 num_warps=cfg.num_warps, enable_fp_fusion=False)
         kernels.rms_norm_backward_kernel[(cfg.blocks, cfg.num_chunks)](
             z, z.stride(0), grad_out, grad_out.stride(0), g_r, g_r.stride(0), weight, grad_x, grad_x.stride(0),

@@ -125,12 +125,27 @@ def rms_norm_backward_kernel(
     w = load_weight(w_ptr, cols, n_cols, weight_offset, HAS_OFFSET)
     lefts = (tl.full((CHUNK,), 0.0, tl.float32),) * LOG2_STEPS
     total = tl.full((CHUNK,), 0.0, tl.float32)
+    # int64 row offsets: rows * stride can pass 2**31 elements.
+    first_rows = block * STEPS * ROWS + tl.arange(0, ROWS)[:, None]
+    first_mask = (first_rows < n_rows) & col_mask
+    z_next = tl.load(z_ptr + first_rows * z_stride + cols, mask=first_mask, other=0.0)
+    g_next = tl.load(g_ptr + first_rows * g_stride + cols, mask=first_mask, other=0.0)
+    if HAS_GRAD_RESIDUAL:
+        gr_next = tl.load(gr_ptr + first_rows * gr_stride + cols, mask=first_mask, other=0.0)
     for step in tl.range(0, STEPS):
-        # int64 row offsets: rows * stride can pass 2**31 elements.
         rows = (block * STEPS + step) * ROWS + tl.arange(0, ROWS)[:, None]
         mask = (rows < n_rows) & col_mask
-        v = load_rows(z_ptr, z_stride, rows, cols, mask)
-        g = load_rows(g_ptr, g_stride, rows, cols, mask)
+        v, g = widen(z_next), widen(g_next)
+        if HAS_GRAD_RESIDUAL:
+            g_r = widen(gr_next)
+        # The next tile's loads are issued before this tile's trees, so that memory stays busy while
+        # they run; the last step loads nothing (the next block is another program's).
+        next_rows = rows + ROWS
+        next_mask = (next_rows < n_rows) & col_mask & (step + 1 < STEPS)
+        z_next = tl.load(z_ptr + next_rows * z_stride + cols, mask=next_mask, other=0.0)
+        g_next = tl.load(g_ptr + next_rows * g_stride + cols, mask=next_mask, other=0.0)
+        if HAS_GRAD_RESIDUAL:
+            gr_next = tl.load(gr_ptr + next_rows * gr_stride + cols, mask=next_mask, other=0.0)
         if NUM_CHUNKS == 1:
             inv = inverse_rms(pairwise_sum(v * v, ROWS, CHUNK, LOG2_CHUNK, LOG2_SPLIT), n_cols_f32, eps, ROWS)[:, None]
         else:
@@ -151,8 +166,7 @@ def rms_norm_backward_kernel(
         dv = inv * (a - xhat * c)
         if HAS_RESIDUAL:
             # An absent grad of the new residual is +0.0, and the add is kept: -0.0 becomes +0.0.
-            g_r = load_rows(gr_ptr, gr_stride, rows, cols, mask) if HAS_GRAD_RESIDUAL else 0.0
-            dz = dv + g_r
+            dz = dv + (g_r if HAS_GRAD_RESIDUAL else 0.0)
             tl.store(dr_ptr + rows * dr_stride + cols, encode(dz, dr_ptr.dtype.element_ty), mask=mask)
         else:
             dz = dv

@@ -100,10 +100,15 @@ def _warps(block_elements: int, programs: int, input_bytes: int) -> int:
 
 
 # The backward's tile: rows summed by the tile's own tree before the binary counter takes over, at
-# most BACKWARD_TILE_ROWS of them. H200, bf16, 16384 x 4096: 4 rows of 4096 on 16 warps, 8 steps,
-# 184 us (55 % of copy) against 211 us with 2 rows and 16 steps (scripts/tune_backward.py).
-BACKWARD_TILE = 16384
+# most BACKWARD_TILE_ROWS of them. A tile's float32 values, the next tile's prefetched loads and the
+# counter's levels share a 16-warp program's 128 registers per thread; 2 rows of 4096 fit (ptxas,
+# sm_90: 128 registers, no spills), 4 rows spill 336 bytes per thread.
+BACKWARD_TILE = 8192
 BACKWARD_TILE_ROWS = 4
+# 16 elements of the tile per thread, on at most 16 warps: the register budget above.
+BACKWARD_ELEMENTS_PER_THREAD = 16
+# Long rows' main kernel (inv and c from the stats pass) takes tiles of this many columns.
+BACKWARD_LONG_CHUNK = 4096
 # At most 2**3 steps per block: each counter level is a float32 row of the tile's width in registers.
 MAX_BACKWARD_LEVELS = 3
 # Aim for at least this many row blocks when there are rows enough (4 per SM on an H200).
@@ -123,13 +128,19 @@ class BackwardConfig:
     blocks: int  # row blocks: partial sums of grad_weight, combined by the column tree
     chunk: int  # columns per tile, a power of two
     num_chunks: int  # column chunks (1: whole rows; more: long rows, inv and c from a stats pass)
+    stats_chunk: int  # long rows: the stats pass's columns per step (0 for whole rows)
     num_warps: int
-    split: int  # as LaunchConfig.split
+    split: int  # as LaunchConfig.split, for whichever kernel sums the rows (the stats pass for long rows)
     tree_groups: Tuple[int, ...]  # the column tree's group size per level; their product: blocks' power of two
 
     @property
     def block_rows(self) -> int:
         return self.rows * self.steps
+
+    @property
+    def stats_chunks(self) -> int:
+        """Long rows: the stats pass's steps per row."""
+        return self.chunk * self.num_chunks // self.stats_chunk
 
 
 def column_tree_groups(blocks: int) -> Tuple[int, ...]:
@@ -148,17 +159,22 @@ def column_tree_width(group: int, n: int) -> int:
     return max(1, min(COLUMN_TREE_TILE // group, next_power_of_two(n)))
 
 
-def backward_config(n: int, n_rows: int, itemsize: int, residual_itemsize: int = 0) -> BackwardConfig:
+def backward_config(n: int, n_rows: int, itemsize: int) -> BackwardConfig:
     """The backward's tiling. A block is never larger than the row count's power of two: the row
     tree pads only to that (a larger padding would add +0.0 to a -0.0 sum). Never changes bits."""
     width = next_power_of_two(n)
     rows_pow2 = next_power_of_two(max(n_rows, 1))
-    chunk, num_chunks = (width, 1) if width <= MAX_WHOLE_ROW else (MAX_WHOLE_ROW, width // MAX_WHOLE_ROW)
+    if width <= MAX_WHOLE_ROW:
+        chunk, stats_chunk = width, 0
+    else:
+        # inv and c come from the stats pass, so the main kernel may take any aligned slice of
+        # columns: the short rows' tile, whose registers fit (16384 columns spill).
+        chunk, stats_chunk = BACKWARD_LONG_CHUNK, MAX_WHOLE_ROW
+    num_chunks = width // chunk
     rows = max(1, min(BACKWARD_TILE_ROWS, BACKWARD_TILE // chunk, rows_pow2))
     # A power of two (the block must be a subtree), rounded down: at least BACKWARD_PROGRAMS blocks.
     steps = 1 << max(0, min(MAX_BACKWARD_LEVELS, (rows_pow2 // (rows * BACKWARD_PROGRAMS)).bit_length() - 1))
     blocks = -(-max(n_rows, 1) // (rows * steps))
-    # Each element of the tile is read twice (z and the output gradient) and written once or twice.
-    warps = _warps(rows * chunk, blocks * num_chunks, 2 * itemsize + residual_itemsize)
-    return BackwardConfig(rows, steps, blocks, chunk, num_chunks, warps, split_width(chunk, itemsize),
-                          column_tree_groups(blocks))
+    warps = max(1, min(16, rows * chunk // (32 * BACKWARD_ELEMENTS_PER_THREAD)))
+    return BackwardConfig(rows, steps, blocks, chunk, num_chunks, stats_chunk, warps,
+                          split_width(stats_chunk or chunk, itemsize), column_tree_groups(blocks))

@@ -33,6 +33,13 @@ def test_backward_blocks_are_aligned_subtrees_of_the_row_tree(programs: int, lev
             assert all(g <= tiling.COLUMN_TREE_GROUP for g in cfg.tree_groups), where
             assert cfg.chunk * cfg.num_chunks == next_power_of_two(n), where
             assert cfg.steps <= 1 << levels, where
+            # Long rows: the stats pass sums each row in aligned chunks that cover it exactly.
+            if cfg.num_chunks > 1:
+                assert cfg.stats_chunk & (cfg.stats_chunk - 1) == 0, where
+                assert cfg.stats_chunk * cfg.stats_chunks == next_power_of_two(n), where
+                assert cfg.split <= cfg.stats_chunk, where
+            else:
+                assert cfg.stats_chunk == 0 and cfg.split <= cfg.chunk, where
 
 
 @pytest.mark.parametrize("kernel", ["triton", "pallas"])
