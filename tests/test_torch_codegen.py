@@ -8,7 +8,11 @@ twice, depend on L2 eviction hints for their second read (BENCHMARKS.md): the PT
 
 from __future__ import annotations
 
+import inspect
+import os
 import re
+import subprocess
+import tempfile
 
 import pytest
 
@@ -39,10 +43,10 @@ def _ptx(dtype: str, chunk: int, warps: int, num_chunks: int = 1, residual: bool
     return _compile(triton_kernel.rms_norm_kernel, signature, constexprs, warps)
 
 
-def _compile(kernel, signature: dict, constexprs: dict, warps: int) -> str:
+def _compile(kernel, signature: dict, constexprs: dict, warps: int, attrs: dict | None = None) -> str:
     """The kernel's PTX for sm_90, compiled as the launcher compiles it (no FMA contraction)."""
     signature = {**signature, **{name: "constexpr" for name in constexprs}}
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     try:
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": warps, "enable_fp_fusion": False})
@@ -77,7 +81,10 @@ def test_only_two_pass_rows_carry_eviction_hints(residual: bool) -> None:
         assert re.search(rf"\b{op}\.global\.L1::{policy}\.L2::cache_hint", two_pass), f"no {op} with {policy} in the PTX"
 
 
-def _backward_ptx(chunk: int, warps: int, rows: int, steps: int) -> str:
+def _backward_ptx(chunk: int, warps: int, rows: int, steps: int, num_chunks: int = 1, residual: bool = True,
+                  aligned: bool = False) -> str:
+    """The backward kernel's PTX; aligned: pointers, strides and n_cols divisible by 16, as Triton
+    specialises them at launch for aligned tensors (vector loads)."""
     from bi_torch import triton_backward
 
     signature = {name: "*bf16" for name in ("z_ptr", "g_ptr", "gr_ptr", "w_ptr", "dx_ptr", "dr_ptr", "dw_ptr")}
@@ -86,11 +93,14 @@ def _backward_ptx(chunk: int, warps: int, rows: int, steps: int) -> str:
                                                 "n_rows", "n_cols")})
     signature.update({name: "fp32" for name in ("n_cols_f32", "eps", "weight_offset")})
     log2 = lambda v: v.bit_length() - 1  # noqa: E731
-    constexprs = {"HAS_RESIDUAL": True, "HAS_GRAD_RESIDUAL": True, "HAS_OFFSET": False, "LLAMA": True, "ROWS": rows,
-                  "LOG2_ROWS": log2(rows), "STEPS": steps, "LOG2_STEPS": log2(steps), "CHUNK": chunk,
-                  "LOG2_CHUNK": log2(chunk), "NUM_CHUNKS": 1, "LOG2_SPLIT": log2(tiling.split_width(chunk, 2)),
-                  "FINAL": False}
-    return _compile(triton_backward.rms_norm_backward_kernel, signature, constexprs, warps)
+    constexprs = {"HAS_RESIDUAL": residual, "HAS_GRAD_RESIDUAL": residual, "HAS_OFFSET": False, "LLAMA": True,
+                  "ROWS": rows, "LOG2_ROWS": log2(rows), "STEPS": steps, "LOG2_STEPS": log2(steps), "CHUNK": chunk,
+                  "LOG2_CHUNK": log2(chunk), "NUM_CHUNKS": num_chunks,
+                  "LOG2_SPLIT": log2(tiling.split_width(chunk, 2)), "FINAL": False}
+    kernel = triton_backward.rms_norm_backward_kernel
+    divisible = [name for name in signature if name.endswith(("_ptr", "_stride")) or name == "n_cols"]
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible} if aligned else None
+    return _compile(kernel, signature, constexprs, warps, attrs)
 
 
 def test_backward_rounds_every_step_and_keeps_rows_distributed() -> None:
@@ -105,6 +115,37 @@ def test_backward_rounds_every_step_and_keeps_rows_distributed() -> None:
     assert muls <= 7 * per_thread + 16, f"{muls} float32 multiplies per thread for {per_thread} elements"
     adds = len(re.findall(r"\badd\.rn\.f32\b", ptx))
     assert adds < rows * chunk // 4, f"{adds} float32 adds per thread: the rows are replicated across threads"
+
+
+def _ptxas_usage(ptx: str) -> tuple[int, int]:
+    """(registers per thread, bytes of spill stores) of the PTX's kernel, by Triton's own ptxas for sm_90a."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        ptxas = (get_ptxas(90) if inspect.signature(get_ptxas).parameters else get_ptxas()).path
+    except Exception as e:  # this triton build names its ptxas otherwise: nothing to assemble with
+        pytest.skip(f"no ptxas from triton here: {type(e).__name__}: {e}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        done = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", os.devnull], capture_output=True,
+                              text=True)
+    used = re.search(r"Used (\d+) registers", done.stderr)
+    if done.returncode or not used:
+        pytest.skip(f"ptxas could not assemble the PTX: {done.stderr.strip()[-300:]}")
+    spilled = re.search(r"(\d+) bytes spill stores", done.stderr)
+    return int(used.group(1)), int(spilled.group(1)) if spilled else 0
+
+
+@pytest.mark.parametrize("n,residual", [(4096, False), (65536, False), (65536, True)])
+def test_backward_tile_fits_in_registers(n: int, residual: bool) -> None:
+    """The shipped backward tile (16384 rows of bf16) compiles without spills: each spilled float
+    goes through local memory once per step (4 x 4096 on 16 warps spilled 336 bytes per thread).
+    With a residual at n = 4096 it spills 72 bytes and 4096 x 8192 spills 244 (BENCHMARKS.md)."""
+    cfg = tiling.backward_config(n, 16384, 2)
+    ptx = _backward_ptx(cfg.chunk, cfg.num_warps, cfg.rows, cfg.steps, cfg.num_chunks, residual, aligned=True)
+    registers, spilled = _ptxas_usage(ptx)
+    assert spilled == 0, f"{cfg}: {registers} registers per thread, {spilled} bytes of spill stores"
 
 
 @pytest.mark.parametrize("quant,group", [("static", 1), ("group", 128), ("group", 64)])
