@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU suite in one call (for the lent H100/H200): environment, `bi-norm verify` on every
 # backend, the GPU-marked tests, then the benchmark; a short table last. Logs go to $OUT if set.
-# Usage: bash scripts/gpu_suite.sh [verify|tests|bench]...   (default: all three)
+# Usage: bash scripts/gpu_suite.sh [verify|tests|bench|tune|profile|probe]...   (default: the first three)
+#   tune: the backward's and the forward's launch sweeps (scripts/tune_backward.py, tune_launch.py);
+#   profile: ncu of both kernels' forward and backward at 16384 x 4096 bf16; probe: the FP8
+#   conversion (scripts/probe_fp8_cvt.py) and Mosaic GPU (scripts/probe_mosaic.py) probes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -31,6 +34,23 @@ for step in "${steps[@]}"; do
       if [ -f bridge/bench/__init__.py ]; then
         $py -m bridge.cli bench --out "$out" 2>&1 | tee "$out/bench.txt" || status=1
       fi ;;
+    tune)
+      $py scripts/tune_backward.py --shapes 16384x4096,65536x4096,4096x8192,4096x65536 --rows 1,2,4 \
+        --steps 4,8,16 --warps 8,16 2>&1 | tee "$out/tune-backward.txt" || status=1
+      $py scripts/tune_backward.py --shapes 16384x4096,4096x8192 --residual --rows 1,2,4 --steps 8 --warps 16 \
+        2>&1 | tee -a "$out/tune-backward.txt" || status=1
+      $py scripts/tune_launch.py --jax 2>&1 | tee "$out/tune-launch.txt" || status=1 ;;
+    profile)
+      for pass in forward backward; do
+        ncu --clock-control none -k "regex:rms_norm|bi_norm" -c 12 --section LaunchStats --section Occupancy \
+          --section SpeedOfLight --section MemoryWorkloadAnalysis $py scripts/profile_shape.py "$pass" 16384x4096 \
+          > "$out/ncu-$pass-16384x4096.txt" 2>&1 || status=1
+        grep -E "^  [a-z_]+ \(|Registers Per|Duration|DRAM Throughput|Achieved Occ|L1/TEX Hit|Shared Memory Config" \
+          "$out/ncu-$pass-16384x4096.txt"
+      done ;;
+    probe)
+      $py scripts/probe_fp8_cvt.py 2>&1 | tee "$out/probe-fp8-cvt.txt" || status=1
+      $py scripts/probe_mosaic.py 2>&1 | tee "$out/probe-mosaic.txt" || status=1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done
