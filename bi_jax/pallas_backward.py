@@ -24,22 +24,28 @@ from jax.experimental.pallas import triton as plgpu
 from .pallas_kernel import ExactOps, encode, inverse_rms, load_weight, round_to
 
 
-def push_level(p, left, step, level: int):
+def push_level(p, left, step, level: int, top: bool):
     """One level of the binary counter: the carry reaches level when step's lower level bits are all
-    ones; then an odd bit means a left sibling is waiting (p = left + p), an even one parks p there."""
+    ones; then an odd bit means a left sibling is waiting (p = left + p), an even one parks p there.
+    The top level's odd arrival is the last step's: its slot takes the root, so no register carries
+    a running total through the loop."""
     arrives = (step & ((1 << level) - 1)) == ((1 << level) - 1)
     odd = ((step >> level) & 1) == 1
     merged = jnp.where(arrives & odd, left + p, p)
-    return merged, jnp.where(arrives & ~odd, p, left)
+    parked = jnp.where(arrives & ~odd, p, left)
+    if top:
+        parked = jnp.where(arrives & odd, merged, parked)
+    return merged, parked
 
 
 def push(p, lefts, step, levels: int):
-    """Add the step-th leaf sum p to the counter; after the last step (all bits ones) p is the root."""
+    """Add the step-th leaf sum p to the counter; after the last step (all bits ones) the top
+    level holds the root. With one step (levels 1 for 2**0 steps) level 0 parks the leaf: the root."""
     parked = ()
     for level in range(levels):
-        p, left = push_level(p, lefts[level], step, level)
+        p, left = push_level(p, lefts[level], step, level, level == levels - 1)
         parked = parked + (left,)
-    return p, parked
+    return parked
 
 
 def load_rows(ref, offsets, mask) -> jax.Array:
@@ -93,13 +99,13 @@ def rms_norm_backward_kernel(
     whole rows and inv and c are computed here; long rows take them from row_stats_kernel and the
     grid's second axis walks the chunks. final: a single block, whose sum is grad_weight itself.
     """
-    ops, R, levels = ExactOps(interpret), rows_per_tile, steps.bit_length() - 1
+    ops, R = ExactOps(interpret), rows_per_tile
     block = pl.program_id(0)
     cols = pl.program_id(1) * chunk + jnp.arange(chunk, dtype=jnp.int32)[None, :]
     col_mask = cols < n_cols
-    w = load_weight(w_ref, cols, n_cols, weight_offset)
+    # At least one level: with a single step, level 0 holds the leaf, which is the root.
+    levels = max(steps.bit_length() - 1, 1)
     lefts = (jnp.zeros((chunk,), jnp.float32),) * levels
-    total = jnp.zeros((chunk,), jnp.float32)
 
     def load_tile(rows, mask):
         offsets = rows * n_cols + cols
@@ -113,7 +119,7 @@ def rms_norm_backward_kernel(
         rows = (block * steps + step) * R + jnp.arange(R, dtype=jnp.int32)[:, None]
         mask = (rows < n_rows) & col_mask
         offsets = rows * n_cols + cols
-        v, g, *g_r = (x.astype(jnp.float32) for x in carry[2])
+        v, g, *g_r = (x.astype(jnp.float32) for x in carry[1])
         # The next tile's loads are issued before this tile's trees, so that memory stays busy while
         # they run; the last step loads nothing (the next block is another program's).
         next_rows = rows + R
@@ -125,9 +131,11 @@ def rms_norm_backward_kernel(
         # B1-B3, and B7 first: g and h are then dead before the row's second tree.
         xhat = v * inv
         h = round_to(xhat, dx_ref.dtype) if llama else xhat
-        a = ops.mul(g, w)
+        # The weight again each step, where it is used (an L1 hit): held through the loop, or loaded
+        # with the prefetch, it would cost registers (ptxas, 4096 x 8192: 12 bytes spilled, 48, 96).
+        a = ops.mul(g, load_weight(w_ref, cols, n_cols, weight_offset))
         # B7: rows past the end are the tree's +0.0 padding.
-        total, lefts = push(ops.row_tree(jnp.where(mask, ops.mul(g, h), 0.0), R, chunk), carry[1], step, levels)
+        lefts = push(ops.row_tree(jnp.where(mask, ops.mul(g, h), 0.0), R, chunk), carry[0], step, levels)
         # B4: c from the row's tree over b (masked columns are +0.0 leaves, whatever the offset).
         if num_chunks == 1:
             t = ops.pairwise_sum(jnp.where(mask, ops.mul(a, xhat), 0.0), R, chunk, split)
@@ -143,10 +151,10 @@ def rms_norm_backward_kernel(
         else:
             dz = dv
         plgpu.store(dx_ref.at[offsets], encode(dz, dx_ref.dtype), mask=mask)
-        return total, lefts, next_tile
+        return lefts, next_tile
 
     first_tile = load_tile(first_rows, (first_rows < n_rows) & col_mask)
-    total = lax.fori_loop(0, steps, tile, (total, lefts, first_tile))[0]
+    total = lax.fori_loop(0, steps, tile, (lefts, first_tile))[0][levels - 1]
     wcols = cols.reshape(chunk)
     if final:
         plgpu.store(dw_ref.at[wcols], encode(total, dw_ref.dtype), mask=wcols < n_cols)

@@ -47,23 +47,29 @@ def row_tree(p, ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_ROWS: tl.constexpr
 
 
 @triton.jit
-def push_level(p, left, step, LEVEL: tl.constexpr):
+def push_level(p, left, step, LEVEL: tl.constexpr, TOP: tl.constexpr):
     """One level of the binary counter: the carry reaches LEVEL when step's lower LEVEL bits are all
-    ones; then an odd bit means a left sibling is waiting (p = left + p), an even one parks p there."""
+    ones; then an odd bit means a left sibling is waiting (p = left + p), an even one parks p there.
+    The top level's odd arrival is the last step's: its slot takes the root, so no register carries
+    a running total through the loop."""
     arrives = (step & ((1 << LEVEL) - 1)) == ((1 << LEVEL) - 1)
     odd = ((step >> LEVEL) & 1) == 1
     merged = tl.where(arrives & odd, left + p, p)
-    return merged, tl.where(arrives & (~odd), p, left)
+    parked = tl.where(arrives & (~odd), p, left)
+    if TOP:
+        parked = tl.where(arrives & odd, merged, parked)
+    return merged, parked
 
 
 @triton.jit
 def push(p, lefts, step, LEVELS: tl.constexpr):
-    """Add the step-th leaf sum p to the counter; after the last step (all bits ones) p is the root."""
+    """Add the step-th leaf sum p to the counter; after the last step (all bits ones) the top
+    level holds the root. With one step (LEVELS 1 for 2**0 steps) level 0 parks the leaf: the root."""
     parked = ()
     for level in tl.static_range(LEVELS):
-        p, left = push_level(p, lefts[level], step, level)
+        p, left = push_level(p, lefts[level], step, level, level == LEVELS - 1)
         parked = parked + (left,)
-    return p, parked
+    return parked
 
 
 @triton.jit
@@ -122,9 +128,9 @@ def rms_norm_backward_kernel(
     block = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)[None, :]
     col_mask = cols < n_cols
-    w = load_weight(w_ptr, cols, n_cols, weight_offset, HAS_OFFSET)
-    lefts = (tl.full((CHUNK,), 0.0, tl.float32),) * LOG2_STEPS
-    total = tl.full((CHUNK,), 0.0, tl.float32)
+    # At least one level: with a single step, level 0 holds the leaf, which is the root.
+    LEVELS: tl.constexpr = max(LOG2_STEPS, 1)
+    lefts = (tl.full((CHUNK,), 0.0, tl.float32),) * LEVELS
     # int64 row offsets: rows * stride can pass 2**31 elements.
     first_rows = block * STEPS * ROWS + tl.arange(0, ROWS)[:, None]
     first_mask = (first_rows < n_rows) & col_mask
@@ -153,9 +159,11 @@ def rms_norm_backward_kernel(
         # B1-B3, and B7 first: g and h are then dead before the row's second tree.
         xhat = v * inv
         h = round_to(xhat, dx_ptr.dtype.element_ty) if LLAMA else xhat
-        a = g * w
+        # The weight again each step, where it is used (an L1 hit): held through the loop, or loaded
+        # with the prefetch, it would cost registers (ptxas, 4096 x 8192: 12 bytes spilled, 48, 96).
+        a = g * load_weight(w_ptr, cols, n_cols, weight_offset, HAS_OFFSET)
         # B7: rows past the end are the tree's +0.0 padding.
-        total, lefts = push(row_tree(tl.where(mask, g * h, 0.0), ROWS, CHUNK, LOG2_ROWS), lefts, step, LOG2_STEPS)
+        lefts = push(row_tree(tl.where(mask, g * h, 0.0), ROWS, CHUNK, LOG2_ROWS), lefts, step, LEVELS)
         # B4: c from the row's tree over b (masked columns are +0.0 leaves, whatever the offset).
         if NUM_CHUNKS == 1:
             t = pairwise_sum(tl.where(mask, a * xhat, 0.0), ROWS, CHUNK, LOG2_CHUNK, LOG2_SPLIT)
@@ -171,6 +179,7 @@ def rms_norm_backward_kernel(
         else:
             dz = dv
         tl.store(dx_ptr + rows * dx_stride + cols, encode(dz, dx_ptr.dtype.element_ty), mask=mask)
+    total = lefts[LEVELS - 1]
     wcols = tl.reshape(cols, (CHUNK,))
     if FINAL:
         tl.store(dw_ptr + wcols, encode(total, dw_ptr.dtype.element_ty), mask=wcols < n_cols)

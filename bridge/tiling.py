@@ -101,16 +101,18 @@ def _warps(block_elements: int, programs: int, input_bytes: int) -> int:
 
 # The backward's tile: rows summed by the tile's own tree before the binary counter takes over, at
 # most BACKWARD_TILE_ROWS of them. A tile's float32 values, the next tile's prefetched loads and the
-# counter's levels share a 16-warp program's 128 registers per thread; 2 rows of 4096 fit (ptxas,
-# sm_90: 128 registers, no spills), 4 rows spill 336 bytes per thread.
+# counter's levels share a 16-warp program's 128 registers per thread: 2 rows of 4096 with 16 steps
+# fit (scripts/kernel_resources.py, sm_90a: no spills), 4 rows spilled 336 bytes per thread.
 BACKWARD_TILE = 8192
 BACKWARD_TILE_ROWS = 4
 # 16 elements of the tile per thread, on at most 16 warps: the register budget above.
 BACKWARD_ELEMENTS_PER_THREAD = 16
 # Long rows' main kernel (inv and c from the stats pass) takes tiles of this many columns.
 BACKWARD_LONG_CHUNK = 4096
-# At most 2**3 steps per block: each counter level is a float32 row of the tile's width in registers.
-MAX_BACKWARD_LEVELS = 3
+# At most 2**4 steps per block: each counter level is a float32 row of the tile's width in registers
+# (bf16, 2 x 4096 on 16 warps: 8 per level per thread). Fewer steps mean more blocks, whose float32
+# partial sums the column tree reads back: 512 blocks of 4096 are 8 MB written and read.
+MAX_BACKWARD_LEVELS = 4
 # Aim for at least this many row blocks when there are rows enough (4 per SM on an H200).
 BACKWARD_PROGRAMS = 512
 # The tree over the blocks' partial sums, one launch per level: each program sums an aligned group
