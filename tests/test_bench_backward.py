@@ -104,14 +104,15 @@ def test_backward_check_rows_and_tolerance() -> None:
 
 
 def test_backward_loop_op_feeds_every_output_back() -> None:
-    # time_jax's set: (z, g[, gr], grad_weight). The next call's z is this call's g, its g this call's
-    # grad_x, its weight this call's grad_weight: nothing a call computes is dead, no two calls share z.
+    # time_jax's set: (z, g[, gr], grad_weight). The next call's z is this call's grad_x (written over g),
+    # its g this call's z (only read), its gr this call's grad_residual (written over gr), its weight this
+    # call's grad_weight: nothing a call computes is dead, no two calls share z, nothing overwritten is kept.
     op = bench.loop_op(lambda z, g, gr, w: (g + 1, None if gr is None else gr + 10, w * 2), residual=True)
-    assert op("z", 1, 5, 7, "unused w") == (1, 2, 15, 14)
+    assert op("z", 1, 5, 7, "unused w") == (2, "z", 15, 14)
     op = bench.loop_op(lambda z, g, gr, w: (g + 1, None, w * 2), residual=True)
-    assert op("z", 1, 5, 7, "unused w") == (1, 2, 5, 14)  # grad_x is the residual's gradient too: gr kept
+    assert op("z", 1, 5, 7, "unused w") == (2, "z", 5, 14)  # grad_x is the residual's gradient too: gr kept
     op = bench.loop_op(lambda z, g, gr, w: (g + 1, gr, w * 2), residual=False)
-    assert op("z", 1, 7, "unused w") == (1, 2, 14)
+    assert op("z", 1, 7, "unused w") == (2, "z", 14)
 
 
 def test_backward_implementations_match_the_plan() -> None:

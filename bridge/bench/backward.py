@@ -194,15 +194,19 @@ def _measure_jax(case: Case, n_sets: int, peers: Sequence[str], unavailable: Dic
 
 def loop_op(grads: Callable, residual: bool) -> Callable:
     """grads as time_jax's op: (z, g[, gr], gw, w) -> the next set. Every input of a call is an
-    output of the one before (z <- g, g <- grad_x, gr <- grad_residual, and the previous call's
+    output of the one before (z <- grad_x, g <- z, gr <- grad_residual, and the previous call's
     grad_weight is this call's weight), so XLA can neither drop a grad_weight nobody reads nor share
-    one row norm between two calls on the same z. The values drift; the GPU's speed does not depend
-    on them, and the check runs apart from the loop."""
+    one row norm between two calls on the same z. No value is read after a call wrote over it:
+    bi-jax writes grad_x over g and grad_residual over gr (input_output_aliases), and z, which it
+    only reads, becomes the next g, so XLA needs no copy to keep one (z <- g made it copy g each
+    call, and the bench fell back to unrolled calls, copies included). Buffers return to their
+    slots every two calls, the loop body's two passes. The values drift; the GPU's speed does not
+    depend on them, and the check runs apart from the loop."""
     def op(z, g, *rest):
         gr = rest[0] if residual else None
         grad_x, grad_residual, grad_weight = grads(z, g, gr, rest[-2])
         if not residual:
-            return g, grad_x, grad_weight
+            return grad_x, z, grad_weight
         # An implementation that gives grad_x as the residual's gradient too keeps gr for the next call.
-        return g, grad_x, gr if grad_residual is None else grad_residual, grad_weight
+        return grad_x, z, gr if grad_residual is None else grad_residual, grad_weight
     return op
