@@ -93,8 +93,8 @@ def backward_rows(
     kernel = functools.partial(
         rms_norm_backward_kernel, n_rows=n_rows, n_cols=n, eps=eps32, weight_offset=offset32,
         has_residual=has_residual, has_grad_residual=gr2 is not None, llama=mode == "llama",
-        rows_per_tile=cfg.rows, steps=cfg.steps, chunk=cfg.chunk, num_chunks=cfg.num_chunks, split=cfg.split,
-        final=final, interpret=interpret)
+        rows_per_tile=cfg.rows, steps=cfg.steps, levels=cfg.counter_levels, chunk=cfg.chunk,
+        num_chunks=cfg.num_chunks, split=cfg.split, final=final, interpret=interpret)
 
     def body(*refs):
         named = dict(zip(in_names + out_names, refs))

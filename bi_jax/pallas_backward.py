@@ -40,7 +40,7 @@ def push_level(p, left, step, level: int, top: bool):
 
 def push(p, lefts, step, levels: int):
     """Add the step-th leaf sum p to the counter; after the last step (all bits ones) the top
-    level holds the root. With one step (levels 1 for 2**0 steps) level 0 parks the leaf: the root."""
+    level holds the root. With one step (levels 1) level 0 parks the leaf: the root."""
     parked = ()
     for level in range(levels):
         p, left = push_level(p, lefts[level], step, level, level == levels - 1)
@@ -90,7 +90,7 @@ def row_stats_kernel(
 def rms_norm_backward_kernel(
     z_ref, g_ref, gr_ref, w_ref, dx_ref, dr_ref, stats_ref, partial_ref, dw_ref, *,
     n_rows: int, n_cols: int, eps: float, weight_offset: float, has_residual: bool, has_grad_residual: bool,
-    llama: bool, rows_per_tile: int, steps: int, chunk: int, num_chunks: int, split: int, final: bool,
+    llama: bool, rows_per_tile: int, steps: int, levels: int, chunk: int, num_chunks: int, split: int, final: bool,
     interpret: bool,
 ):
     """grad_x (and grad_residual) of a block of steps * rows rows, and that block's grad_weight sum.
@@ -103,8 +103,7 @@ def rms_norm_backward_kernel(
     block = pl.program_id(0)
     cols = pl.program_id(1) * chunk + jnp.arange(chunk, dtype=jnp.int32)[None, :]
     col_mask = cols < n_cols
-    # At least one level: with a single step, level 0 holds the leaf, which is the root.
-    levels = max(steps.bit_length() - 1, 1)
+    # levels: BackwardConfig.counter_levels.
     lefts = (jnp.zeros((chunk,), jnp.float32),) * levels
 
     def load_tile(rows, mask):

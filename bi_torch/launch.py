@@ -156,7 +156,7 @@ def launch_backward(
             d_r, d_r.stride(0), stats, partials, grad_weight, n_rows, n, float(n), eps32, offset32,
             HAS_RESIDUAL=grad_residual is not None, HAS_GRAD_RESIDUAL=grad_new_residual is not None,
             HAS_OFFSET=offset32 != 0, LLAMA=mode == "llama", ROWS=cfg.rows, LOG2_ROWS=log2(cfg.rows),
-            STEPS=cfg.steps, LOG2_STEPS=log2(cfg.steps), CHUNK=cfg.chunk, LOG2_CHUNK=log2(cfg.chunk),
+            STEPS=cfg.steps, LEVELS=cfg.counter_levels, CHUNK=cfg.chunk, LOG2_CHUNK=log2(cfg.chunk),
             NUM_CHUNKS=cfg.num_chunks, LOG2_SPLIT=log2(cfg.split), FINAL=final,
             num_warps=cfg.num_warps, enable_fp_fusion=False)
         # The tree's upper levels: each level sums aligned groups of the previous level's rows.

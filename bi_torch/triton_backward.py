@@ -64,7 +64,7 @@ def push_level(p, left, step, LEVEL: tl.constexpr, TOP: tl.constexpr):
 @triton.jit
 def push(p, lefts, step, LEVELS: tl.constexpr):
     """Add the step-th leaf sum p to the counter; after the last step (all bits ones) the top
-    level holds the root. With one step (LEVELS 1 for 2**0 steps) level 0 parks the leaf: the root."""
+    level holds the root. With one step (LEVELS 1) level 0 parks the leaf: the root."""
     parked = ()
     for level in tl.static_range(LEVELS):
         p, left = push_level(p, lefts[level], step, level, level == LEVELS - 1)
@@ -115,7 +115,7 @@ def rms_norm_backward_kernel(
     z_ptr, z_stride, g_ptr, g_stride, gr_ptr, gr_stride, w_ptr, dx_ptr, dx_stride, dr_ptr, dr_stride,
     stats_ptr, partial_ptr, dw_ptr, n_rows, n_cols, n_cols_f32, eps, weight_offset,
     HAS_RESIDUAL: tl.constexpr, HAS_GRAD_RESIDUAL: tl.constexpr, HAS_OFFSET: tl.constexpr, LLAMA: tl.constexpr,
-    ROWS: tl.constexpr, LOG2_ROWS: tl.constexpr, STEPS: tl.constexpr, LOG2_STEPS: tl.constexpr,
+    ROWS: tl.constexpr, LOG2_ROWS: tl.constexpr, STEPS: tl.constexpr, LEVELS: tl.constexpr,
     CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, LOG2_SPLIT: tl.constexpr,
     FINAL: tl.constexpr,
 ):
@@ -128,8 +128,7 @@ def rms_norm_backward_kernel(
     block = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)[None, :]
     col_mask = cols < n_cols
-    # At least one level: with a single step, level 0 holds the leaf, which is the root.
-    LEVELS: tl.constexpr = max(LOG2_STEPS, 1)
+    # LEVELS: BackwardConfig.counter_levels.
     lefts = (tl.full((CHUNK,), 0.0, tl.float32),) * LEVELS
     # int64 row offsets: rows * stride can pass 2**31 elements.
     first_rows = block * STEPS * ROWS + tl.arange(0, ROWS)[:, None]

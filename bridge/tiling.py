@@ -140,6 +140,12 @@ class BackwardConfig:
         return self.rows * self.steps
 
     @property
+    def counter_levels(self) -> int:
+        """Levels of the kernels' binary counter over a block's steps: log2(steps), at least 1 (with
+        one step, level 0 parks the only leaf, which is then the root)."""
+        return max(1, self.steps.bit_length() - 1)
+
+    @property
     def stats_chunks(self) -> int:
         """Long rows: the stats pass's steps per row."""
         return self.chunk * self.num_chunks // self.stats_chunk

@@ -94,7 +94,7 @@ def _backward_ptx(chunk: int, warps: int, rows: int, steps: int, num_chunks: int
     signature.update({name: "fp32" for name in ("n_cols_f32", "eps", "weight_offset")})
     log2 = lambda v: v.bit_length() - 1  # noqa: E731
     constexprs = {"HAS_RESIDUAL": residual, "HAS_GRAD_RESIDUAL": residual, "HAS_OFFSET": False, "LLAMA": True,
-                  "ROWS": rows, "LOG2_ROWS": log2(rows), "STEPS": steps, "LOG2_STEPS": log2(steps), "CHUNK": chunk,
+                  "ROWS": rows, "LOG2_ROWS": log2(rows), "STEPS": steps, "LEVELS": max(1, log2(steps)), "CHUNK": chunk,
                   "LOG2_CHUNK": log2(chunk), "NUM_CHUNKS": num_chunks,
                   "LOG2_SPLIT": log2(tiling.split_width(chunk, 2)), "FINAL": False}
     kernel = triton_backward.rms_norm_backward_kernel
