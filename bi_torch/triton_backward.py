@@ -158,8 +158,8 @@ def rms_norm_backward_kernel(
         # B1-B3, and B7 first: g and h are then dead before the row's second tree.
         xhat = v * inv
         h = round_to(xhat, dx_ptr.dtype.element_ty) if LLAMA else xhat
-        # The weight again each step, where it is used (an L1 hit): held through the loop, or loaded
-        # with the prefetch, it would cost registers (ptxas, 4096 x 8192: 12 bytes spilled, 48, 96).
+        # The weight again each step, where it is used (an L1 hit), for registers: at 1 x 8192 on 16
+        # warps 12 bytes spill so, 48 loaded with the prefetch, 96 held (scripts/kernel_resources.py).
         a = g * load_weight(w_ptr, cols, n_cols, weight_offset, HAS_OFFSET)
         # B7: rows past the end are the tree's +0.0 padding.
         lefts = push(row_tree(tl.where(mask, g * h, 0.0), ROWS, CHUNK, LOG2_ROWS), lefts, step, LEVELS)
