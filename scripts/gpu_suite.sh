@@ -41,8 +41,11 @@ for step in "${steps[@]}"; do
         2>&1 | tee -a "$out/tune-backward.txt" || status=1
       $py scripts/tune_launch.py --jax 2>&1 | tee "$out/tune-launch.txt" || status=1 ;;
     profile)
+      # The main kernels only, three calls each (profile_shape.py): Triton's, then Pallas's.
       for pass in forward backward; do
-        ncu --clock-control none -k "regex:rms_norm|bi_norm" -c 12 --section LaunchStats --section Occupancy \
+        kernels="^(rms_norm_kernel|bi_norm_rms_norm)$"
+        [ "$pass" = backward ] && kernels="^(rms_norm_backward_kernel|bi_norm_rms_norm_backward)$"
+        ncu --clock-control none -k "regex:$kernels" -c 6 --section LaunchStats --section Occupancy \
           --section SpeedOfLight --section MemoryWorkloadAnalysis $py scripts/profile_shape.py "$pass" 16384x4096 \
           > "$out/ncu-$pass-16384x4096.txt" 2>&1 || status=1
         grep -E "^  [a-z_]+ \(|Registers Per|Duration|DRAM Throughput|Achieved Occ|L1/TEX Hit|Shared Memory Config" \
