@@ -66,7 +66,7 @@ def backward_rows(
         # No rows: T is the empty tree, all +0.0.
         return (jnp.empty(z2.shape, dtype), jnp.empty(z2.shape, z2.dtype) if has_residual else None,
                 jnp.zeros((n,), dw_dtype))
-    cfg = backward_config(n, n_rows, dtype.itemsize)
+    cfg = backward_config(n, n_rows, z2.dtype.itemsize)
     eps32, offset32 = as_float32(eps), as_float32(weight_offset)
     flat = (n_rows * n,)
     z, g = z2.reshape(flat), g2.reshape(flat)

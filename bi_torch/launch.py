@@ -134,7 +134,7 @@ def launch_backward(
     """Run the backward on 2-D row views (last dimension contiguous): z is what the forward
     normalised (x, or the new residual); grad_residual is None without a residual."""
     n_rows, n = z.shape
-    cfg = backward_config(n, n_rows, grad_x.element_size())
+    cfg = backward_config(n, n_rows, z.element_size())
     kernels = triton_backward if z.is_cuda else interpreted_backward_kernels()
     f32 = dict(dtype=torch.float32, device=z.device)
     stats = torch.empty((n_rows, 2) if cfg.num_chunks > 1 else (1,), **f32)

@@ -100,13 +100,14 @@ def _warps(block_elements: int, programs: int, input_bytes: int) -> int:
 
 
 # The backward's tile: rows summed by the tile's own tree before the binary counter takes over, at
-# most BACKWARD_TILE_ROWS of them. A tile's float32 values, the next tile's prefetched loads and the
-# counter's levels share a 16-warp program's 128 registers per thread: 2 rows of 4096 with 16 steps
-# fit (scripts/kernel_resources.py, sm_90a: no spills), 4 rows spilled 336 bytes per thread.
-BACKWARD_TILE = 8192
+# most BACKWARD_TILE_ROWS of them, BACKWARD_TILE_BYTES of z, BACKWARD_THREAD_BYTES of it per thread
+# (at most 16 warps). A tile's float32 values, the next tile's prefetched loads and the counter's
+# levels share a 16-warp program's 128 registers per thread (scripts/kernel_resources.py, sm_90a):
+# bf16 2 rows of 4096 with 16 steps fit, 4 rows spilled 336 bytes per thread; float32 1 row of
+# 4096 fits, 2 rows spilled 164.
+BACKWARD_TILE_BYTES = 16384
 BACKWARD_TILE_ROWS = 4
-# 16 elements of the tile per thread, on at most 16 warps: the register budget above.
-BACKWARD_ELEMENTS_PER_THREAD = 16
+BACKWARD_THREAD_BYTES = 32
 # Long rows' main kernel (inv and c from the stats pass) takes tiles of this many columns.
 BACKWARD_LONG_CHUNK = 4096
 # At most 2**4 steps per block: each counter level is a float32 row of the tile's width in registers
@@ -168,8 +169,9 @@ def column_tree_width(group: int, n: int) -> int:
 
 
 def backward_config(n: int, n_rows: int, itemsize: int) -> BackwardConfig:
-    """The backward's tiling. A block is never larger than the row count's power of two: the row
-    tree pads only to that (a larger padding would add +0.0 to a -0.0 sum). Never changes bits."""
+    """The backward's tiling for rows of n elements, z (x, or the new residual) of itemsize bytes.
+    A block is never larger than the row count's power of two: the row tree pads only to that (a
+    larger padding would add +0.0 to a -0.0 sum). Never changes bits."""
     width = next_power_of_two(n)
     rows_pow2 = next_power_of_two(max(n_rows, 1))
     if width <= MAX_WHOLE_ROW:
@@ -179,10 +181,10 @@ def backward_config(n: int, n_rows: int, itemsize: int) -> BackwardConfig:
         # columns: the short rows' tile, whose registers fit (16384 columns spill).
         chunk, stats_chunk = BACKWARD_LONG_CHUNK, MAX_WHOLE_ROW
     num_chunks = width // chunk
-    rows = max(1, min(BACKWARD_TILE_ROWS, BACKWARD_TILE // chunk, rows_pow2))
+    rows = max(1, min(BACKWARD_TILE_ROWS, BACKWARD_TILE_BYTES // (chunk * itemsize), rows_pow2))
     # A power of two (the block must be a subtree), rounded down: at least BACKWARD_PROGRAMS blocks.
     steps = 1 << max(0, min(MAX_BACKWARD_LEVELS, (rows_pow2 // (rows * BACKWARD_PROGRAMS)).bit_length() - 1))
     blocks = -(-max(n_rows, 1) // (rows * steps))
-    warps = max(1, min(16, rows * chunk // (32 * BACKWARD_ELEMENTS_PER_THREAD)))
+    warps = max(1, min(16, rows * chunk * itemsize // (32 * BACKWARD_THREAD_BYTES)))
     return BackwardConfig(rows, steps, blocks, chunk, num_chunks, stats_chunk, warps,
                           split_width(stats_chunk or chunk, itemsize), column_tree_groups(blocks))

@@ -8,7 +8,7 @@ cross-platform lowering), and each Pallas-Triton kernel's IR is compiled by the 
 Triton. ptxas -v (Triton's own) gives the registers and spill stores. This Triton is not the GPU
 image's (nor the one inside XLA), so the numbers are indicative: a tile that spills here is
 worth a look there (BENCHMARKS.md, "Backward changes not yet timed").
-Usage: python3 scripts/kernel_resources.py [--shapes 16384x4096,4096x65536] [--residual] [--pass backward]
+Usage: python3 scripts/kernel_resources.py [--shapes 16384x4096,4096x65536] [--residual] [--pass backward] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -93,12 +93,12 @@ def compile_triton(kernel, args: tuple, kwargs: dict) -> str:
     return triton.compile(source, target=TARGET, options=options).asm["ptx"]
 
 
-def triton_launches(pass_: str, shape: tuple, residual: bool) -> list:
+def triton_launches(pass_: str, shape: tuple, residual: bool, dtype: str) -> list:
     launches: list = []
     bi_torch.launch.interpreted_kernels = lambda: Recorder(triton_kernel, launches)
     bi_torch.launch.interpreted_backward_kernels = lambda: Recorder(triton_backward, launches)
     bi_torch.launch.device_kind = lambda device: DEVICE  # the forward's launch rule for that GPU
-    x, w = torch.zeros(shape, dtype=torch.bfloat16), torch.zeros(shape[-1:], dtype=torch.bfloat16)
+    x, w = torch.zeros(shape, dtype=getattr(torch, dtype)), torch.zeros(shape[-1:], dtype=getattr(torch, dtype))
     r = torch.zeros_like(x) if residual else None
     if pass_ == "forward":
         bi_torch.launch.launch(x, w, torch.empty_like(x), 1e-6, r, torch.empty_like(x) if residual else None,
@@ -109,11 +109,11 @@ def triton_launches(pass_: str, shape: tuple, residual: bool) -> list:
     return launches
 
 
-def pallas_kernels(pass_: str, shape: tuple, residual: bool) -> list:
+def pallas_kernels(pass_: str, shape: tuple, residual: bool, dtype: str) -> list:
     """(name, grid, warps, TTIR text) of each Pallas-Triton kernel in bi_jax's call, lowered for CUDA."""
     bi_jax.ops.device_kind = lambda: DEVICE
-    x, w = jnp.zeros(shape, jnp.bfloat16), jnp.zeros(shape[-1:], jnp.bfloat16)
-    r = jnp.zeros(shape, jnp.bfloat16) if residual else None
+    x, w = jnp.zeros(shape, dtype), jnp.zeros(shape[-1:], dtype)
+    r = jnp.zeros(shape, dtype) if residual else None
 
     def out(a, b):
         y = bi_jax.rms_norm(a, b, 1e-6, r, interpret=False)
@@ -146,16 +146,18 @@ def main() -> None:
     parser.add_argument("--shapes", default="16384x4096,4096x8192,4096x65536", help="TOKENSxHIDDEN list")
     parser.add_argument("--residual", action="store_true")
     parser.add_argument("--pass", dest="pass_", choices=("forward", "backward"), default="backward")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="x's and the weight's")
     args = parser.parse_args()
     for text in args.shapes.split(","):
         shape = tuple(int(v) for v in text.split("x"))
-        print(f"== {text} bf16 {args.pass_}{' +residual' if args.residual else ''}")
-        for kernel, grid, call_args, kwargs in triton_launches(args.pass_, shape, args.residual):
+        print(f"== {text} {args.dtype} {args.pass_}{' +residual' if args.residual else ''}")
+        for kernel, grid, call_args, kwargs in triton_launches(args.pass_, shape, args.residual, args.dtype):
             warps = kwargs["num_warps"]
             print(f"  triton {kernel.__name__:26s} grid {str(tuple(grid)):14s} {warps:2d} warps: "
                   f"{ptxas_usage(compile_triton(kernel, call_args, dict(kwargs)))}", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            for i, (name, grid, warps, ttir) in enumerate(pallas_kernels(args.pass_, shape, args.residual)):
+            for i, (name, grid, warps, ttir) in enumerate(pallas_kernels(args.pass_, shape, args.residual,
+                                                                         args.dtype)):
                 path = os.path.join(tmp, f"{name}_{i}.ttir")
                 Path(path).write_text(ttir)
                 try:

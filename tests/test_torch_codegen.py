@@ -82,12 +82,12 @@ def test_only_two_pass_rows_carry_eviction_hints(residual: bool) -> None:
 
 
 def _backward_ptx(chunk: int, warps: int, rows: int, steps: int, num_chunks: int = 1, residual: bool = True,
-                  aligned: bool = False) -> str:
+                  aligned: bool = False, dtype: str = "bf16") -> str:
     """The backward kernel's PTX; aligned: pointers, strides and n_cols divisible by 16, as Triton
     specialises them at launch for aligned tensors (vector loads)."""
     from bi_torch import triton_backward
 
-    signature = {name: "*bf16" for name in ("z_ptr", "g_ptr", "gr_ptr", "w_ptr", "dx_ptr", "dr_ptr", "dw_ptr")}
+    signature = {name: f"*{dtype}" for name in ("z_ptr", "g_ptr", "gr_ptr", "w_ptr", "dx_ptr", "dr_ptr", "dw_ptr")}
     signature.update({name: "*fp32" for name in ("stats_ptr", "partial_ptr")})
     signature.update({name: "i32" for name in ("z_stride", "g_stride", "gr_stride", "dx_stride", "dr_stride",
                                                 "n_rows", "n_cols")})
@@ -96,7 +96,7 @@ def _backward_ptx(chunk: int, warps: int, rows: int, steps: int, num_chunks: int
     constexprs = {"HAS_RESIDUAL": residual, "HAS_GRAD_RESIDUAL": residual, "HAS_OFFSET": False, "LLAMA": True,
                   "ROWS": rows, "LOG2_ROWS": log2(rows), "STEPS": steps, "LEVELS": max(1, log2(steps)), "CHUNK": chunk,
                   "LOG2_CHUNK": log2(chunk), "NUM_CHUNKS": num_chunks,
-                  "LOG2_SPLIT": log2(tiling.split_width(chunk, 2)), "FINAL": False}
+                  "LOG2_SPLIT": log2(tiling.split_width(chunk, {"bf16": 2, "fp32": 4}[dtype])), "FINAL": False}
     kernel = triton_backward.rms_norm_backward_kernel
     divisible = [name for name in signature if name.endswith(("_ptr", "_stride")) or name == "n_cols"]
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible} if aligned else None
@@ -137,13 +137,16 @@ def _ptxas_usage(ptx: str) -> tuple[int, int]:
     return int(used.group(1)), int(spilled.group(1)) if spilled else 0
 
 
-@pytest.mark.parametrize("n,residual", [(4096, False), (65536, False), (65536, True)])
-def test_backward_tile_fits_in_registers(n: int, residual: bool) -> None:
-    """The shipped backward tile (16384 rows of bf16) compiles without spills: each spilled float
-    goes through local memory once per step (4 x 4096 on 16 warps spilled 336 bytes per thread).
-    Not asserted: with a residual at n = 4096 it spills 4 bytes, 4096 x 8192 12 (BENCHMARKS.md)."""
-    cfg = tiling.backward_config(n, 16384, 2)
-    ptx = _backward_ptx(cfg.chunk, cfg.num_warps, cfg.rows, cfg.steps, cfg.num_chunks, residual, aligned=True)
+@pytest.mark.parametrize("n,residual,dtype", [(4096, False, "bf16"), (65536, False, "bf16"), (65536, True, "bf16"),
+                                             (65536, False, "fp32")])
+def test_backward_tile_fits_in_registers(n: int, residual: bool, dtype: str) -> None:
+    """The shipped backward tile (16384 rows) compiles without spills: each spilled float goes
+    through local memory once per step (bf16 4 x 4096 on 16 warps spilled 336 bytes per thread).
+    Not asserted: 4-8 bytes at n = 4096 with a bf16 residual or in float32, 12 at bf16 n = 8192,
+    280 at float32 n = 8192 (BENCHMARKS.md)."""
+    cfg = tiling.backward_config(n, 16384, {"bf16": 2, "fp32": 4}[dtype])
+    ptx = _backward_ptx(cfg.chunk, cfg.num_warps, cfg.rows, cfg.steps, cfg.num_chunks, residual, aligned=True,
+                        dtype=dtype)
     registers, spilled = _ptxas_usage(ptx)
     assert spilled == 0, f"{cfg}: {registers} registers per thread, {spilled} bytes of spill stores"
 

@@ -159,7 +159,7 @@ def check_backward(args, eps: float, mode: str, offset: float, what: str, device
 # backward_config and column_tree_width read at call time): the default; few rows per tile, many
 # steps per block, narrow long-row tiles and a narrow column tree of many levels; one program's block as large as the
 # counter allows (a single block, the kernel's FINAL path, for small batches).
-BACKWARD_CONFIGS = ({}, {"BACKWARD_TILE": 256, "BACKWARD_PROGRAMS": 4, "COLUMN_TREE_GROUP": 2, "COLUMN_TREE_TILE": 64,
+BACKWARD_CONFIGS = ({}, {"BACKWARD_TILE_BYTES": 512, "BACKWARD_PROGRAMS": 4, "COLUMN_TREE_GROUP": 2, "COLUMN_TREE_TILE": 64,
                          "BACKWARD_LONG_CHUNK": 1024},
                     {"BACKWARD_PROGRAMS": 1, "MAX_BACKWARD_LEVELS": 6, "BACKWARD_TILE_ROWS": 16})
 
