@@ -108,12 +108,12 @@ def _warps(block_elements: int, programs: int, input_bytes: int) -> int:
 BACKWARD_TILE_BYTES = 16384
 BACKWARD_TILE_ROWS = 4
 BACKWARD_THREAD_BYTES = 32
-# Rows up to this many columns (a power of two) are whole in the backward's tile; longer ones take
-# inv and c from a stats pass (which reads z and the gradient once more) and the main kernel tiles
-# them BACKWARD_LONG_CHUNK columns wide. Each counter level costs a register per column a thread
-# owns: 16384 columns on 16 warps spilled 1220 bytes per thread (bf16; 8192: 12), 16384-wide tiles
-# of long rows 1448, where the H200 measured 8.6 % of copy (scripts/kernel_resources.py).
-BACKWARD_MAX_WHOLE_ROW = 8192
+# A row whose z fits in BACKWARD_TILE_BYTES is whole in the backward's tile (bf16 up to 8192
+# columns, float32 4096); a longer one takes inv and c from a stats pass (which reads z and the
+# gradient once more), and the main kernel tiles it at most BACKWARD_LONG_CHUNK columns wide.
+# Each counter level costs a register per column a thread owns: whole rows of bf16 16384 spilled
+# 1220 bytes per thread, float32 8192 280 (540 with a residual), the 16384-wide tiles of long
+# rows 1448, where the H200 measured 8.6 % of copy (scripts/kernel_resources.py).
 BACKWARD_LONG_CHUNK = 4096
 # At most 2**4 steps per block: each counter level is a float32 row of the tile's width in registers
 # (bf16, 2 x 4096 on 16 warps: 8 per level per thread). Fewer steps mean more blocks, whose float32
@@ -179,12 +179,12 @@ def backward_config(n: int, n_rows: int, itemsize: int) -> BackwardConfig:
     larger padding would add +0.0 to a -0.0 sum). Never changes bits."""
     width = next_power_of_two(n)
     rows_pow2 = next_power_of_two(max(n_rows, 1))
-    if width <= BACKWARD_MAX_WHOLE_ROW:
+    if width * itemsize <= BACKWARD_TILE_BYTES:
         chunk, stats_chunk = width, 0
     else:
         # inv and c come from the stats pass (the forward's chunks), so the main kernel may take
-        # any aligned slice of columns: the short rows' tile, whose registers fit.
-        chunk, stats_chunk = BACKWARD_LONG_CHUNK, min(width, MAX_WHOLE_ROW)
+        # any aligned slice of columns: one within the tile's bytes, whose registers fit.
+        chunk, stats_chunk = min(BACKWARD_LONG_CHUNK, BACKWARD_TILE_BYTES // itemsize), min(width, MAX_WHOLE_ROW)
     num_chunks = width // chunk
     rows = max(1, min(BACKWARD_TILE_ROWS, BACKWARD_TILE_BYTES // (chunk * itemsize), rows_pow2))
     # A power of two (the block must be a subtree), rounded down: at least BACKWARD_PROGRAMS blocks.

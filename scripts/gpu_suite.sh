@@ -35,7 +35,7 @@ for step in "${steps[@]}"; do
         $py -m bridge.cli bench --out "$out" 2>&1 | tee "$out/bench.txt" || status=1
       fi ;;
     tune)
-      $py scripts/tune_backward.py --shapes 16384x4096,65536x4096,4096x8192,4096x65536 --rows 1,2,4 \
+      $py scripts/tune_backward.py --shapes 16384x4096,65536x4096,4096x8192,4096x16384,4096x65536 --rows 1,2,4 \
         --steps 4,8,16 --warps 8,16 2>&1 | tee "$out/tune-backward.txt" || status=1
       $py scripts/tune_backward.py --shapes 16384x4096,4096x8192 --residual --rows 1,2,4 --steps 8 --warps 16 \
         2>&1 | tee -a "$out/tune-backward.txt" || status=1

@@ -143,7 +143,7 @@ def pallas_kernels(pass_: str, shape: tuple, residual: bool, dtype: str) -> list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="16384x4096,4096x8192,4096x65536", help="TOKENSxHIDDEN list")
+    parser.add_argument("--shapes", default="16384x4096,4096x8192,4096x16384,4096x65536", help="TOKENSxHIDDEN list")
     parser.add_argument("--residual", action="store_true")
     parser.add_argument("--pass", dest="pass_", choices=("forward", "backward"), default="backward")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="x's and the weight's")

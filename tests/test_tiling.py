@@ -35,7 +35,7 @@ def test_backward_blocks_are_aligned_subtrees_of_the_row_tree(programs: int, lev
         assert cfg.chunk * cfg.num_chunks == next_power_of_two(n), where
         assert cfg.steps <= 1 << levels, where
         # Long rows: the stats pass sums each row in aligned chunks that cover it exactly.
-        assert (cfg.num_chunks > 1) == (next_power_of_two(n) > tiling.BACKWARD_MAX_WHOLE_ROW), where
+        assert (cfg.num_chunks > 1) == (next_power_of_two(n) * itemsize > tile), where
         if cfg.num_chunks > 1:
             assert cfg.stats_chunk & (cfg.stats_chunk - 1) == 0, where
             assert cfg.stats_chunk * cfg.stats_chunks == next_power_of_two(n), where
