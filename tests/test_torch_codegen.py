@@ -142,8 +142,8 @@ def _ptxas_usage(ptx: str) -> tuple[int, int]:
 def test_backward_tile_fits_in_registers(n: int, residual: bool, dtype: str) -> None:
     """The shipped backward tile (16384 rows) compiles without spills: each spilled float goes
     through local memory once per step (bf16 4 x 4096 on 16 warps spilled 336 bytes per thread).
-    Not asserted: 4-8 bytes at n = 4096 with a bf16 residual or in float32, 12 at bf16 n = 8192
-    (BENCHMARKS.md)."""
+    Not asserted: 4-8 bytes at n = 4096 with a bf16 residual or in float32, 12 at bf16 n = 8192,
+    84-88 there with a residual (benchmarks/kernel-resources-sm90a.txt)."""
     cfg = tiling.backward_config(n, 16384, {"bf16": 2, "fp32": 4}[dtype])
     ptx = _backward_ptx(cfg.chunk, cfg.num_warps, cfg.rows, cfg.steps, cfg.num_chunks, residual, aligned=True,
                         dtype=dtype)
