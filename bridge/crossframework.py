@@ -7,7 +7,7 @@ both kernels on the same device memory and compares their bits there, in JAX; `c
 (`bridge.crossframework_backward`, importable from here too) does the same for the gradients (torch
 autograd against jax.vjp, NUMERICS.md's backward), and `bridge.crossframework_fp8.cross_check_fp8`
 for the FP8 output (contract v1.2): out's codes, the scales, the new residual. What the checks
-share (probe, best_device, first_bit_difference): `bridge.crossframework_device`.
+share (probe, best_device, first_bit_difference, first_output_difference): `bridge.crossframework_device`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Optional, Tuple, Union
 import numpy as np
 
 from .crossframework_backward import cross_check_backward  # noqa: F401 (the README documents it here)
-from .crossframework_device import _bi_jax, best_device, first_bit_difference
+from .crossframework_device import _bi_jax, best_device, first_output_difference
 from .crossframework_fp8 import _any_to_jax, _any_to_torch, _jax_quantization, _torch_quantization
 from .dlpack import to_jax, to_torch
 
@@ -107,8 +107,4 @@ def cross_check(
                      weight_offset)
     if residual is None:
         by_torch, by_jax = (by_torch,), (by_jax,)
-    for what, t, j in zip(("out", "new_residual"), by_torch, by_jax):
-        problem = first_bit_difference(to_jax(t), j, labels=("torch", "jax"))
-        if problem:
-            return f"{what}: {problem}"
-    return None
+    return first_output_difference(("out", "new_residual"), by_torch, by_jax, to_jax)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional, Tuple
 
 import numpy as np
 
-from .crossframework_device import best_device, first_bit_difference
+from .crossframework_device import best_device, first_output_difference
 from .dlpack import to_jax
 
 if TYPE_CHECKING:
@@ -90,8 +90,4 @@ def cross_check_backward(
     views = [None if t is None else to_jax(t) for t in tensors]
     by_jax = _bi_jax_backward(*views[:3], eps, *views[3:], mode, weight_offset)
     names = ("grad_x", "grad_weight") if residual_np is None else ("grad_x", "grad_residual", "grad_weight")
-    for what, t, j in zip(names, by_torch, by_jax):
-        problem = first_bit_difference(to_jax(t), j, labels=("torch", "jax"))
-        if problem:
-            return f"{what}: {problem}"
-    return None
+    return first_output_difference(names, by_torch, by_jax, to_jax)

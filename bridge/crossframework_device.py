@@ -1,6 +1,6 @@
 """What the cross-framework checks share: whether both kernels can run here, the device both
-frameworks see, bi_jax run on its arrays' device, and the first bit difference of two arrays,
-found on the device.
+frameworks see, bi_jax run on its arrays' device, and the first bit difference of two arrays
+(and of a call's outputs, by name), found on the device.
 
 The checks themselves: `bridge.crossframework` (forward), `bridge.crossframework_backward` (the
 gradients) and `bridge.crossframework_fp8` (the FP8 output).
@@ -51,6 +51,19 @@ def _bi_jax(x: jax.Array, weight: jax.Array, eps: float, residual: Optional[jax.
     with placed:
         return bi_jax.rms_norm(x, weight, eps, residual, mode=mode, weight_offset=weight_offset,
                                interpret=device.platform != "gpu", **fp8)
+
+
+def first_output_difference(names, by_torch, by_jax, torch_to_jax: Callable) -> Optional[str]:
+    """The first output, in `names` order, whose torch result (moved to JAX by torch_to_jax) and
+    JAX result differ in bits: "name: difference"; None if all agree. Outputs torch gives as None
+    (absent for this call) are skipped."""
+    for what, t, j in zip(names, by_torch, by_jax):
+        if t is None:
+            continue
+        problem = first_bit_difference(torch_to_jax(t), j, labels=("torch", "jax"))
+        if problem:
+            return f"{what}: {problem}"
+    return None
 
 
 def first_bit_difference(a: jax.Array, b: jax.Array, labels: Tuple[str, str] = ("a", "b")) -> Optional[str]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from .crossframework_device import _bi_jax, best_device, first_bit_difference
+from .crossframework_device import _bi_jax, best_device, first_output_difference
 from .dlpack import to_jax, to_torch
 
 if TYPE_CHECKING:
@@ -167,12 +167,5 @@ def cross_check_fp8(
     by_jax = _bi_jax(to_jax(x), to_jax(weight), eps, None if residual is None else to_jax(residual), mode,
                      weight_offset, **_jax_quantization(quantization["out_dtype"], scale, group_size))
     grouped, has_residual = group_size is not None, residual is not None
-    parts = zip(("out", "scales", "new_residual"), split_fp8(by_torch, grouped, has_residual),
-                split_fp8(by_jax, grouped, has_residual))
-    for what, t, j in parts:
-        if t is None:
-            continue
-        problem = first_bit_difference(_any_to_jax(t), j, labels=("torch", "jax"))
-        if problem:
-            return f"{what}: {problem}"
-    return None
+    return first_output_difference(("out", "scales", "new_residual"), split_fp8(by_torch, grouped, has_residual),
+                                   split_fp8(by_jax, grouped, has_residual), _any_to_jax)
