@@ -1,4 +1,4 @@
-"""Shared fixtures: the golden corpus, and the `gpu` marker's skip rule."""
+"""Shared fixtures: the golden corpus, the host mesh of the sharding tests, and the `gpu` marker's skip rule."""
 
 from __future__ import annotations
 
@@ -32,6 +32,18 @@ def backward_corpus():
 def fp8_cases():
     """The FP8 cases (bridge.golden_fp8.Fp8Case) by name, in the manifest's order."""
     return {case.spec.name: case for case in golden.load_fp8_corpus()}
+
+
+@pytest.fixture(scope="session")
+def mesh():
+    """A one-axis ("b") mesh over the 4 host devices XLA_FLAGS asks for above."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    devices = jax.devices()
+    assert len(devices) == 4, "tests/conftest.py sets --xla_force_host_platform_device_count=4"
+    return Mesh(np.array(devices), ("b",))
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 from jax_fp8_helpers import FP8_JIT, QUANTS, assert_fp8_result, call, expected, fp8_rows, fp8_weight, quant_kwargs
 from jax_helpers import _seed
 
@@ -65,13 +65,6 @@ def test_vmap_with_a_batched_scale():
         jnp.asarray(x), jnp.asarray(scales))
     for i, s in enumerate(scales):
         assert_fp8_result(expected(x[i], w, None, out_dtype=jnp.float8_e4m3fn, scale=s), (got[i],), f"scale {s}")
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    devices = jax.devices()
-    assert len(devices) == 4, "tests/conftest.py sets --xla_force_host_platform_device_count=4"
-    return Mesh(np.array(devices), ("b",))
 
 
 @pytest.mark.parametrize("quant", ["static", "group64"])

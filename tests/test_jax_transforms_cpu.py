@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 from jax_helpers import (JIT, N, _seed, assert_bits, assert_pair_bits, pair, random_rows, random_weight, ref,
                          residual_dtype)
 
@@ -166,13 +166,6 @@ def test_batch_invariance(dtype, kind, mode, offset, n):
 # --------------------------------------------------------------------------------------------
 
 COLLECTIVES = ("all-gather", "all-to-all", "all-reduce", "collective-permute", "reduce-scatter")
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    devices = jax.devices()
-    assert len(devices) == 4, "tests/conftest.py sets --xla_force_host_platform_device_count=4"
-    return Mesh(np.array(devices), ("b",))
 
 
 @pytest.mark.parametrize("kind", ["none", "float32"])
