@@ -1,11 +1,12 @@
 """FP8 output inside the Pallas forward kernel: NUMERICS.md contract v1.2, steps Q2-Q4.
 
-Mirrors the FP8 helpers of bi_torch/triton_kernel.py line for line (clamp_fp8, encode_fp8,
-quantize_static, quantize_groups; its div_rn is ExactOps.div here). rnFP8 (encode_fp8) works on
-the float32 bit pattern on the GPU and in interpret mode alike: one code path, exact by
-construction, whatever a compiler's float32 -> FP8 conversion does. Below FP8's smallest normal
-both kernels round with integer shifts: adding and subtracting 2**23 in float32 would be exact too,
-but XLA's CPU backend folds (a + 2**23) - 2**23 back into a (seen: jax 0.10.2).
+Mirrors the FP8 helpers of bi_torch/triton_kernel.py line for line (clamp_fp8, encode_fp8, to_fp8,
+quantize_static, quantize_groups; its div_rn is ExactOps.div here). On the GPU, Q3-Q4 are one
+hardware conversion (cvt.rn.satfinite.e4m3x2.f32, as in the Triton kernel), equal to the contract's
+clamp and rnFP8 on all 2**32 float32 patterns (tests/test_jax_fp8_gpu.py); interpret mode rounds
+on the bit pattern (encode_fp8). Below FP8's smallest normal encode_fp8 rounds with integer shifts:
+adding and subtracting 2**23 in float32 would be exact too, but XLA's CPU backend folds
+(a + 2**23) - 2**23 back into a (seen: jax 0.10.2).
 The kernel writes the FP8 codes as uint8; bi_jax.ops bitcasts them to the format outside it.
 """
 
@@ -80,10 +81,19 @@ def encode_fp8(c: jax.Array, mantissa_bits: int, exponent_bias: int, nan_fp8: in
     return jnp.where(c != c, jnp.uint32(nan_fp8), code).astype(jnp.uint8)
 
 
-def quantize_static(u: jax.Array, inv_scale: jax.Array, quant: Quant) -> jax.Array:
+def to_fp8(ops, t: jax.Array, quant: Quant) -> jax.Array:
+    """Q3-Q4: rnFP8(clamp(t)) as uint8 codes. On the GPU: cvt.rn.satfinite.e4m3x2.f32, which saturates
+    to +-448 (infinities too) and writes 0x7F for every NaN: the contract's codes for every float32
+    pattern, compared exhaustively on the GPU (tests/test_jax_fp8_gpu.py, both frameworks)."""
+    if ops.interpret:
+        return encode_fp8(clamp_fp8(t, quant.fp8_max), quant.mantissa_bits, quant.exponent_bias, quant.nan_fp8)
+    assert quant.fmt_name == "float8_e4m3fn", "e4m3fn only"
+    return lax.bitcast_convert_type(t.astype(jnp.float8_e4m3fn), jnp.uint8)
+
+
+def quantize_static(ops, u: jax.Array, inv_scale: jax.Array, quant: Quant) -> jax.Array:
     """Q2-Q4 static: rnFP8(clamp(rn(u * inv_scale))), inv_scale = rn(1 / scale) once per program."""
-    return encode_fp8(clamp_fp8(u * inv_scale, quant.fp8_max), quant.mantissa_bits, quant.exponent_bias,
-                      quant.nan_fp8)
+    return to_fp8(ops, u * inv_scale, quant)
 
 
 def quantize_groups(ops, u: jax.Array, scales_ref, rows, row_mask, chunk, n_cols: int, ROWS: int, CHUNK: int,
@@ -100,6 +110,5 @@ def quantize_groups(ops, u: jax.Array, scales_ref, rows, row_mask, chunk, n_cols
     s = ops.div(jnp.maximum(amax, jnp.float32(AMAX_FLOOR)),
                 jnp.full((ROWS, CHUNK // GROUP), quant.fp8_max, jnp.float32))
     plgpu.store(scales_ref.at[rows * (n_cols // GROUP) + group_cols], s, mask=group_mask)
-    q = encode_fp8(clamp_fp8(ops.div(groups, s[:, :, None]), quant.fp8_max), quant.mantissa_bits,
-                   quant.exponent_bias, quant.nan_fp8)
+    q = to_fp8(ops, ops.div(groups, s[:, :, None]), quant)
     return q.reshape(ROWS, CHUNK)

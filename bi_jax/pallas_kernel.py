@@ -172,7 +172,7 @@ def scale_store(ops: ExactOps, v, inv, w, out_ref, offsets, mask, dtype, llama: 
         normed = round_to(normed, dtype)
     u = normed * w
     if quant.kind == "static":
-        q = quantize_static(u, inv_scale, quant)
+        q = quantize_static(ops, u, inv_scale, quant)
     elif quant.kind == "group":
         q = quantize_groups(ops, u, scales_ref, rows, row_mask, chunk, n_cols, ROWS, CHUNK, quant)
     else:

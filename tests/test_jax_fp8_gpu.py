@@ -3,9 +3,8 @@
 Skipped without a GPU as JAX's default backend (jax_gpu_marks.py). The FP8 golden corpus;
 bridge.reference on the CPU tests' inputs (and a float32-subnormal scale, which XLA:CPU would
 flush); compiled vs interpret mode; batch invariance of out and the scales over batches of 1 to
-4096 rows (255 and 300 among them, as vLLM's tests use) and long rows; and rnFP8 (encode_fp8)
-compiled over every float32 in [-448, 448] against XLA's own conversion on the device (ml_dtypes
-settles any disagreement).
+4096 rows (255 and 300 among them, as vLLM's tests use) and long rows; and the kernel's hardware
+FP8 conversion (to_fp8) against the bit-pattern encoder on every float32 pattern.
 """
 
 from __future__ import annotations
@@ -18,14 +17,14 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 import bi_jax  # noqa: E402
-from bi_jax.pallas_fp8 import clamp_fp8, encode_fp8  # noqa: E402
+from bi_jax.pallas_fp8 import clamp_fp8, encode_fp8, to_fp8  # noqa: E402
+from bi_jax.pallas_kernel import ExactOps  # noqa: E402
 
 from fp8_helpers import FP8_CASE_NAMES  # noqa: E402
 from jax_fp8_helpers import (COMBOS, E4M3, HUGE_WEIGHT_COLUMN, QUANTS, assert_fp8_result, call,  # noqa: E402
@@ -114,42 +113,30 @@ def test_batch_invariance_1_to_4096(quant, kind, n):
                               f"B={batch} rows {part}")
 
 
-def _encode_kernel(c_ref, q_ref, *, block: int):
+def _hardware_vs_bits_kernel(t_ref, differ_ref, *, block: int):
     offsets = pl.program_id(0) * block + jnp.arange(block, dtype=jnp.int32)
-    c = clamp_fp8(plgpu.load(c_ref.at[offsets]), E4M3.fp8_max)
-    plgpu.store(q_ref.at[offsets], encode_fp8(c, E4M3.mantissa_bits, E4M3.exponent_bias, E4M3.nan_fp8))
+    t = plgpu.load(t_ref.at[offsets])
+    hardware = to_fp8(ExactOps(interpret=False), t, E4M3)
+    by_bits = encode_fp8(clamp_fp8(t, E4M3.fp8_max), E4M3.mantissa_bits, E4M3.exponent_bias, E4M3.nan_fp8)
+    plgpu.store(differ_ref.at[offsets], (hardware != by_bits).astype(jnp.uint8))
 
 
-def test_encode_fp8_compiled_over_every_float32_up_to_448():
-    """encode_fp8 compiled (variable shifts, unsigned wrap) equals the device's own conversion on
-    every float32 pattern with |c| <= 448, both signs; any disagreement is settled by ml_dtypes."""
-    block, chunk = 4096, 1 << 26
-    encode = pl.pallas_call(functools.partial(_encode_kernel, block=block),
+def test_to_fp8_compiled_equals_bit_pattern_on_every_float32():
+    """The compiled kernel's Q3-Q4 (to_fp8: the device's cvt.rn.satfinite.e4m3x2.f32, no clamp, no
+    NaN select) against encode_fp8(clamp_fp8(t)), the contract's form, compiled in the same kernel,
+    on all 2**32 float32 patterns t: infinities, out-of-range values, every NaN, subnormals and both
+    zeros included. (encode_fp8 itself is checked against the reference in test_jax_fp8_cpu.py.)"""
+    block, chunk = 4096, 1 << 28
+    differ = pl.pallas_call(functools.partial(_hardware_vs_bits_kernel, block=block),
                             out_shape=jax.ShapeDtypeStruct((chunk,), jnp.uint8), grid=(chunk // block,),
                             compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1), interpret=False)
 
     @jax.jit
-    def compare(start):
+    def count(start):
         bits = start + jnp.arange(chunk, dtype=jnp.uint32)
-        c = jax.lax.bitcast_convert_type(bits, jnp.float32)
-        ours = encode(c)
-        theirs = jax.lax.bitcast_convert_type(c.astype(jnp.float8_e4m3fn), jnp.uint8)
-        theirs = jnp.where(c != c, jnp.uint8(E4M3.nan_fp8), theirs)
-        differ = ((bits & 0x7FFFFFFF) <= 0x43E00000) & (ours != theirs)
-        return jnp.count_nonzero(differ), differ, ours
+        wrong = differ(jax.lax.bitcast_convert_type(bits, jnp.float32)) != 0
+        return jnp.count_nonzero(wrong), jnp.min(jnp.where(wrong, bits, jnp.uint32(0xFFFFFFFF)))
 
-    top = 0x43E00000
-    for sign in (0, 0x80000000):
-        for start in range(0, top + 1, chunk):
-            count, differ, ours = compare(jnp.uint32(sign + start))
-            if not int(count):
-                continue
-            # The device's conversion disagrees here: ml_dtypes (the reference's rnFP8) decides.
-            where = np.flatnonzero(np.asarray(differ))
-            values = (np.uint32(sign + start) + where.astype(np.uint32)).view(np.float32)
-            ml = values.astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
-            wrong = np.flatnonzero(np.asarray(ours)[where] != ml)
-            assert wrong.size == 0, (
-                f"{wrong.size} codes differ from ml_dtypes in chunk 0x{sign + start:08x}; first "
-                f"{values[wrong[0]]!r}: ours 0x{int(np.asarray(ours)[where[wrong[0]]]):02x}, "
-                f"ml_dtypes 0x{int(ml[wrong[0]]):02x}")
+    for start in range(0, 1 << 32, chunk):
+        n, first = count(jnp.uint32(start))
+        assert int(n) == 0, f"{int(n)} codes differ in 0x{start:08x}-0x{start + chunk - 1:08x}; first 0x{int(first):08x}"

@@ -1,5 +1,6 @@
 """bi_torch's FP8 output (contract v1.2) on CUDA tensors, the compiled Triton kernel, bit for bit
-(skipped, with the reason, without a CUDA GPU): rnFP8 alone over float32 patterns, the FP8 golden
+(skipped, with the reason, without a CUDA GPU): rnFP8 alone over float32 patterns (the bit-pattern
+encoder against the reference; the hardware conversion against it on all 2**32), the FP8 golden
 corpus, random and special rows against bridge.reference (more rows, larger n than on the CPU),
 the compiled kernel against the interpreter, batch invariance of out and scales over many batch
 sizes (the launch configuration changes with them), torch.compile, CUDA-graph capture with a scale
@@ -60,6 +61,33 @@ def test_encode_fp8_compiled_matches_reference():
         expected = reference_fp8.encode_fp8(reference_fp8.clamp(c, FP8), FP8)
     assert_fp8_bits(expected, q.cpu().numpy().view(reference_fp8.fp8_numpy_dtype(FP8)),
                     "compiled encode_fp8(clamp_fp8(c)) vs reference")
+
+
+@triton.jit
+def _hardware_vs_bits_kernel(start, differ_ptr, first_ptr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr,
+                             MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr, NAN_FP8: tl.constexpr):
+    bits = start + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    t = bits.to(tl.uint32).to(tl.float32, bitcast=True)
+    hardware = triton_kernel.to_fp8(t, FP8_MAX, MANTISSA_BITS, EXPONENT_BIAS, NAN_FP8)
+    by_bits = triton_kernel.encode_fp8(triton_kernel.clamp_fp8(t, FP8_MAX), MANTISSA_BITS, EXPONENT_BIAS, NAN_FP8)
+    wrong = hardware != by_bits
+    tl.store(differ_ptr + tl.program_id(0), tl.sum(wrong.to(tl.int32), 0))
+    tl.store(first_ptr + tl.program_id(0), tl.min(tl.where(wrong, bits, 1 << 40), 0))
+
+
+def test_to_fp8_compiled_equals_bit_pattern_on_every_float32():
+    """The compiled kernels' Q3-Q4 (to_fp8: cvt.rn.satfinite.e4m3x2.f32, no clamp, no NaN select)
+    against encode_fp8(clamp_fp8(t)), the contract's form, on all 2**32 float32 patterns t:
+    infinities, out-of-range values, every NaN, subnormals and both zeros included."""
+    block, span = 4096, 1 << 30
+    differ = torch.empty(span // block, dtype=torch.int32, device=DEV)
+    first = torch.empty(span // block, dtype=torch.int64, device=DEV)
+    for start in range(0, 1 << 32, span):
+        _hardware_vs_bits_kernel[(span // block,)](start, differ, first, BLOCK=block, **launch.fp8_constexprs(FP8),
+                                                   enable_fp_fusion=False)
+        count = int(differ.sum())
+        assert count == 0, (f"{count} codes differ in 0x{start:08x}-0x{start + span - 1:08x}; first pattern "
+                            f"0x{int(first[first < (1 << 40)].min()):08x}")
 
 
 @pytest.mark.parametrize("name", FP8_CASE_NAMES)
