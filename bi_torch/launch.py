@@ -19,7 +19,7 @@ import torch
 from bridge.contract import CANONICAL_NAN_BITS, FP8_FORMATS, as_float32
 from bridge.tiling import backward_config, column_tree_width, launch_config
 
-from . import triton_backward, triton_kernel
+from . import triton_backward, triton_fp8, triton_kernel
 
 
 def _load_interpreted(module: ModuleType, name: str) -> ModuleType:
@@ -52,8 +52,15 @@ def _cuda_name(index: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def interpreted_fp8_kernels() -> ModuleType:
+    """triton_fp8.py under the interpreter."""
+    return _load_interpreted(triton_fp8, "bi_torch._triton_fp8_interpreted")
+
+
+@functools.lru_cache(maxsize=None)
 def interpreted_kernels() -> ModuleType:
-    """triton_kernel.py under the interpreter."""
+    """triton_kernel.py under the interpreter, with the interpreted FP8 helpers."""
+    interpreted_fp8_kernels()
     return _load_interpreted(triton_kernel, "bi_torch._triton_kernel_interpreted")
 
 

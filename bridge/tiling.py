@@ -115,17 +115,33 @@ BACKWARD_THREAD_BYTES = 32
 # 1220 bytes per thread, float32 8192 280 (540 with a residual), the 16384-wide tiles of long
 # rows 1448, where the H200 measured 8.6 % of copy (scripts/kernel_resources.py).
 BACKWARD_LONG_CHUNK = 4096
-# At most 2**4 steps per block: each counter level is a float32 row of the tile's width in registers
-# (bf16, 2 x 4096 on 16 warps: 8 per level per thread). Fewer steps mean more blocks, whose float32
-# partial sums the column tree reads back: 512 blocks of 4096 are 8 MB written and read.
+# At most 2**4 steps per block. Each counter level is a float32 row of the tile's width, spread
+# over the program's threads; at most COUNTER_REGISTERS of them per thread (H100, bf16, 16 warps:
+# 4096 wide, 8 a level, takes 4 levels; 8192 wide, 16 a level, 3: 16384 x 8192 took 382 us with 8
+# steps, 485 us with 16, whose 64 registers spilled; scripts/tune_backward.py, BENCHMARKS.md).
 MAX_BACKWARD_LEVELS = 4
-# Aim for at least this many row blocks when there are rows enough (4 per SM on an H200).
-BACKWARD_PROGRAMS = 512
+COUNTER_REGISTERS = 48
+# Aim for at least this many row blocks when there are rows enough; fewer rows per tile where even
+# one row per tile leaves fewer (H100, bf16: 1024 x 4096 15.2 us with 128 blocks of 2 x 4 rows,
+# 512 blocks of 2 rows 18 us; 64 x 4096 7.4 us with blocks of 1 row, 8.4 with 2).
+BACKWARD_PROGRAMS = 128
+# Short batches, SLAB_MIN_ROWS to SLAB_MAX_ROWS rows (their z and gradient, at most 4 MB, stay in
+# L2): the stats pass takes inv and c, then the main kernel takes slabs of columns (_slab_config).
+# H100, bf16, rotated inputs (scripts/compare_backward_rules.py, BENCHMARKS.md): n = 4096, 32 rows
+# 5.2 us against 6.7 in one-row blocks, 64 rows 5.1 against 5.8; 16 rows 7.2 against 5.5 and 128
+# alike (7.6 / 7.4); 1024 rows 28.0 against 18.5 in 128 blocks of 8 rows; n = 8192, 32 rows 5.6
+# against 8.1.
+SLAB_MIN_ROWS = 32
+SLAB_MAX_ROWS = 64
+SLAB_ROW_BYTES = 64  # two 32-byte sectors of a row per slab
+SLAB_TILE = 4096
 # The tree over the blocks' partial sums, one launch per level: each program sums an aligned group
 # of COLUMN_TREE_GROUP partial rows for COLUMN_TREE_TILE / group columns. Every level is a grid of
 # its own, so the upper tree runs at the partials' bandwidth (one program per column slice,
-# looping over the blocks, took 60 us for 512 x 4096 partials on an H200).
-COLUMN_TREE_GROUP = 16
+# looping over the blocks, took 60 us for 512 x 4096 partials on an H200). Groups of 128 rather
+# than 16 save launches: H100, bf16, 4096 x 8192 104.2 us against 111.5, 16384 x 4096 157.6 us
+# against 161.5 (scripts/compare_backward_rules.py).
+COLUMN_TREE_GROUP = 128
 COLUMN_TREE_TILE = 4096
 
 
@@ -180,16 +196,38 @@ def backward_config(n: int, n_rows: int, itemsize: int) -> BackwardConfig:
     width = next_power_of_two(n)
     rows_pow2 = next_power_of_two(max(n_rows, 1))
     if width * itemsize <= BACKWARD_TILE_BYTES:
+        if SLAB_MIN_ROWS <= rows_pow2 <= SLAB_MAX_ROWS and SLAB_ROW_BYTES < width * itemsize:
+            return _slab_config(width, n_rows, rows_pow2, itemsize)
         chunk, stats_chunk = width, 0
     else:
         # inv and c come from the stats pass (the forward's chunks), so the main kernel may take
         # any aligned slice of columns: one within the tile's bytes, whose registers fit.
         chunk, stats_chunk = min(BACKWARD_LONG_CHUNK, BACKWARD_TILE_BYTES // itemsize), min(width, MAX_WHOLE_ROW)
     num_chunks = width // chunk
-    rows = max(1, min(BACKWARD_TILE_ROWS, BACKWARD_TILE_BYTES // (chunk * itemsize), rows_pow2))
-    # A power of two (the block must be a subtree), rounded down: at least BACKWARD_PROGRAMS blocks.
-    steps = 1 << max(0, min(MAX_BACKWARD_LEVELS, (rows_pow2 // (rows * BACKWARD_PROGRAMS)).bit_length() - 1))
-    blocks = -(-max(n_rows, 1) // (rows * steps))
+    rows = max(1, min(BACKWARD_TILE_ROWS, BACKWARD_TILE_BYTES // (chunk * itemsize), rows_pow2 // BACKWARD_PROGRAMS))
+    rows = 1 << (rows.bit_length() - 1)  # a power of two: the tile's tree is a subtree
     warps = max(1, min(16, rows * chunk * itemsize // (32 * BACKWARD_THREAD_BYTES)))
+    # The counter's levels fit its registers (a level per thread: chunk / threads floats).
+    levels = min(MAX_BACKWARD_LEVELS, COUNTER_REGISTERS * 32 * warps // chunk)
+    # A power of two (the block must be a subtree), rounded down: at least BACKWARD_PROGRAMS programs,
+    # counting the long rows' column chunks.
+    per_block = max(1, BACKWARD_PROGRAMS // num_chunks)
+    steps = 1 << max(0, min(levels, (rows_pow2 // (rows * per_block)).bit_length() - 1))
+    blocks = -(-max(n_rows, 1) // (rows * steps))
     return BackwardConfig(rows, steps, blocks, chunk, num_chunks, stats_chunk, warps,
                           split_width(stats_chunk or chunk, itemsize), column_tree_groups(blocks))
+
+
+def _slab_config(width: int, n_rows: int, rows_pow2: int, itemsize: int) -> BackwardConfig:
+    """A short batch, whose z and gradient stay in L2: the stats pass reads them from memory,
+    then each program takes a slab of columns of every row (read again from L2) and sums its
+    grad_weight columns over the whole batch itself: no partial sums, no column tree. A slab of
+    SLAB_ROW_BYTES a row, tiles of SLAB_TILE elements (rows of the slab) on SLAB_TILE * itemsize
+    bytes' warps."""
+    chunk = min(width // 2, max(SLAB_ROW_BYTES // itemsize, width // next_power_of_two(BACKWARD_PROGRAMS)))
+    rows = min(rows_pow2, max(1, SLAB_TILE // chunk))  # powers of two all
+    steps = min(1 << MAX_BACKWARD_LEVELS, rows_pow2 // rows)
+    blocks = -(-max(n_rows, 1) // (rows * steps))
+    warps = max(1, min(16, rows * chunk * itemsize // (32 * BACKWARD_THREAD_BYTES)))
+    return BackwardConfig(rows, steps, blocks, chunk, width // chunk, width, warps, split_width(width, itemsize),
+                          column_tree_groups(blocks))

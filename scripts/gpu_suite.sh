@@ -27,9 +27,19 @@ for step in "${steps[@]}"; do
     verify)
       $py -m bridge.cli verify 2>&1 | tee "$out/verify.txt" || status=1 ;;
     tests)
-      # Several processes when pytest-xdist is there: compiles dominate a cold run.
-      xdist=$($py -c "import xdist" 2>/dev/null && echo "-n 8")
-      $py -m pytest -m "gpu or codegen" -p no:cacheprovider -v -rfE --tb=short --durations=20 $xdist tests 2>&1 | tee "$out/gpu-tests.txt" | tail -n 40 || status=1 ;;
+      # Several processes when pytest-xdist is there (compiles dominate a cold run): one per 6 GB of
+      # free GPU memory, at most 12. The `bigmem` tests (tests/conftest.py) next: the wide sweeps on a
+      # worker per 20 GB, then the ones over 2**31 elements (24-50 GB) one at a time.
+      free=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -n 1)
+      xdist() { $py -c "import xdist" 2>/dev/null && echo "-n $(( free / $1 > $2 ? $2 : (free / $1 < 1 ? 1 : free / $1) ))"; }
+      opts=(-p no:cacheprovider -v -rfE --tb=short --durations=20)
+      huge="2_31 or two_to_the_31"
+      $py -m pytest -m "(gpu or codegen) and not bigmem" "${opts[@]}" $(xdist 6144 12) tests 2>&1 \
+        | tee "$out/gpu-tests.txt" | tail -n 40 || status=1
+      $py -m pytest -m "gpu and bigmem" -k "not ($huge)" "${opts[@]}" $(xdist 20480 4) tests 2>&1 \
+        | tee "$out/gpu-tests-bigmem.txt" | tail -n 20 || status=1
+      $py -m pytest -m "gpu and bigmem" -k "$huge" "${opts[@]}" tests 2>&1 | tee "$out/gpu-tests-huge.txt" | tail -n 10 \
+        || status=1 ;;
     bench)
       if [ -f bridge/bench/__init__.py ]; then
         $py -m bridge.cli bench --out "$out" 2>&1 | tee "$out/bench.txt" || status=1
@@ -61,5 +71,6 @@ done
 echo "==== summary ===="
 [ -f "$out/verify.txt" ] && sed -n '/^backend /,$p' "$out/verify.txt"
 [ -f "$out/gpu-tests.txt" ] && tail -n 3 "$out/gpu-tests.txt"
+for f in gpu-tests-bigmem gpu-tests-huge; do [ -f "$out/$f.txt" ] && tail -n 1 "$out/$f.txt"; done
 [ -f "$out/bench-table.txt" ] && cat "$out/bench-table.txt"
 exit $status

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from bi_torch import triton_kernel  # noqa: E402
+from bi_torch import triton_fp8  # noqa: E402
 from bi_torch.launch import fp8_constexprs  # noqa: E402
 
 # d's low byte is b's code (PTX ISA, cvt with an f8x2 destination: a to the upper byte).
@@ -33,8 +33,8 @@ CVT_E4M3 = tl.constexpr("{ .reg .b16 t; cvt.rn.satfinite.e4m3x2.f32 t, 0f0000000
 def compare_kernel(start, differ_ptr, first_ptr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr,
                    MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr, NAN_FP8: tl.constexpr):
     bits = start + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    c = triton_kernel.clamp_fp8(bits.to(tl.uint32).to(tl.float32, bitcast=True), FP8_MAX)
-    ours = triton_kernel.encode_fp8(c, MANTISSA_BITS, EXPONENT_BIAS, NAN_FP8).to(tl.int32)
+    c = triton_fp8.clamp_fp8(bits.to(tl.uint32).to(tl.float32, bitcast=True), FP8_MAX)
+    ours = triton_fp8.encode_fp8(c, MANTISSA_BITS, EXPONENT_BIAS, NAN_FP8).to(tl.int32)
     hardware = tl.inline_asm_elementwise(CVT_E4M3, "=r,r", [c], dtype=tl.int32, is_pure=True, pack=1)
     wrong = ours != hardware
     tl.store(differ_ptr + tl.program_id(0), tl.sum(wrong.to(tl.int32), 0))

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import bi_torch.launch  # noqa: E402
+from bi_torch import to_numpy  # noqa: E402
 from bridge import tiling  # noqa: E402
 from bridge.compare import assert_bitwise_equal  # noqa: E402
 
@@ -72,8 +73,8 @@ def sweep(n_rows: int, n: int, dtype: torch.dtype, residual: bool, grid: tuple) 
         bi_torch.launch.backward_config = lambda *_, cfg=cfg: cfg
         try:
             run()
-            assert_bitwise_equal(expected[0], dx, f"grad_x with {cfg}")
-            assert_bitwise_equal(expected[1], dw, f"grad_weight with {cfg}")
+            assert_bitwise_equal(to_numpy(expected[0]), to_numpy(dx), f"grad_x with {cfg}")
+            assert_bitwise_equal(to_numpy(expected[1]), to_numpy(dw), f"grad_weight with {cfg}")
             seconds = graph_time(run)
             results.append((moved / seconds / copy_bw, seconds, cfg))
         finally:

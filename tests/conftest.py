@@ -64,7 +64,20 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _needs_much_gpu_memory(item) -> bool:
+    """GPU tests over more than 2**31 elements (24-50 GB), or 4096-row sweeps of wide rows (n >= 16384,
+    or float32 from 5120): beside a dozen pytest-xdist workers on an 80 GB H100 these ran out of
+    memory (each passes alone), so they carry `bigmem`, which scripts/gpu_suite.sh runs one at a time."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    n = params.get("n", 0)
+    wide_sweep = "invariance" in item.name and (n >= 16384 or (n >= 5120 and params.get("dtype") == "float32"))
+    return "gpu" in item.keywords and ("2_31" in item.name or "two_to_the_31" in item.name or wide_sweep)
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _needs_much_gpu_memory(item):
+            item.add_marker(pytest.mark.bigmem)
     if _cuda_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible on this machine")

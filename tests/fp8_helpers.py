@@ -111,3 +111,47 @@ def captured_u() -> Iterator[List[np.ndarray]]:
         yield seen
     finally:
         reference.quantize_static, reference.quantize_groups = static, groups
+
+
+def quotient_scales(amax: np.ndarray) -> np.ndarray:
+    """Q2's scale of a group whose amax is given."""
+    return (np.maximum(amax, np.float32(GROUP_AMAX_FLOOR)) / np.float32(FP8_FORMATS[FP8].max)).astype(np.float32)
+
+
+def quotient_pairs(rng: np.random.Generator, size: int) -> tuple:
+    """(u, s) as groups hold them: amax of any magnitude, |u| <= amax, half of them a power-of-two
+    fraction of it; half of the pairs steered so that u / s is within 4 float32 steps of an FP8
+    midpoint (normal: exponents -6 to 8; subnormal: odd multiples of 2**-10)."""
+    f32 = np.float32
+    amax = np.abs(rng.standard_normal(size).astype(f32) * f32(2.0) ** rng.integers(-60, 60, size).astype(f32))
+    frac = rng.random(size).astype(f32) * f32(2.0) ** -rng.integers(0, 30, size).astype(f32)
+    sign = np.where(rng.random(size) < 0.5, f32(1), f32(-1))
+    u, s = (amax * frac * sign).astype(f32), quotient_scales(amax)
+    e, m = rng.integers(-6, 9, size), rng.integers(0, 8, size)
+    mid = np.where(rng.random(size) < 0.8, (1 + (2 * m + 1) / 16) * 2.0 ** e, (2 * m + 1) * 2.0 ** -10).astype(f32)
+    steered = ((mid * s * sign).astype(f32).view(np.int32) + rng.integers(-4, 5, size).astype(np.int32)).view(f32)
+    return np.where(rng.random(size) < 0.5, steered, u), s
+
+
+def quotient_blocks(blocks: int = 256, block: int = 1024) -> tuple:
+    """(u, s) of `blocks` blocks of `block` elements, one group scale per block: u random within the
+    group's amax, and in every other block one element steered next to an FP8 midpoint."""
+    rng = np.random.default_rng(2024)
+    amax = np.abs(rng.standard_normal(blocks).astype(np.float32)) * np.float32(2.0) ** rng.integers(-20, 20, blocks)
+    u = (rng.uniform(-1, 1, (blocks, block)) * amax[:, None]).astype(np.float32)
+    s = np.repeat(quotient_scales(amax.astype(np.float32))[:, None], block, axis=1)
+    e, m = rng.integers(-6, 9, blocks), rng.integers(0, 8, blocks)
+    mid = ((1 + (2 * m + 1) / 16) * 2.0 ** e).astype(np.float32)
+    steered = ((mid * s[:, 0]).astype(np.float32).view(np.int32) + rng.integers(-3, 4, blocks).astype(np.int32))
+    u[1::2, 7] = steered.view(np.float32)[1::2]
+    return u.ravel(), s.ravel()
+
+
+# Scales for the quotient tests: every power-of-two binade's worth of mantissas is the same test
+# (the quotient's rounding depends on mantissas; every u exponent is swept), so a spread of mantissas
+# at many exponents, the amax floor's scale, 448's (1.0), FP8's smallest normal, all-ones and
+# lowest-bit mantissas.
+QUOTIENT_SCALES = np.concatenate([
+    np.float32(np.float32(1e-10) / np.float32(448)).reshape(1), np.float32([1.0, 1.5, 0.75, 3e-5, 2e3]),
+    np.uint32([0x3F7FFFFF, 0x3F800001, 0x3FFFFFFF, 0x3C800000]).view(np.float32),
+    np.random.default_rng(24).uniform(1e-6, 1e6, 51).astype(np.float32)])

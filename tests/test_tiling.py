@@ -34,8 +34,12 @@ def test_backward_blocks_are_aligned_subtrees_of_the_row_tree(programs: int, lev
         assert all(g <= tiling.COLUMN_TREE_GROUP for g in cfg.tree_groups), where
         assert cfg.chunk * cfg.num_chunks == next_power_of_two(n), where
         assert cfg.steps <= 1 << levels, where
-        # Long rows: the stats pass sums each row in aligned chunks that cover it exactly.
-        assert (cfg.num_chunks > 1) == (next_power_of_two(n) * itemsize > tile), where
+        # Long rows, and short batches' slabs: the stats pass sums each row in aligned chunks that
+        # cover it exactly.
+        slab = cfg.stats_chunk == next_power_of_two(n) and next_power_of_two(n) * itemsize <= tile
+        assert (cfg.num_chunks > 1) == (next_power_of_two(n) * itemsize > tile or slab), where
+        if slab:
+            assert tiling.SLAB_MIN_ROWS <= rows_pow2 <= tiling.SLAB_MAX_ROWS, where
         if cfg.num_chunks > 1:
             assert cfg.stats_chunk & (cfg.stats_chunk - 1) == 0, where
             assert cfg.stats_chunk * cfg.stats_chunks == next_power_of_two(n), where

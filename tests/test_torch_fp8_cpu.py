@@ -25,9 +25,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.i
 # Q3-Q4 alone: encode_fp8(clamp_fp8(c)) of the interpreted kernel module over float32 patterns.
 # --------------------------------------------------------------------------------------------
 
-# The interpreted copy of triton_kernel.py, whose helpers the interpreted test kernel calls (the
+# The interpreted copy of triton_fp8.py, whose helpers the interpreted test kernel calls (the
 # interpreter runs the kernel's source with its module's globals: no closures).
-_KERNELS = launch.interpreted_kernels()
+_KERNELS = launch.interpreted_fp8_kernels()
 
 
 def _encode_kernel(c_ptr, q_ptr, n, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr, MANTISSA_BITS: tl.constexpr,

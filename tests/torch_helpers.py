@@ -156,12 +156,16 @@ def check_backward(args, eps: float, mode: str, offset: float, what: str, device
 
 
 # Launch configurations of the backward, as overrides of bridge.tiling's tuning constants (which
-# backward_config and column_tree_width read at call time): the default; few rows per tile, many
-# steps per block, narrow long-row tiles and a narrow column tree of many levels; one program's block as large as the
-# counter allows (a single block, the kernel's FINAL path, for small batches).
+# backward_config and column_tree_width read at call time): the default; whole rows (no slabs) with
+# few rows per tile, many steps per block, narrow long-row tiles and a narrow column tree of many
+# levels; one program's block as large as the counter allows (a single block, the kernel's FINAL
+# path, for small batches); slabs of a few columns for any batch, and narrower long-row tiles.
+NO_SLABS = {"SLAB_MIN_ROWS": 1 << 40}
 BACKWARD_CONFIGS = ({}, {"BACKWARD_TILE_BYTES": 512, "BACKWARD_PROGRAMS": 4, "COLUMN_TREE_GROUP": 2, "COLUMN_TREE_TILE": 64,
-                         "BACKWARD_LONG_CHUNK": 1024},
-                    {"BACKWARD_PROGRAMS": 1, "MAX_BACKWARD_LEVELS": 6, "BACKWARD_TILE_ROWS": 16})
+                         "BACKWARD_LONG_CHUNK": 1024, **NO_SLABS},
+                    {"BACKWARD_PROGRAMS": 1, "MAX_BACKWARD_LEVELS": 6, "BACKWARD_TILE_ROWS": 16, **NO_SLABS},
+                    {"SLAB_MIN_ROWS": 1, "SLAB_MAX_ROWS": 1 << 40, "SLAB_ROW_BYTES": 8, "SLAB_TILE": 64,
+                     "BACKWARD_LONG_CHUNK": 2048})
 
 
 def patch_backward_config(patch: pytest.MonkeyPatch, overrides: dict) -> None:
