@@ -98,19 +98,23 @@ def quotient_estimate(ops, u: jax.Array, s: jax.Array, quant: Quant) -> tuple:
     """t = rn(u * rn(1 / s)), for s > 0, and where t may round to another FP8 code than rn(u / s).
 
     t is within 2 float32 steps of rn(u / s) (two roundings of 2**-24 each): where t lies more than
-    QUOTIENT_MARGIN steps from every FP8 midpoint inside [2**(1 - bias), 2 * 448), both have the same
-    rnFP8(clamp()), and below 2**(-1 - bias - mantissa bits) both give a signed zero; `near` marks
-    the rest (a midpoint's neighbourhood, FP8's subnormals). NaN and infinite u give NaN and +-0
-    alike. Checked over every float32 u for many s on the GPU (tests/test_jax_fp8_gpu.py)."""
+    QUOTIENT_MARGIN steps from every FP8 midpoint below 2 * 448 (between two normals, two subnormals,
+    or zero and the smallest), both have the same rnFP8(clamp()); `near` marks the rest. A midpoint
+    is where t's significand, cut at FP8's last bit for t's exponent, is exactly one half: the cut is
+    the mantissa bits below FP8's for normals, up to mantissa bits + 3 more below (past zero's
+    midpoint). NaN and infinite u give NaN and +-0 alike. Checked over every float32 u for many s
+    on the GPU (tests/test_jax_fp8_gpu.py)."""
     shift = 23 - quant.mantissa_bits  # float32 mantissa bits below FP8's
-    min_normal = (128 - quant.exponent_bias) << 23  # 2**(1 - bias), FP8's smallest normal
-    tiny = (126 - quant.exponent_bias - quant.mantissa_bits) << 23  # half of half its smallest subnormal
+    min_normal = 128 - quant.exponent_bias  # exponent field of 2**(1 - bias), FP8's smallest normal
     saturated = (143 - quant.exponent_bias) << 23  # 2**(16 - bias): 512, past 448's midpoint
     t = u * ops.div(jnp.full(s.shape, 1.0, jnp.float32), s)
     a = lax.bitcast_convert_type(t, jnp.uint32) & 0x7FFFFFFF
-    off_midpoint = (a & ((1 << shift) - 1)).astype(jnp.int32) - (1 << (shift - 1))
-    near = (((off_midpoint <= QUOTIENT_MARGIN) & (off_midpoint >= -QUOTIENT_MARGIN) & (a >= min_normal)
-             & (a < saturated)) | ((a >= tiny) & (a < min_normal)))
+    below = jnp.minimum(jnp.maximum(min_normal - (a >> 23).astype(jnp.int32), 0), quant.mantissa_bits + 3)
+    cut = (shift + below).astype(jnp.uint32)
+    significand = (a & 0x7FFFFF) | 0x800000
+    off_midpoint = ((significand & ((jnp.uint32(1) << cut) - 1)).astype(jnp.int32)
+                    - (jnp.int32(1) << (cut - 1).astype(jnp.int32)))
+    near = (off_midpoint <= QUOTIENT_MARGIN) & (off_midpoint >= -QUOTIENT_MARGIN) & (a < saturated)
     return t, near
 
 

@@ -81,19 +81,23 @@ def quotient_estimate(u, s, MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.const
     """t = rn(u * rn(1 / s)), for s > 0, and where t may round to another FP8 code than rn(u / s).
 
     t is within 2 float32 steps of rn(u / s) (two roundings of 2**-24 each): where t lies more than
-    QUOTIENT_MARGIN steps from every FP8 midpoint inside [2**(1 - bias), 2 * 448), both have the same
-    rnFP8(clamp()), and below 2**(-1 - bias - mantissa bits) both give a signed zero; `near` marks
-    the rest (a midpoint's neighbourhood, FP8's subnormals). NaN and infinite u give NaN and +-0
-    alike. Checked over every float32 u for many s on the GPU (tests/test_torch_fp8_gpu.py)."""
+    QUOTIENT_MARGIN steps from every FP8 midpoint below 2 * 448 (between two normals, two subnormals,
+    or zero and the smallest), both have the same rnFP8(clamp()); `near` marks the rest. A midpoint
+    is where t's significand, cut at FP8's last bit for t's exponent, is exactly one half: the cut is
+    the mantissa bits below FP8's for normals, up to MANTISSA_BITS + 3 more below (past zero's
+    midpoint). NaN and infinite u give NaN and +-0 alike. Checked over every float32 u for many s
+    on the GPU (tests/test_torch_fp8_gpu.py)."""
     SHIFT: tl.constexpr = 23 - MANTISSA_BITS  # float32 mantissa bits below FP8's
-    MIN_NORMAL: tl.constexpr = (128 - EXPONENT_BIAS) << 23  # 2**(1 - bias), FP8's smallest normal
-    TINY: tl.constexpr = (126 - EXPONENT_BIAS - MANTISSA_BITS) << 23  # half of half its smallest subnormal
+    MIN_NORMAL: tl.constexpr = 128 - EXPONENT_BIAS  # exponent field of 2**(1 - bias), FP8's smallest normal
     SATURATED: tl.constexpr = (143 - EXPONENT_BIAS) << 23  # 2**(16 - bias): 512, past 448's midpoint
     t = u * tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
     a = t.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
-    off_midpoint = (a & ((1 << SHIFT) - 1)).to(tl.int32) - (1 << (SHIFT - 1))
-    near = (((off_midpoint <= QUOTIENT_MARGIN) & (off_midpoint >= -QUOTIENT_MARGIN) & (a >= MIN_NORMAL)
-             & (a < SATURATED)) | ((a >= TINY) & (a < MIN_NORMAL)))
+    below = tl.minimum(tl.maximum(MIN_NORMAL - (a >> 23).to(tl.int32), 0), MANTISSA_BITS + 3)
+    cut = (SHIFT + below).to(tl.uint32)
+    significand = (a & 0x7FFFFF) | 0x800000
+    off_midpoint = (significand & ((tl.full(cut.shape, 1, tl.uint32) << cut) - 1)).to(tl.int32) \
+        - (tl.full(cut.shape, 1, tl.int32) << (cut - 1).to(tl.int32))
+    near = (off_midpoint <= QUOTIENT_MARGIN) & (off_midpoint >= -QUOTIENT_MARGIN) & (a < SATURATED)
     return t, near
 
 

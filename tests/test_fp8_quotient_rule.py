@@ -31,10 +31,10 @@ def estimate(u: np.ndarray, s: np.ndarray, margin: int = QUOTIENT_MARGIN) -> tup
     with np.errstate(all="ignore"):
         t = (u * (f32(1) / s).astype(f32)).astype(f32)
     a = t.view(np.uint32) & np.uint32(0x7FFFFFFF)
-    off = (a & np.uint32((1 << shift) - 1)).astype(np.int64) - (1 << (shift - 1))
-    min_normal, tiny = (128 - bias) << 23, (126 - bias - FMT.mantissa_bits) << 23
-    near = ((np.abs(off) <= margin) & (a >= min_normal) & (a < (143 - bias) << 23)) | ((a >= tiny) & (a < min_normal))
-    return t, near
+    below = np.clip((128 - bias) - (a >> 23).astype(np.int64), 0, FMT.mantissa_bits + 3)
+    bits = shift + below
+    off = ((a & 0x7FFFFF) | 0x800000).astype(np.int64) % (np.int64(1) << bits) - (np.int64(1) << (bits - 1))
+    return t, (np.abs(off) <= margin) & (a < (143 - bias) << 23)
 
 
 def test_estimate_has_the_quotients_code_wherever_it_is_not_near():
