@@ -14,7 +14,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from bridge.contract import FP8_FORMATS, as_float32, check_fp8_args
+from bridge.numerics.contract import FP8_FORMATS, as_float32, check_fp8_args
 
 from .launch import launch
 from .ops import _rows, dtype_name
@@ -59,7 +59,7 @@ def scale_tensor(scale: object, x: torch.Tensor) -> Tuple[Optional[torch.Tensor]
 def check_fp8(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], out_dtype: object,
               scale: object, group_size: object, what: str = "out_dtype"
               ) -> Tuple[Optional[str], Optional[torch.Tensor]]:
-    """Every FP8 rule (bridge.contract.check_fp8_args) before any kernel runs, after ops._validate.
+    """Every FP8 rule (bridge.numerics.contract.check_fp8_args) before any kernel runs, after ops._validate.
     Returns (the FP8 format's name or None for no quantization, the static scale tensor or None)."""
     name = fp8_format(out_dtype)
     make_scale, scale_args = scale_tensor(scale, x)

@@ -19,9 +19,9 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
-from bridge import reference
-from bridge.contract import check_rms_norm_args
-from bridge.reference_fp8 import fp8_numpy_dtype
+from bridge.numerics import reference
+from bridge.numerics.contract import check_rms_norm_args
+from bridge.numerics.reference_fp8 import fp8_numpy_dtype
 
 from .launch import launch
 

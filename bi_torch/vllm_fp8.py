@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from bridge.contract import FP8_FORMATS
+from bridge.numerics.contract import FP8_FORMATS
 
 from . import fp8
 from .ops import _rows, _rows_overlap, _validate, dtype_name

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from . import golden
-from .backends import BACKENDS
-from .contract import CONTRACT_VERSION, DTYPES
-from .verify import QUICK_MAX_N, verify
-from .verify_crossframework import CROSS_FRAMEWORK
-from .verify_report import NOT_AVAILABLE, NOT_IMPLEMENTED, BackendReport, Progress
+from .numerics.contract import CONTRACT_VERSION, DTYPES
+from .verify.backends import BACKENDS
+from .verify.crossframework import CROSS_FRAMEWORK
+from .verify.report import NOT_AVAILABLE, NOT_IMPLEMENTED, BackendReport, Progress
+from .verify.run import QUICK_MAX_N, verify
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 import bi_torch.launch  # noqa: E402
-from bridge import tiling  # noqa: E402
-from bridge.compare import assert_bitwise_equal  # noqa: E402
+from bridge.numerics import tiling  # noqa: E402
+from bridge.verify.compare import assert_bitwise_equal  # noqa: E402
 
 DEFAULT_SHAPES = "1024x4096,16384x1024,4096x8192,16384x4096,65536x4096"
 

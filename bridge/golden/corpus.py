@@ -1,9 +1,9 @@
 """The golden corpus: inputs and expected outputs generated from the reference, checked in.
 
-Forward cases are made in `golden_forward`, backward cases in `golden_backward` and FP8 cases in
-`golden_fp8` (on golden_forward's helpers); the manifest lists them apart ("cases",
+Forward cases are made in `forward`, backward cases in `backward` and FP8 cases in
+`fp8` (on forward's helpers); the manifest lists them apart ("cases",
 "backward_cases", "fp8_cases"), and regenerate, check_regeneration and the loaders here cover all
-three. Each case is one deterministic, uncompressed zip (`<name>.npz`; `golden_format`) of arrays
+three. Each case is one deterministic, uncompressed zip (`<name>.npz`; `storage`) of arrays
 stored as raw bit patterns (uint8/uint16/uint32, so bfloat16 and FP8 need no pickle), plus a
 manifest with SHA-256 digests.
 Regenerating writes identical bytes on any machine: the data come from a seeded generator, the
@@ -22,17 +22,17 @@ from typing import TYPE_CHECKING, Dict, Iterator, List, Tuple
 
 import numpy as np
 
-from . import golden_backward, golden_fp8, reference
-from .contract import CONTRACT_VERSION
-from .golden_format import _numpy_dtype, _zip_bytes, output_key
-from .golden_forward import SIZES  # noqa: F401 (NUMERICS.md names golden.SIZES)
-from .golden_forward import CaseSpec, GoldenCase, case_specs, generate_case
+from ..numerics import reference
+from ..numerics.contract import CONTRACT_VERSION
+from . import backward, fp8
+from .forward import CaseSpec, GoldenCase, case_specs, generate_case
+from .storage import _numpy_dtype, _zip_bytes, output_key
 
 if TYPE_CHECKING:
-    from .golden_backward import BackwardCase, BackwardSpec
-    from .golden_fp8 import Fp8Case, Fp8Spec
+    from .backward import BackwardCase, BackwardSpec
+    from .fp8 import Fp8Case, Fp8Spec
 
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "tests" / "golden"
+DEFAULT_DIR = Path(__file__).resolve().parents[2] / "tests" / "golden"
 MANIFEST = "manifest.json"
 
 
@@ -67,11 +67,11 @@ def render() -> Iterator[Tuple[str, str, bytes, dict]]:
     """(manifest list, file name, bytes, manifest entry) for every case: forward, backward, FP8."""
     for spec in case_specs():
         yield (FORWARD,) + _rendered(spec, _arrays(generate_case(spec)))
-    for spec in golden_backward.case_specs():
-        yield (BACKWARD,) + _rendered(spec, golden_backward.arrays(golden_backward.generate_case(spec)),
+    for spec in backward.case_specs():
+        yield (BACKWARD,) + _rendered(spec, backward.arrays(backward.generate_case(spec)),
                                       kind="backward")
-    for spec in golden_fp8.case_specs():
-        yield (FP8,) + _rendered(spec, golden_fp8.arrays(golden_fp8.generate_case(spec)), kind="fp8")
+    for spec in fp8.case_specs():
+        yield (FP8,) + _rendered(spec, fp8.arrays(fp8.generate_case(spec)), kind="fp8")
 
 
 def _manifest_bytes(entries: Dict[str, List[dict]]) -> bytes:
@@ -153,10 +153,10 @@ def load_corpus(directory: Path = DEFAULT_DIR, *, verify_digests: bool = True) -
 
 def load_backward_corpus(directory: Path = DEFAULT_DIR, *, verify_digests: bool = True) -> List[BackwardCase]:
     """Every backward case of the checked-in corpus, digests verified against the manifest."""
-    return [golden_backward.case_from(entry, arrays)
+    return [backward.case_from(entry, arrays)
             for entry, arrays in _load_entries(directory, BACKWARD, verify_digests)]
 
 
 def load_fp8_corpus(directory: Path = DEFAULT_DIR, *, verify_digests: bool = True) -> List[Fp8Case]:
     """Every FP8 case of the checked-in corpus, digests verified against the manifest."""
-    return [golden_fp8.case_from(entry, arrays) for entry, arrays in _load_entries(directory, FP8, verify_digests)]
+    return [fp8.case_from(entry, arrays) for entry, arrays in _load_entries(directory, FP8, verify_digests)]

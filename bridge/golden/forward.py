@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import reference
+from ..numerics import reference
 
 # Each case stores two of the four (mode, weight_offset) outputs, alternating, so that every pair
 # is covered across the corpus at half the size.

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from .crossframework_device import _bi_jax, best_device, first_output_difference
+from .device import _bi_jax, best_device, first_output_difference
 from .dlpack import to_jax, to_torch
 
 if TYPE_CHECKING:
@@ -26,8 +26,8 @@ def fp8_probe() -> Optional[str]:
     import bi_jax
     import bi_torch
 
-    from .backends import _needs_out_dtype
-    from .verify_report import Unavailable
+    from ..verify.backends import _needs_out_dtype
+    from ..verify.report import Unavailable
 
     try:
         _needs_out_dtype(bi_torch.rms_norm, "bi_torch.rms_norm")
@@ -152,7 +152,7 @@ def cross_check_fp8(
 
     import bi_torch
 
-    from .backends import split_fp8
+    from ..verify.backends import split_fp8
 
     device = device or best_device()
     x, weight, residual = (None if a is None else bi_torch.from_numpy(a, device)

@@ -12,9 +12,9 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-from . import reference
-from .reference_fp8 import fp8_numpy_dtype
-from .verify_report import Unavailable
+from ..numerics import reference
+from ..numerics.reference_fp8 import fp8_numpy_dtype
+from .report import Unavailable
 
 # (x, weight, eps, residual, mode, weight_offset) -> out, or (out, new_residual) with a residual.
 RunFn = Callable[..., object]
@@ -36,9 +36,9 @@ class Backend:
     make_runner: Callable[[], RunFn]
     # Raises NotImplementedError (from the framework) where the kernel has no backward yet.
     make_backward_runner: Callable[[], BackwardFn]
-    # XLA:CPU flushes float32 subnormals (bridge/subnormals.py): gradients through one are not compared.
+    # XLA:CPU flushes float32 subnormals (bridge/numerics/subnormals.py): gradients through one are not compared.
     flushes_subnormals: bool = False
-    # FP8 output (contract v1.2); raises verify_report.Unavailable where the API has none.
+    # FP8 output (contract v1.2); raises report.Unavailable where the API has none.
     make_fp8_runner: Optional[Callable[[], Fp8Fn]] = None
 
 

@@ -2,7 +2,7 @@
 
 Three passes per backend: the forward (v1), the backward (v1.1) and the FP8 output (v1.2); then
 the cross-framework row, bi_torch against bi_jax on the same memory, for the same three
-(`bridge.verify_crossframework`). How each pass checks a runner: `bridge.verify_checks`.
+(`bridge.verify.crossframework`). How each pass checks a runner: `bridge.verify.checks`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from concurrent.futures import ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
-from . import golden
+from .. import golden
 from .backends import BACKENDS, Backend
-from .verify_checks import _check_backward_corpus, _check_corpus, _check_fp8_corpus, _outputs, _sweep
-from .verify_crossframework import CROSS_FRAMEWORK, run_cross_framework
-from .verify_report import BackendReport, PassReport, Progress, Ticker, Unavailable, overall_status, run_pass
+from .checks import _check_backward_corpus, _check_corpus, _check_fp8_corpus, _outputs, _sweep
+from .crossframework import CROSS_FRAMEWORK, run_cross_framework
+from .report import BackendReport, PassReport, Progress, Ticker, Unavailable, overall_status, run_pass
 
 QUICK_MAX_N = 1025
 INVARIANCE_SIZES = (7, 128, 1000, 4096, 65536)

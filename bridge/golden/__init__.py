@@ -1,0 +1,16 @@
+"""The golden corpus: cases generated from the reference, on disk with SHA-256 digests.
+
+- forward, backward, fp8: each kind's case list, inputs and expected outputs (backward and fp8
+  build on forward's row patterns and weights);
+- storage: how one case is stored (a deterministic zip of bit patterns);
+- corpus: the cases on disk: written, checked against regeneration, loaded.
+
+Imports bridge.numerics only. The loaders below are the package's interface (tests/conftest.py,
+bridge.verify, the README).
+"""
+
+from .corpus import (DEFAULT_DIR, MANIFEST, check_regeneration, load_backward_corpus, load_corpus, load_fp8_corpus,
+                     load_manifest, regenerate)
+
+__all__ = ["DEFAULT_DIR", "MANIFEST", "check_regeneration", "load_backward_corpus", "load_corpus", "load_fp8_corpus",
+           "load_manifest", "regenerate"]
