@@ -162,7 +162,7 @@ def test_verify_catches_a_flipped_expected_fp8_bit(corpus_copy: Path, capsys) ->
 def _fp8_reference_returning(shape: str):
     """The reference's FP8 runner, but returning a result of another shape than the spec's."""
     from bridge import reference
-    from bridge.verify.backends import split_fp8
+    from bridge.numerics.contract import split_fp8
 
     def run(x, w, eps, r, mode, offset, quantization):
         result = reference.rms_norm(x, w, eps, r, mode=mode, weight_offset=offset, **quantization)
