@@ -3,14 +3,15 @@
 - forward, backward, fp8: each kind's case list, inputs and expected outputs (backward and fp8
   build on forward's row patterns and weights);
 - storage: how one case is stored (a deterministic zip of bit patterns);
-- corpus: the cases on disk: written, checked against regeneration, loaded.
+- corpus: the cases on disk: written, checked against regeneration;
+- load: the cases read back, digests checked.
 
 Imports bridge.numerics only. The loaders below are the package's interface (tests/conftest.py,
 bridge.verify, the README).
 """
 
-from .corpus import (DEFAULT_DIR, MANIFEST, check_regeneration, load_backward_corpus, load_corpus, load_fp8_corpus,
-                     load_manifest, regenerate)
+from .corpus import DEFAULT_DIR, MANIFEST, check_regeneration, regenerate
+from .load import load_backward_corpus, load_corpus, load_fp8_corpus, load_manifest
 
 __all__ = ["DEFAULT_DIR", "MANIFEST", "check_regeneration", "load_backward_corpus", "load_corpus", "load_fp8_corpus",
            "load_manifest", "regenerate"]

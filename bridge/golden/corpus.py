@@ -1,11 +1,10 @@
 """The golden corpus: inputs and expected outputs generated from the reference, checked in.
 
-Forward cases are made in `forward`, backward cases in `backward` and FP8 cases in
-`fp8` (on forward's helpers); the manifest lists them apart ("cases",
-"backward_cases", "fp8_cases"), and regenerate, check_regeneration and the loaders here cover all
-three. Each case is one deterministic, uncompressed zip (`<name>.npz`; `storage`) of arrays
-stored as raw bit patterns (uint8/uint16/uint32, so bfloat16 and FP8 need no pickle), plus a
-manifest with SHA-256 digests.
+Forward cases are made in `forward`, backward cases in `backward` and FP8 cases in `fp8` (on
+forward's helpers); the manifest lists them apart ("cases", "backward_cases", "fp8_cases"), and
+regenerate and check_regeneration here cover all three (`load` reads them back). Each case is one
+deterministic, uncompressed zip (`<name>.npz`; `storage`) of arrays stored as raw bit patterns
+(uint8/uint16/uint32, so bfloat16 and FP8 need no pickle), plus a manifest with SHA-256 digests.
 Regenerating writes identical bytes on any machine: the data come from a seeded generator, the
 expected outputs from `bridge.reference`, and the zip entries carry a fixed timestamp.
 """
@@ -14,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterator, List, Tuple
 
@@ -26,11 +23,11 @@ from ..numerics import reference
 from ..numerics.contract import CONTRACT_VERSION
 from . import backward, fp8
 from .forward import CaseSpec, GoldenCase, case_specs, generate_case
-from .storage import _numpy_dtype, _zip_bytes, output_key
+from .storage import _zip_bytes, output_key
 
 if TYPE_CHECKING:
-    from .backward import BackwardCase, BackwardSpec
-    from .fp8 import Fp8Case, Fp8Spec
+    from .backward import BackwardSpec
+    from .fp8 import Fp8Spec
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "tests" / "golden"
 MANIFEST = "manifest.json"
@@ -110,53 +107,3 @@ def check_regeneration(directory: Path = DEFAULT_DIR) -> List[str]:
     if not manifest.exists() or manifest.read_bytes() != _manifest_bytes(entries):
         problems.append(MANIFEST)
     return problems
-
-
-def load_manifest(directory: Path = DEFAULT_DIR) -> dict:
-    """The manifest: "cases" lists the forward cases, "backward_cases" the backward ones, "fp8_cases" the FP8 ones."""
-    path = directory / MANIFEST
-    if not path.exists():
-        raise FileNotFoundError(f"golden corpus manifest not found at {path}; run `bi-norm golden --regenerate`")
-    return json.loads(path.read_text())
-
-
-def _load_entries(directory: Path, section: str,
-                  verify_digests: bool) -> Iterator[Tuple[dict, Dict[str, np.ndarray]]]:
-    """(manifest entry, arrays by name) for every case in one of the manifest's lists."""
-    manifest = load_manifest(directory)
-    if section not in manifest:
-        raise ValueError(f"golden corpus: the manifest has no {section!r}; run `bi-norm golden --regenerate`")
-    for entry in manifest[section]:
-        data = (directory / entry["file"]).read_bytes()
-        if verify_digests and hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise ValueError(f"golden corpus: {entry['file']} does not match its SHA-256 in the manifest")
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            yield entry, {
-                name[:-4]: np.lib.format.read_array(io.BytesIO(zf.read(name))).view(
-                    _numpy_dtype(entry["dtypes"][name[:-4]]))
-                for name in zf.namelist()
-            }
-
-
-def load_corpus(directory: Path = DEFAULT_DIR, *, verify_digests: bool = True) -> List[GoldenCase]:
-    """Every forward case of the checked-in corpus, digests verified against the manifest."""
-    cases = []
-    for entry, arrays in _load_entries(directory, FORWARD, verify_digests):
-        outputs = tuple((m, float(o)) for m, o in entry["outputs"])
-        spec = CaseSpec(entry["name"], entry["dtype"], entry["n"], entry["residual"], tuple(entry["patterns"]),
-                        entry["eps"], outputs)
-        out = {pair: arrays[output_key("out", *pair)] for pair in outputs}
-        cases.append(GoldenCase(spec, arrays["x"], arrays["weight"], arrays.get("residual"), out,
-                                arrays.get("new_residual")))
-    return cases
-
-
-def load_backward_corpus(directory: Path = DEFAULT_DIR, *, verify_digests: bool = True) -> List[BackwardCase]:
-    """Every backward case of the checked-in corpus, digests verified against the manifest."""
-    return [backward.case_from(entry, arrays)
-            for entry, arrays in _load_entries(directory, BACKWARD, verify_digests)]
-
-
-def load_fp8_corpus(directory: Path = DEFAULT_DIR, *, verify_digests: bool = True) -> List[Fp8Case]:
-    """Every FP8 case of the checked-in corpus, digests verified against the manifest."""
-    return [fp8.case_from(entry, arrays) for entry, arrays in _load_entries(directory, FP8, verify_digests)]
