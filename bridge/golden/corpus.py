@@ -2,7 +2,8 @@
 
 Forward cases are made in `forward`, backward cases in `backward` and FP8 cases in `fp8` (on
 forward's helpers); the manifest lists them apart ("cases", "backward_cases", "fp8_cases"), and
-regenerate and check_regeneration here cover all three (`load` reads them back). Each case is one
+regenerate and check_regeneration here cover all three (`load` reads them back; `cache` makes them
+where bi-norm is installed without tests/golden/, from the digests in DIGESTS). Each case is one
 deterministic, uncompressed zip (`<name>.npz`; `storage`) of arrays stored as raw bit patterns
 (uint8/uint16/uint32, so bfloat16 and FP8 need no pickle), plus a manifest with SHA-256 digests.
 Regenerating writes identical bytes on any machine: the data come from a seeded generator, the
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "tests" / "golden"
 MANIFEST = "manifest.json"
+# Every file's SHA-256 (sha256sum's format), shipped in the package: a wheel carries no tests/golden/,
+# so an installed bi-norm regenerates the corpus and checks it against these (bridge.golden.cache).
+DIGESTS = Path(__file__).with_name("SHA256SUMS")
 
 
 def _arrays(case: GoldenCase) -> Dict[str, np.ndarray]:
@@ -76,34 +80,47 @@ def _manifest_bytes(entries: Dict[str, List[dict]]) -> bytes:
     return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
 
-def regenerate(directory: Path = DEFAULT_DIR) -> int:
-    """Write every case file and the manifest; removes stale case files. Returns the case count."""
-    directory.mkdir(parents=True, exist_ok=True)
+def corpus_files() -> Dict[str, bytes]:
+    """Every file of the corpus by name, as regeneration writes it: the cases, then the manifest."""
     entries: Dict[str, List[dict]] = {section: [] for section in SECTIONS}
-    names = set()
+    files = {}
     for section, file_name, data, entry in render():
-        (directory / file_name).write_bytes(data)
         entries[section].append(entry)
-        names.add(file_name)
+        files[file_name] = data
+    files[MANIFEST] = _manifest_bytes(entries)
+    return files
+
+
+def sha256sums(files: Dict[str, bytes]) -> bytes:
+    """The files' digests as DIGESTS holds them, sha256sum's format ("<hex>  <name>" a line, by name)."""
+    return "".join(f"{hashlib.sha256(data).hexdigest()}  {name}\n" for name, data in sorted(files.items())).encode()
+
+
+def regenerate(directory: Path = DEFAULT_DIR) -> int:
+    """Write every case file and the manifest, and remove stale case files; for DEFAULT_DIR, DIGESTS
+    too. Returns the case count."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = corpus_files()
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
     for stale in directory.glob("*.npz"):
-        if stale.name not in names:
+        if stale.name not in files:
             stale.unlink()
-    (directory / MANIFEST).write_bytes(_manifest_bytes(entries))
-    return len(names)
+    if directory.resolve() == DEFAULT_DIR:
+        DIGESTS.write_bytes(sha256sums(files))
+    return len(files) - 1
 
 
 def check_regeneration(directory: Path = DEFAULT_DIR) -> List[str]:
-    """Regenerate in memory and list every file whose bytes differ from the checked-in corpus."""
-    problems, names = [], set()
-    entries: Dict[str, List[dict]] = {section: [] for section in SECTIONS}
-    for section, file_name, data, entry in render():
-        entries[section].append(entry)
-        names.add(file_name)
-        path = directory / file_name
-        if not path.exists() or path.read_bytes() != data:
-            problems.append(file_name)
-    problems += sorted(p.name for p in directory.glob("*.npz") if p.name not in names)
+    """Regenerate in memory and list every file whose bytes differ from the corpus in directory, and
+    DIGESTS unless it holds the regenerated files' digests."""
+    files = corpus_files()
+    problems = [name for name, data in files.items()
+                if name != MANIFEST and (not (directory / name).exists() or (directory / name).read_bytes() != data)]
+    problems += sorted(p.name for p in directory.glob("*.npz") if p.name not in files)
     manifest = directory / MANIFEST
-    if not manifest.exists() or manifest.read_bytes() != _manifest_bytes(entries):
+    if not manifest.exists() or manifest.read_bytes() != files[MANIFEST]:
         problems.append(MANIFEST)
+    if not DIGESTS.exists() or DIGESTS.read_bytes() != sha256sums(files):
+        problems.append(f"bridge/golden/{DIGESTS.name}")
     return problems

@@ -1,4 +1,5 @@
-"""The golden corpus read back: the manifest and every case of one kind, digests checked."""
+"""The golden corpus read back: the manifest and every case of one kind, digests checked; from
+`directory`, by default where cache.corpus_dir() finds the corpus (tests/golden/ in a checkout)."""
 
 from __future__ import annotations
 
@@ -7,29 +8,31 @@ import io
 import json
 import zipfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from . import backward, fp8
 from .backward import BackwardCase
-from .corpus import BACKWARD, DEFAULT_DIR, FORWARD, FP8, MANIFEST
+from .cache import corpus_dir
+from .corpus import BACKWARD, FORWARD, FP8, MANIFEST
 from .forward import CaseSpec, GoldenCase
 from .fp8 import Fp8Case
 from .storage import _numpy_dtype, output_key
 
 
-def load_manifest(directory: Path = DEFAULT_DIR) -> dict:
+def load_manifest(directory: Optional[Path] = None) -> dict:
     """The manifest: "cases" lists the forward cases, "backward_cases" the backward ones, "fp8_cases" the FP8 ones."""
-    path = directory / MANIFEST
+    path = (corpus_dir() if directory is None else directory) / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"golden corpus manifest not found at {path}; run `bi-norm golden --regenerate`")
     return json.loads(path.read_text())
 
 
-def _load_entries(directory: Path, section: str,
+def _load_entries(directory: Optional[Path], section: str,
                   verify_digests: bool) -> Iterator[Tuple[dict, Dict[str, np.ndarray]]]:
     """(manifest entry, arrays by name) for every case in one of the manifest's lists."""
+    directory = corpus_dir() if directory is None else directory
     manifest = load_manifest(directory)
     if section not in manifest:
         raise ValueError(f"golden corpus: the manifest has no {section!r}; run `bi-norm golden --regenerate`")
@@ -45,8 +48,8 @@ def _load_entries(directory: Path, section: str,
             }
 
 
-def load_corpus(directory: Path = DEFAULT_DIR, *, verify_digests: bool = True) -> List[GoldenCase]:
-    """Every forward case of the checked-in corpus, digests verified against the manifest."""
+def load_corpus(directory: Optional[Path] = None, *, verify_digests: bool = True) -> List[GoldenCase]:
+    """Every forward case of the corpus, digests verified against the manifest."""
     cases = []
     for entry, arrays in _load_entries(directory, FORWARD, verify_digests):
         outputs = tuple((m, float(o)) for m, o in entry["outputs"])
@@ -58,12 +61,12 @@ def load_corpus(directory: Path = DEFAULT_DIR, *, verify_digests: bool = True) -
     return cases
 
 
-def load_backward_corpus(directory: Path = DEFAULT_DIR, *, verify_digests: bool = True) -> List[BackwardCase]:
-    """Every backward case of the checked-in corpus, digests verified against the manifest."""
+def load_backward_corpus(directory: Optional[Path] = None, *, verify_digests: bool = True) -> List[BackwardCase]:
+    """Every backward case of the corpus, digests verified against the manifest."""
     return [backward.case_from(entry, arrays)
             for entry, arrays in _load_entries(directory, BACKWARD, verify_digests)]
 
 
-def load_fp8_corpus(directory: Path = DEFAULT_DIR, *, verify_digests: bool = True) -> List[Fp8Case]:
-    """Every FP8 case of the checked-in corpus, digests verified against the manifest."""
+def load_fp8_corpus(directory: Optional[Path] = None, *, verify_digests: bool = True) -> List[Fp8Case]:
+    """Every FP8 case of the corpus, digests verified against the manifest."""
     return [fp8.case_from(entry, arrays) for entry, arrays in _load_entries(directory, FP8, verify_digests)]

@@ -142,13 +142,14 @@ def verify(
     backend_names: Optional[Iterable[str]] = None,
     dtypes: Optional[Sequence[str]] = None,
     quick: bool = False,
-    corpus_dir: Path = golden.DEFAULT_DIR,
+    corpus_dir: Optional[Path] = None,
     progress: Optional[Progress] = None,
     jobs: int = 1,
 ) -> List[BackendReport]:
     """Run the corpus and the invariance sweep, forward, backward and FP8, through each named backend
     (default: all), then the cross-framework check; with jobs > 1, that many backends at a time,
-    each in its own process."""
+    each in its own process. corpus_dir: by default golden.corpus_dir() (tests/golden/ in a checkout)."""
+    corpus_dir = golden.corpus_dir() if corpus_dir is None else corpus_dir
     names = list(backend_names) if backend_names else [b.name for b in BACKENDS] + [CROSS_FRAMEWORK]
     progress = progress or (lambda *a: None)
     plan = _plan(dtypes, quick, corpus_dir)  # also checks the corpus before any worker starts
