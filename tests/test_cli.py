@@ -230,8 +230,7 @@ def test_a_backward_not_implemented_is_reported_and_not_a_failure(monkeypatch, c
 def _flushing_reference(corrupt_elsewhere: bool):
     """The reference's backward with XLA:CPU's flushing imitated (flushed rows and columns zeroed),
     and optionally one more element changed outside them."""
-    from bridge import reference
-    from bridge.numerics import subnormals
+    from bridge.numerics import reference, subnormals
 
     def run(x, w, g, eps, r, gr, mode, offset):
         grads = [a.copy() for a in reference.rms_norm_backward(x, w, g, eps, r, gr, mode=mode, weight_offset=offset)]

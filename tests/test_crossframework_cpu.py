@@ -16,10 +16,8 @@ from jax import lax
 import bi_jax
 import bi_torch
 from bridge import golden, reference
-from bridge.interop import crossframework
-from bridge.interop import backward as crossframework_backward
-from bridge.interop import device as crossframework_device
-from bridge.interop import fp8 as crossframework_fp8
+from bridge.interop import (backward as crossframework_backward, crossframework, device as crossframework_device,
+                            fp8 as crossframework_fp8)
 from bridge.numerics.subnormals import flushed
 from bridge.verify.compare import assert_bitwise_equal
 from bridge_helpers import jax_on_the_cpu  # noqa: F401 (an autouse fixture: JAX on the CPU)
