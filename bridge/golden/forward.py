@@ -1,5 +1,5 @@
 """The golden corpus's forward cases (contract v1): their list, inputs and expected outputs, and the
-row patterns, weights and dtypes that the backward (`golden_backward`) and FP8 (`golden_fp8`) cases
+row patterns, weights and dtypes that the backward (`golden.backward`) and FP8 (`golden.fp8`) cases
 build on.
 
 Inputs come from a generator seeded by the case name, expected outputs from `bridge.reference`;
