@@ -1,6 +1,6 @@
 """Running the Pallas backward kernels on (rows, n) arrays: bi_torch.launch.launch_backward's twin.
 
-The launch configuration is bridge.tiling.backward_config, the one the Triton launcher takes.
+The launch configuration is bridge.numerics.tiling.backward_config, the one the Triton launcher takes.
 `backward_rows` returns grad_weight rounded to the weight's dtype, or the float32 root of the row
 tree (NUMERICS.md B7's `T`), which a batch sharded over rows combines across shards.
 
@@ -26,8 +26,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bridge.contract import as_float32, next_power_of_two
-from bridge.tiling import backward_config, column_tree_width
+from bridge.numerics.contract import as_float32, next_power_of_two
+from bridge.numerics.tiling import backward_config, column_tree_width
 
 from .pallas_backward import column_tree_kernel, rms_norm_backward_kernel, row_stats_kernel
 from .pallas_kernel import encode

@@ -4,7 +4,7 @@ out_dtype is jnp.float8_e4m3fn (or anything jnp.dtype reads as it); x's own dtyp
 no quantization. A static `scale` is a float32 array of shape () or (1,), or a Python float; it
 is an operand of the kernel, so under jax.jit it is traced and its value is checked only where
 it is concrete (an eager call, a constant). group_size is static. Every rule is
-bridge.contract.check_fp8_args, run before any kernel.
+bridge.numerics.contract.check_fp8_args, run before any kernel.
 
 FP8 outputs have no gradient (the contract's backward covers x's dtype only): the call is a
 jax.custom_vjp whose backward raises, so jax.grad through it fails with a message naming
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridge.contract import FP8_FORMATS, as_float32, check_fp8_args
+from bridge.numerics.contract import FP8_FORMATS, as_float32, check_fp8_args
 
 from .pallas_fp8 import NO_QUANT, Quant
 

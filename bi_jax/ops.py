@@ -29,8 +29,8 @@ from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bridge.contract import as_float32, check_rms_norm_args, next_power_of_two
-from bridge.tiling import launch_config
+from bridge.numerics.contract import as_float32, check_rms_norm_args, next_power_of_two
+from bridge.numerics.tiling import launch_config
 
 from .backward import backward_fn, backward_rows, combine_roots
 from .fp8 import fp8_arguments, without_gradient

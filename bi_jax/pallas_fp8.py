@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
-from bridge.contract import CANONICAL_NAN_BITS, FP8_FORMATS, GROUP_AMAX_FLOOR, as_float32
+from bridge.numerics.contract import CANONICAL_NAN_BITS, FP8_FORMATS, GROUP_AMAX_FLOOR, as_float32
 
 # Q2's floor on a group's amax, rn(1e-10).
 AMAX_FLOOR = as_float32(GROUP_AMAX_FLOOR)

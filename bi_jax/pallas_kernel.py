@@ -18,7 +18,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from bridge.contract import CANONICAL_NAN_BITS
+from bridge.numerics.contract import CANONICAL_NAN_BITS
 
 from .pallas_fp8 import NO_QUANT, Quant, quantize_groups, quantize_static
 

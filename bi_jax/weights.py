@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridge import reference
+from bridge.numerics import reference
 
 _INT_VIEWS = {"float32": np.int32, "bfloat16": np.int16, "float16": np.int16}
 

@@ -17,8 +17,9 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import ops  # noqa: F401  defines bi_norm::rms_norm and add_rms_norm, whose autograd is registered below
 from .launch import launch_backward
-from .ops import _rows
+from .rows import as_rows
 
 
 def _row_view(t: torch.Tensor) -> torch.Tensor:
@@ -28,7 +29,7 @@ def _row_view(t: torch.Tensor) -> torch.Tensor:
     loss: columns apart); copying them changes no bit, and the kernel needs one row stride.
     """
     try:
-        return _rows(t, "grad")
+        return as_rows(t, "grad")
     except ValueError:
         return t.contiguous().view(-1, t.shape[-1])
 

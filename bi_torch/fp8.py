@@ -14,10 +14,10 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from bridge.contract import FP8_FORMATS, as_float32, check_fp8_args
+from bridge.numerics.contract import FP8_FORMATS, as_float32, check_fp8_args
 
 from .launch import launch
-from .ops import _rows, dtype_name
+from .rows import as_rows, dtype_name
 
 # The FP8 dtypes torch has, by the contract's names (float8_e5m2 is rejected by name, "not supported yet").
 FP8_DTYPES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
@@ -59,7 +59,7 @@ def scale_tensor(scale: object, x: torch.Tensor) -> Tuple[Optional[torch.Tensor]
 def check_fp8(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], out_dtype: object,
               scale: object, group_size: object, what: str = "out_dtype"
               ) -> Tuple[Optional[str], Optional[torch.Tensor]]:
-    """Every FP8 rule (bridge.contract.check_fp8_args) before any kernel runs, after ops._validate.
+    """Every FP8 rule (bridge.numerics.contract.check_fp8_args) before any kernel runs, after ops._validate.
     Returns (the FP8 format's name or None for no quantization, the static scale tensor or None)."""
     name = fp8_format(out_dtype)
     make_scale, scale_args = scale_tensor(scale, x)
@@ -96,9 +96,9 @@ def launch_fp8(out: torch.Tensor, x: torch.Tensor, residual: Optional[torch.Tens
                group_size: int) -> None:
     """The kernel on row views: out (FP8, row-major) through its uint8 view; scales row-major
     (rows, n // group_size) float32 or None (static)."""
-    launch(_rows(x, "x"), weight, _rows(out, "out").view(torch.uint8), eps,
-           None if residual is None else _rows(residual, "residual"),
-           None if new_residual is None else _rows(new_residual, "residual"), norm_mode, weight_offset,
+    launch(as_rows(x, "x"), weight, as_rows(out, "out").view(torch.uint8), eps,
+           None if residual is None else as_rows(residual, "residual"),
+           None if new_residual is None else as_rows(new_residual, "residual"), norm_mode, weight_offset,
            fp8=FP8_DTYPES[out.dtype], scale=scale, scales=scales, group_size=group_size)
 
 

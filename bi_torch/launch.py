@@ -1,6 +1,6 @@
 """Launching the Triton kernels: the compiled copies for CUDA tensors, the interpreted ones for CPU.
 
-The launch configuration comes from bridge.tiling (shared with bi_jax); a row's bits never
+The launch configuration comes from bridge.numerics.tiling (shared with bi_jax); a row's bits never
 depend on it (NUMERICS.md, "batch invariance").
 """
 
@@ -16,8 +16,8 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from bridge.contract import CANONICAL_NAN_BITS, FP8_FORMATS, as_float32
-from bridge.tiling import backward_config, column_tree_width, launch_config
+from bridge.numerics.contract import CANONICAL_NAN_BITS, FP8_FORMATS, as_float32
+from bridge.numerics.tiling import backward_config, column_tree_width, launch_config
 
 from . import triton_backward, triton_fp8, triton_kernel
 

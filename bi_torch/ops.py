@@ -19,13 +19,13 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
-from bridge import reference
-from bridge.contract import check_rms_norm_args
-from bridge.reference_fp8 import fp8_numpy_dtype
+from bridge.numerics import reference
+from bridge.numerics.contract import check_rms_norm_args
+from bridge.numerics.reference_fp8 import fp8_numpy_dtype
 
+from .fp8 import FP8_DTYPES, TORCH_FP8, check_fp8, rms_norm_fp8
 from .launch import launch
-
-_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+from .rows import DTYPE_NAMES, as_rows, dtype_name, rows_overlap, torch_dtype
 
 
 class InterpreterWarning(UserWarning):
@@ -33,15 +33,6 @@ class InterpreterWarning(UserWarning):
 
 
 _warned_cpu = False  # the InterpreterWarning is given once per process
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The contract's name for a torch dtype, else torch's own name (which the contract rejects)."""
-    return _NAMES.get(dtype, str(dtype).replace("torch.", ""))
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return {v: k for k, v in _NAMES.items()}[name]
 
 
 def from_numpy(a: np.ndarray, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
@@ -52,49 +43,18 @@ def from_numpy(a: np.ndarray, device: Union[str, torch.device] = "cpu") -> torch
     torch.tensor copies into torch's allocator, whose CPU buffers JAX can import without a copy.
     """
     if a.dtype.itemsize == 1:
-        return torch.tensor(np.ascontiguousarray(a).view(np.uint8), device=device).view(_fp8.TORCH_FP8[a.dtype.name])
+        return torch.tensor(np.ascontiguousarray(a).view(np.uint8), device=device).view(TORCH_FP8[a.dtype.name])
     ints = reference.bits(a).view({2: np.int16, 4: np.int32}[a.dtype.itemsize])
     return torch.tensor(ints, device=device).view(torch_dtype(reference.dtype_name(a.dtype)))
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     """A new numpy array (bfloat16 as ml_dtypes.bfloat16, FP8 as ml_dtypes' float8 types) with exactly t's bits."""
-    if t.element_size() == 1 and t.dtype in _fp8.FP8_DTYPES:
+    if t.element_size() == 1 and t.dtype in FP8_DTYPES:
         ints = t.detach().cpu().contiguous().view(torch.uint8)
-        return ints.numpy().copy().view(fp8_numpy_dtype(_fp8.FP8_DTYPES[t.dtype]))
+        return ints.numpy().copy().view(fp8_numpy_dtype(FP8_DTYPES[t.dtype]))
     ints = t.detach().cpu().contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
     return ints.numpy().copy().view(reference.numpy_dtype(dtype_name(t.dtype)))
-
-
-def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
-    """A (rows, n) view sharing t's memory: the last dimension contiguous, one stride between rows."""
-    n = t.shape[-1]
-    if t.numel() == 0:
-        return t.new_empty((0, n))
-    if n > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name}: the last dimension must be contiguous (stride 1); got strides {tuple(t.stride())}."
-                         f" Pass {name}.contiguous() to copy it.")
-    try:
-        return t.view(-1, n)
-    except RuntimeError:
-        raise ValueError(f"{name}: its rows cannot be addressed with a single row stride (shape {tuple(t.shape)},"
-                         f" strides {tuple(t.stride())}); pass {name}.contiguous() to copy it.") from None
-
-
-def _rows_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two (rows, n) views share a byte: exact for equal row strides, else by address span."""
-    if a.numel() == 0 or b.numel() == 0:
-        return False
-    a_len, b_len = a.shape[1] * a.element_size(), b.shape[1] * b.element_size()
-    a_stride, b_stride = a.stride(0) * a.element_size(), b.stride(0) * b.element_size()
-    delta = b.data_ptr() - a.data_ptr()  # b's row j starts delta + (j - i) * stride after a's row i
-    if a_stride == b_stride and a.shape[0] == b.shape[0] and a_stride > 0:
-        # Rows i of a and j of b overlap iff -b_len < delta + k * stride < a_len for k = j - i.
-        lo, hi = -(-(-b_len - delta + 1) // a_stride), (a_len - delta - 1) // a_stride
-        return max(lo, 1 - a.shape[0]) <= min(hi, a.shape[0] - 1)
-    a_end = a.data_ptr() + (a.shape[0] - 1) * a_stride + a_len
-    b_end = b.data_ptr() + (b.shape[0] - 1) * b_stride + b_len
-    return a.data_ptr() < b_end and b.data_ptr() < a_end
 
 
 def _weight_dtype_error(x: torch.Tensor, weight: torch.Tensor) -> TypeError:
@@ -127,7 +87,8 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optio
     for name, t in (("x", x), ("weight", weight), ("residual", residual)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor; got {type(t).__name__}")
-    if weight.dtype != x.dtype and weight.dtype in _NAMES and x.dtype in _NAMES and weight.shape == x.shape[-1:]:
+    if (weight.dtype != x.dtype and weight.dtype in DTYPE_NAMES and x.dtype in DTYPE_NAMES
+            and weight.shape == x.shape[-1:]):
         raise _weight_dtype_error(x, weight)
     check_rms_norm_args(
         x_shape=tuple(x.shape), x_dtype=dtype_name(x.dtype), weight_shape=tuple(weight.shape),
@@ -152,16 +113,16 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optio
                     f"with a residual) overwrites x and residual and has no backward. To train, call "
                     f"bi_torch.rms_norm(x, weight, eps, residual), which returns (out, new_residual) and "
                     f"differentiates; for inference, run under torch.no_grad() or torch.inference_mode().")
-    x_rows = _rows(x, "x")
+    x_rows = as_rows(x, "x")
     if residual is not None:
-        r_rows = _rows(residual, "residual")
+        r_rows = as_rows(residual, "residual")
     if inplace and residual is not None:
         for name, rows in (("x", x_rows), ("residual", r_rows)):
             if rows.shape[0] > 1 and rows.stride(0) < rows.shape[1]:
                 raise ValueError(f"{name}: rows overlap in memory (row stride {rows.stride(0)} < n); "
                                  f"the in-place call cannot write them")
         # Addresses are not traceable; under torch.compile the check runs in eager calls only.
-        if not torch.compiler.is_compiling() and _rows_overlap(x_rows, r_rows):
+        if not torch.compiler.is_compiling() and rows_overlap(x_rows, r_rows):
             raise ValueError("residual: must not share memory with x in the in-place call")
 
 
@@ -169,7 +130,7 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: Optio
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, norm_mode: str,
                  weight_offset: float) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    launch(_rows(x, "x"), weight, out.view(-1, x.shape[-1]), eps, None, None, norm_mode, weight_offset)
+    launch(as_rows(x, "x"), weight, out.view(-1, x.shape[-1]), eps, None, None, norm_mode, weight_offset)
     return out
 
 
@@ -184,7 +145,7 @@ def _add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tens
     n = x.shape[-1]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     new_residual = torch.empty(residual.shape, dtype=residual.dtype, device=residual.device)
-    launch(_rows(x, "x"), weight, out.view(-1, n), eps, _rows(residual, "residual"), new_residual.view(-1, n),
+    launch(as_rows(x, "x"), weight, out.view(-1, n), eps, as_rows(residual, "residual"), new_residual.view(-1, n),
            norm_mode, weight_offset)
     return out, new_residual
 
@@ -199,7 +160,7 @@ def _(x, residual, weight, eps, norm_mode, weight_offset):
 def _fused_add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                            norm_mode: str, weight_offset: float) -> None:
     # The schema says norm_mode: torch.compile's functionalization passes a `mode` of its own.
-    x_rows, r_rows = _rows(x, "x"), _rows(residual, "residual")
+    x_rows, r_rows = as_rows(x, "x"), as_rows(residual, "residual")
     launch(x_rows, weight, x_rows, eps, r_rows, r_rows, norm_mode, weight_offset)
 
 
@@ -235,9 +196,9 @@ def rms_norm(
     """
     _validate(x, weight, eps, residual, mode, weight_offset, inplace=False)
     if out_dtype is not None or scale is not None or group_size is not None:
-        fmt, scale_t = _fp8.check_fp8(x, weight, residual, out_dtype, scale, group_size)
+        fmt, scale_t = check_fp8(x, weight, residual, out_dtype, scale, group_size)
         if fmt is not None:
-            return _fp8.rms_norm_fp8(x, weight, eps, residual, mode, weight_offset, fmt, scale_t, group_size)
+            return rms_norm_fp8(x, weight, eps, residual, mode, weight_offset, fmt, scale_t, group_size)
     if residual is None:
         return torch.ops.bi_norm.rms_norm(x, weight, float(eps), mode, float(weight_offset))
     return torch.ops.bi_norm.add_rms_norm(x, residual, weight, float(eps), mode, float(weight_offset))
@@ -280,5 +241,3 @@ def rms_norm_batch_invariant(
         return rms_norm(input, weight, eps, mode="fp32")
     return fused_add_rms_norm_(input, residual, weight, eps, mode="fp32")
 
-
-from . import fp8 as _fp8  # noqa: E402  (bi_torch/fp8.py builds on the helpers above)

@@ -11,7 +11,7 @@ interpreter). The format's fields (bridge.contract.FP8_FORMATS) arrive as conste
 import triton
 import triton.language as tl
 
-from bridge.contract import GROUP_AMAX_FLOOR, as_float32
+from bridge.numerics.contract import GROUP_AMAX_FLOOR, as_float32
 
 # Whether this copy of the module was loaded under the interpreter (bi_torch/launch.py).
 INTERPRETED: tl.constexpr = tl.constexpr(bool(triton.knobs.runtime.interpret))

@@ -18,7 +18,7 @@ import triton.language as tl
 
 import sys
 
-from bridge.contract import CANONICAL_NAN_BITS
+from bridge.numerics.contract import CANONICAL_NAN_BITS
 
 from . import triton_fp8
 
@@ -82,7 +82,7 @@ def pairwise_sum(q, ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.cons
     exact whatever the reduction order. A reduction anchors the layout, so Triton 3.6 keeps the
     row spread over the threads (a tl.split of the whole row would replicate it in every thread).
     The last levels split pairs apart and add them: one shared-memory exchange for all of them
-    instead of two barriers per level (bridge/tiling.py). The interpreter splits every level: it
+    instead of two barriers per level (bridge/numerics/tiling.py). The interpreter splits every level: it
     runs a _sum_combine reduction as numpy's sum, which starts from +0.0 (-0.0 + -0.0 gives +0.0).
     """
     SPLIT_LEVELS: tl.constexpr = LOG2_WIDTH if INTERPRETED or LOG2_WIDTH <= LOG2_SPLIT else LOG2_SPLIT

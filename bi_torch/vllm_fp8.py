@@ -22,10 +22,11 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from bridge.contract import FP8_FORMATS
+from bridge.numerics.contract import FP8_FORMATS
 
 from . import fp8
-from .ops import _rows, _rows_overlap, _validate, dtype_name
+from .ops import _validate
+from .rows import as_rows, dtype_name, rows_overlap
 
 
 def _check_fp8_dtype(dtype: object, what: str) -> None:
@@ -40,11 +41,11 @@ def _check_fp8_dtype(dtype: object, what: str) -> None:
 def _check_writes(x: torch.Tensor, written: Sequence[Tuple[str, torch.Tensor]]) -> None:
     """Tensors the call writes: each on x's device, rows that do not overlap each other, memory not
     shared with x or with one another (addresses are checked in eager calls only)."""
-    rows = [("x", _rows(x, "x"))]
+    rows = [("x", as_rows(x, "x"))]
     for name, t in written:
         if t.device != x.device:
             raise ValueError(f"{name}: expected a tensor on {x.device} (x's device); got {t.device}")
-        r = _rows(t, name)
+        r = as_rows(t, name)
         if r.shape[0] > 1 and r.stride(0) < r.shape[1]:
             raise ValueError(f"{name}: rows overlap in memory (row stride {r.stride(0)} < n); cannot write them")
         rows.append((name, r))
@@ -52,7 +53,7 @@ def _check_writes(x: torch.Tensor, written: Sequence[Tuple[str, torch.Tensor]]) 
         return
     for i, (name, r) in enumerate(rows[1:], 1):
         for other, o in rows[:i]:
-            if _rows_overlap(o, r):
+            if rows_overlap(o, r):
                 raise ValueError(f"{name}: must not share memory with {other}")
 
 

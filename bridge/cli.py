@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from . import golden
-from .backends import BACKENDS
-from .contract import CONTRACT_VERSION, DTYPES
-from .verify import QUICK_MAX_N, verify
-from .verify_crossframework import CROSS_FRAMEWORK
-from .verify_report import NOT_AVAILABLE, NOT_IMPLEMENTED, BackendReport, Progress
+from .numerics.contract import CONTRACT_VERSION, DTYPES
+from .verify.backends import BACKENDS
+from .verify.crossframework import CROSS_FRAMEWORK
+from .verify.report import NOT_AVAILABLE, NOT_IMPLEMENTED, BackendReport, Progress
+from .verify.run import QUICK_MAX_N, verify
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", action="append", choices=DTYPES, help="only this dtype (repeatable)")
     v.add_argument("--quick", action="store_true", help=f"rows up to n={QUICK_MAX_N} and a short invariance sweep")
     v.add_argument("--json", action="store_true", help="print a JSON report instead of the table")
-    v.add_argument("--corpus", type=Path, default=golden.DEFAULT_DIR, help="golden corpus directory")
+    v.add_argument("--corpus", type=Path, help="golden corpus directory (default: tests/golden/ in a checkout; "
+                   "installed, a cache regenerated from the reference, checked against the digests it ships)")
     v.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1,
                    help="backends run side by side, each in its own process (default: one per core)")
 
@@ -147,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)  # argparse exits with status 2 on misuse
     try:
         return {"verify": _verify, "golden": _golden, "bench": _bench}[args.command](args)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, golden.CorpusError) as e:
         print(f"bi-norm: {e}", file=sys.stderr)
         return 2
 

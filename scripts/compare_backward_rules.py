@@ -1,4 +1,4 @@
-"""Time the backward's shipped launch rule against variants of bridge.tiling's constants, on a GPU.
+"""Time the backward's shipped launch rule against variants of bridge.numerics.tiling's constants, on a GPU.
 
 Each variant (NAME:CONST=VALUE,...) is checked bit for bit against the shipped rule's gradients,
 then timed as whole launch_backward calls (main kernel, stats pass, column tree) replayed in a
@@ -20,8 +20,8 @@ import torch  # noqa: E402
 
 import bi_torch.launch  # noqa: E402
 from bi_torch import to_numpy  # noqa: E402
-from bridge import tiling  # noqa: E402
-from bridge.compare import assert_bitwise_equal  # noqa: E402
+from bridge.numerics import tiling  # noqa: E402
+from bridge.verify.compare import assert_bitwise_equal  # noqa: E402
 
 ROTATE_BYTES = 256 << 20  # the input sets of one shape together: well past an H100's or H200's L2
 

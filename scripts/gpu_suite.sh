@@ -4,7 +4,7 @@
 # Usage: bash scripts/gpu_suite.sh [verify|tests|bench|tune|profile|probe]...   (default: the first three)
 #   tune: the backward's and the forward's launch sweeps (scripts/tune_backward.py, tune_launch.py);
 #   profile: ncu of both kernels' forward and backward at 16384 x 4096 bf16; probe: the FP8
-#   conversion (scripts/probe_fp8_cvt.py) and Mosaic GPU (scripts/probe_mosaic.py) probes.
+#   conversion (scripts/probes/probe_fp8_cvt.py) and Mosaic GPU (scripts/probes/probe_mosaic.py) probes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -51,19 +51,19 @@ for step in "${steps[@]}"; do
         2>&1 | tee -a "$out/tune-backward.txt" || status=1
       $py scripts/tune_launch.py --jax 2>&1 | tee "$out/tune-launch.txt" || status=1 ;;
     profile)
-      # The main kernels only, three calls each (profile_shape.py): Triton's, then Pallas's.
+      # The main kernels only, three calls each (probes/profile_shape.py): Triton's, then Pallas's.
       for pass in forward backward; do
         kernels="^(rms_norm_kernel|bi_norm_rms_norm)$"
         [ "$pass" = backward ] && kernels="^(rms_norm_backward_kernel|bi_norm_rms_norm_backward)$"
         ncu --clock-control none -k "regex:$kernels" -c 6 --section LaunchStats --section Occupancy \
-          --section SpeedOfLight --section MemoryWorkloadAnalysis $py scripts/profile_shape.py "$pass" 16384x4096 \
+          --section SpeedOfLight --section MemoryWorkloadAnalysis $py scripts/probes/profile_shape.py "$pass" 16384x4096 \
           > "$out/ncu-$pass-16384x4096.txt" 2>&1 || status=1
         grep -E "^  [a-z_]+ \(|Registers Per|Duration|DRAM Throughput|Achieved Occ|L1/TEX Hit|Shared Memory Config" \
           "$out/ncu-$pass-16384x4096.txt"
       done ;;
     probe)
-      $py scripts/probe_fp8_cvt.py 2>&1 | tee "$out/probe-fp8-cvt.txt" || status=1
-      $py scripts/probe_mosaic.py 2>&1 | tee "$out/probe-mosaic.txt" || status=1 ;;
+      $py scripts/probes/probe_fp8_cvt.py 2>&1 | tee "$out/probe-fp8-cvt.txt" || status=1
+      $py scripts/probes/probe_mosaic.py 2>&1 | tee "$out/probe-mosaic.txt" || status=1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

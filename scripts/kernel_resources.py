@@ -39,7 +39,7 @@ import bi_torch.launch  # noqa: E402
 from bi_torch import triton_backward, triton_kernel  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-DEVICE = "NVIDIA H200"  # the GPU whose launch rules (bridge.tiling.DEVICE_TILINGS) are compiled
+DEVICE = "NVIDIA H200"  # the GPU whose launch rules (bridge.numerics.tiling.DEVICE_TILINGS) are compiled
 POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.uint8: "*u8"}
 
 

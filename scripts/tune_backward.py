@@ -1,4 +1,4 @@
-"""Sweep the backward's tiling constants (bridge.tiling) for the Triton backward on a GPU.
+"""Sweep the backward's tiling constants (bridge.numerics.tiling) for the Triton backward on a GPU.
 
 Each setting of (rows per tile, steps per block, warps) is checked bit for bit against the shipped
 configuration's gradients before it is timed: a configuration never changes the bits (NUMERICS.md,
@@ -22,8 +22,8 @@ import torch  # noqa: E402
 
 import bi_torch.launch  # noqa: E402
 from bi_torch import to_numpy  # noqa: E402
-from bridge import tiling  # noqa: E402
-from bridge.compare import assert_bitwise_equal  # noqa: E402
+from bridge.numerics import tiling  # noqa: E402
+from bridge.verify.compare import assert_bitwise_equal  # noqa: E402
 
 DEFAULT_SHAPES = "1024x4096,16384x1024,4096x8192,16384x4096,65536x4096"
 

@@ -1,6 +1,6 @@
 """Sweep the launch configuration (rows per program x warps) of both kernels on a GPU.
 
-bridge.tiling picks one configuration per (n, rows); this script times the alternatives so that
+bridge.numerics.tiling picks one configuration per (n, rows); this script times the alternatives so that
 the choice rests on numbers (BENCHMARKS.md, "changes tried"). A configuration never changes a
 row's bits, and each one is checked against the shipped configuration's output before it is timed.
 Usage: python3 scripts/tune_launch.py [--shapes 16384x8192,...] [--dtype bfloat16] [--residual] [--jax] [--splits]
@@ -20,8 +20,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bridge import bench, tiling  # noqa: E402
-from bridge.compare import assert_bitwise_equal  # noqa: E402
+from bridge import bench  # noqa: E402
+from bridge.numerics import tiling  # noqa: E402
+from bridge.verify.compare import assert_bitwise_equal  # noqa: E402
 
 DEFAULT_SHAPES = "1x4096,8x8192,1024x8192,4096x8192,16384x4096,16384x8192,65536x4096"
 

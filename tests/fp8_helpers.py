@@ -1,6 +1,6 @@
 """Independent FP8 (float8_e4m3fn) rounding for the FP8 tests, and a look at the reference's u.
 
-Two implementations that share nothing with bridge.reference_fp8 (ml_dtypes) or with the kernels'
+Two implementations that share nothing with bridge.numerics.reference_fp8 (ml_dtypes) or with the kernels'
 bit formula (add a rounding bias, shift): `rn_fp8_bits` rounds on the integer significand and
 exponent of the float32 bit pattern, `nearest_fp8_bits` picks the nearest of the format's values in
 float64. `captured_u` records the float32 u (Q1) that bridge.reference.rms_norm hands to its
@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from bridge import golden, reference
-from bridge.contract import FP8_FORMATS, GROUP_AMAX_FLOOR
+from bridge.numerics.contract import FP8_FORMATS, GROUP_AMAX_FLOOR
 
 FP8 = "float8_e4m3fn"
 E4M3 = FP8_FORMATS[FP8]

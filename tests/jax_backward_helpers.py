@@ -1,6 +1,6 @@
 """Helpers of the bi_jax gradient tests (CPU and GPU): inputs, gradients through jax.vjp, bitwise checks.
 
-`flushed` (bridge.subnormals) says which gradient bits XLA:CPU cannot reproduce in interpret mode:
+`flushed` (bridge.numerics.subnormals) says which gradient bits XLA:CPU cannot reproduce in interpret mode:
 those rows and grad_weight columns are compared on a GPU only.
 """
 
@@ -15,8 +15,8 @@ import numpy as np
 
 import bi_jax
 from bridge import reference
-from bridge import subnormals
-from bridge.compare import assert_bitwise_equal
+from bridge.numerics import subnormals
+from bridge.verify.compare import assert_bitwise_equal
 
 NUMPY_DTYPES = {name: reference.numpy_dtype(name) for name in ("float32", "bfloat16", "float16")}
 F32 = np.float32

@@ -2,7 +2,7 @@
 
 Inputs for FP8 (normal rows with special values, weights that make some u overflow), the
 reference as a tuple (out, [scales,] [new_residual]) like bi_jax.rms_norm's, and bitwise checks
-on integer views (bridge.compare, FP8 as its uint8 codes).
+on integer views (bridge.verify.compare, FP8 as its uint8 codes).
 FP8_JIT is one jitted entry point shared by the tests, so equal shapes compile once.
 """
 

@@ -16,7 +16,7 @@ import numpy as np
 
 import bi_jax
 from bridge import reference
-from bridge.compare import assert_bitwise_equal
+from bridge.verify.compare import assert_bitwise_equal
 
 DTYPES = ("float32", "bfloat16", "float16")
 NUMPY_DTYPES = {name: reference.numpy_dtype(name) for name in ("float32", "bfloat16", "float16")}

@@ -1,5 +1,5 @@
-"""bridge.dlpack on the CPU: zero-copy by buffer address, bits kept, errors before any conversion,
-and the GPU memory policy. Both kernels across frameworks (bridge.crossframework): test_crossframework_cpu.py.
+"""bridge.interop.dlpack on the CPU: zero-copy by buffer address, bits kept, errors before any conversion,
+and the GPU memory policy. Both kernels across frameworks (bridge.interop.crossframework): test_crossframework_cpu.py.
 
 Every numeric assertion is bitwise (integer views).
 """
@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import bi_torch
 from bridge import dlpack
-from bridge.dlpack import to_jax, to_torch
+from bridge.interop.dlpack import to_jax, to_torch
 from bridge_helpers import jax_on_the_cpu  # noqa: F401 (an autouse fixture: JAX on the CPU)
 from bridge_helpers import random_bits, torch_bits, torch_from_numpy
 from torch_helpers import seeded_rng
@@ -236,19 +236,19 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_importing_bridge_dlpack_turns_preallocation_off_without_importing_frameworks():
-    done = _python("import os, sys, bridge.dlpack\n"
+    done = _python("import os, sys\nfrom bridge import dlpack\n"
                    "print(os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'], 'jax' in sys.modules, 'torch' in sys.modules)")
     assert done.stdout.split() == ["false", "False", "False"]
 
 
 def test_a_preallocation_setting_of_the_users_stands():
-    done = _python("import os, bridge.dlpack; print(os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'])",
+    done = _python("import os; from bridge import dlpack; print(os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'])",
                    XLA_PYTHON_CLIENT_PREALLOCATE="true")
     assert done.stdout.split() == ["true"] and not done.stderr
 
 
 def test_jax_cpu_backend_is_not_mistaken_for_a_gpu_one():
-    done = _python("import jax; jax.devices(); import bridge.dlpack as d; print(d._jax_gpu_backend_initialised())",
+    done = _python("import jax; jax.devices(); from bridge import dlpack; print(dlpack._jax_gpu_backend_initialised())",
                    JAX_PLATFORMS="cpu")
     assert done.stdout.split() == ["False"] and "RuntimeWarning" not in done.stderr
 

@@ -1,4 +1,4 @@
-"""bridge.dlpack and bridge.crossframework on a CUDA GPU (skipped, with the reason, without one):
+"""bridge.interop.dlpack and bridge.interop.crossframework on a CUDA GPU (skipped, with the reason, without one):
 stream ordering in both directions, zero-copy by device address, the GPU memory policy, and both
 kernels across frameworks bitwise equal to bridge.reference.
 """
@@ -20,9 +20,11 @@ from jax import lax
 
 import bi_jax
 import bi_torch
-from bridge import crossframework, crossframework_device, dlpack, reference
-from bridge.compare import assert_bitwise_equal
-from bridge.dlpack import to_jax, to_torch
+from bridge import dlpack, reference
+from bridge.interop import crossframework
+from bridge.interop import device as crossframework_device
+from bridge.interop.dlpack import to_jax, to_torch
+from bridge.verify.compare import assert_bitwise_equal
 
 pytestmark = pytest.mark.gpu
 
@@ -196,7 +198,7 @@ _FREE_AFTER_JAX = ("import jax, jax.numpy as jnp, torch; jnp.ones(1).block_until
 
 
 def test_importing_bridge_dlpack_first_keeps_jax_from_preallocating():
-    assert float(_python("import bridge.dlpack; " + _FREE_AFTER_JAX)) > 0.5
+    assert float(_python("from bridge import dlpack; " + _FREE_AFTER_JAX)) > 0.5
     # The control: the same measurement sees JAX's default preallocation of 75%.
     assert float(_python(_FREE_AFTER_JAX)) < 0.5
 
@@ -205,7 +207,7 @@ def test_importing_bridge_dlpack_after_jax_took_the_gpu_warns():
     out = _python("import warnings, jax; jax.devices()\n"
                   "with warnings.catch_warnings(record=True) as caught:\n"
                   "    warnings.simplefilter('always')\n"
-                  "    import bridge.dlpack\n"
+                  "    from bridge import dlpack\n"
                   "print([str(w.message) for w in caught if w.category is RuntimeWarning])")
     assert "already reserved 75% of GPU memory" in out
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bridge import golden, verify
-from bridge.backends import Backend
+from bridge import golden
 from bridge.cli import main
-from bridge.verify_report import Unavailable
+from bridge.verify.backends import Backend
+from bridge.verify.report import Unavailable
+from bridge.verify.run import BACKEND_BY_NAME
 
 REPORT_KEYS = {"backend", "status", "reason", "forward", "backward", "fp8"}
 PASS_KEYS = {"status", "reason", "cases", "checks", "mismatches", "invariance_checks", "invariance_mismatches",
@@ -161,7 +162,7 @@ def test_verify_catches_a_flipped_expected_fp8_bit(corpus_copy: Path, capsys) ->
 def _fp8_reference_returning(shape: str):
     """The reference's FP8 runner, but returning a result of another shape than the spec's."""
     from bridge import reference
-    from bridge.backends import split_fp8
+    from bridge.numerics.contract import split_fp8
 
     def run(x, w, eps, r, mode, offset, quantization):
         result = reference.rms_norm(x, w, eps, r, mode=mode, weight_offset=offset, **quantization)
@@ -178,8 +179,8 @@ def _fp8_reference_returning(shape: str):
                                            ("no scales", "FP8 call returned one array; the spec's result is "
                                                          "(out, scales)")])
 def test_an_fp8_result_of_the_wrong_shape_is_an_error(monkeypatch, capsys, shape: str, message: str) -> None:
-    reference = verify.BACKEND_BY_NAME["reference"]
-    monkeypatch.setitem(verify.BACKEND_BY_NAME, "reference", dataclasses.replace(
+    reference = BACKEND_BY_NAME["reference"]
+    monkeypatch.setitem(BACKEND_BY_NAME, "reference", dataclasses.replace(
         reference, make_fp8_runner=lambda: _fp8_reference_returning(shape)))
     assert main(["verify", "--backend", "reference", "--quick", "--dtype", "float32", "--jobs", "1", "--json"]) == 1
     [report] = json.loads(capsys.readouterr().out)["backends"]
@@ -191,8 +192,8 @@ def test_an_fp8_pass_not_available_is_reported_never_passed(monkeypatch, capsys)
     def no_fp8():
         raise Unavailable("bi_norm.rms_norm has no out_dtype argument (FP8 output, contract v1.2)")
 
-    reference = verify.BACKEND_BY_NAME["reference"]
-    monkeypatch.setitem(verify.BACKEND_BY_NAME, "reference", dataclasses.replace(reference, make_fp8_runner=no_fp8))
+    reference = BACKEND_BY_NAME["reference"]
+    monkeypatch.setitem(BACKEND_BY_NAME, "reference", dataclasses.replace(reference, make_fp8_runner=no_fp8))
     argv = ["verify", "--backend", "reference", "--quick", "--dtype", "bfloat16", "--jobs", "1"]
     assert main(argv + ["--json"]) == 0
     [report] = json.loads(capsys.readouterr().out)["backends"]
@@ -209,8 +210,8 @@ def test_a_backward_not_implemented_is_reported_and_not_a_failure(monkeypatch, c
     def no_backward(*args):
         raise NotImplementedError("no backward yet")
 
-    reference = verify.BACKEND_BY_NAME["reference"]
-    monkeypatch.setitem(verify.BACKEND_BY_NAME, "reference", Backend(
+    reference = BACKEND_BY_NAME["reference"]
+    monkeypatch.setitem(BACKEND_BY_NAME, "reference", Backend(
         "reference", "the reference without a backward", reference.probe, reference.make_runner, lambda: no_backward,
         make_fp8_runner=reference.make_fp8_runner))
     argv = ["verify", "--backend", "reference", "--quick", "--dtype", "float16", "--jobs", "1"]
@@ -229,7 +230,7 @@ def test_a_backward_not_implemented_is_reported_and_not_a_failure(monkeypatch, c
 def _flushing_reference(corrupt_elsewhere: bool):
     """The reference's backward with XLA:CPU's flushing imitated (flushed rows and columns zeroed),
     and optionally one more element changed outside them."""
-    from bridge import reference, subnormals
+    from bridge.numerics import reference, subnormals
 
     def run(x, w, g, eps, r, gr, mode, offset):
         grads = [a.copy() for a in reference.rms_norm_backward(x, w, g, eps, r, gr, mode=mode, weight_offset=offset)]
@@ -246,8 +247,8 @@ def _flushing_reference(corrupt_elsewhere: bool):
 
 @pytest.mark.parametrize("corrupt_elsewhere", [False, True])
 def test_a_flushing_backend_is_compared_outside_flushed_subnormals(monkeypatch, capsys, corrupt_elsewhere) -> None:
-    reference = verify.BACKEND_BY_NAME["reference"]
-    monkeypatch.setitem(verify.BACKEND_BY_NAME, "reference", Backend(
+    reference = BACKEND_BY_NAME["reference"]
+    monkeypatch.setitem(BACKEND_BY_NAME, "reference", Backend(
         "reference", "a backward that flushes subnormals", reference.probe, reference.make_runner,
         lambda: _flushing_reference(corrupt_elsewhere), flushes_subnormals=True,
         make_fp8_runner=reference.make_fp8_runner))

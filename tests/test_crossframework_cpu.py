@@ -1,6 +1,6 @@
-"""bridge.crossframework (and crossframework_device, _backward, _fp8) on the CPU: each framework's
+"""bridge.interop.crossframework (and bridge.interop.device, .backward, .fp8) on the CPU: each framework's
 kernel on the other's arrays, forward, backward and FP8 output, bit for bit against the reference
-and the kernel's own framework, and how a difference is reported. (bridge.dlpack itself:
+and the kernel's own framework, and how a difference is reported. (bridge.interop.dlpack itself:
 test_bridge_cpu.py.)
 """
 
@@ -15,10 +15,11 @@ from jax import lax
 
 import bi_jax
 import bi_torch
-from bridge import crossframework, crossframework_backward, crossframework_device, crossframework_fp8, golden
-from bridge import reference
-from bridge.compare import assert_bitwise_equal
-from bridge.subnormals import flushed
+from bridge import golden, reference
+from bridge.interop import (backward as crossframework_backward, crossframework, device as crossframework_device,
+                            fp8 as crossframework_fp8)
+from bridge.numerics.subnormals import flushed
+from bridge.verify.compare import assert_bitwise_equal
 from bridge_helpers import jax_on_the_cpu  # noqa: F401 (an autouse fixture: JAX on the CPU)
 from bridge_helpers import cross_inputs, numpy_of_torch, random_bits, torch_from_numpy
 from torch_helpers import seeded_rng
@@ -144,7 +145,7 @@ def test_cross_check_backward_agrees_with_the_reference(dtype, residual, mode, o
 
 def test_cross_check_backward_on_golden_cases(backward_corpus):
     """Short-row cases without subnormals (XLA:CPU flushes them in interpret mode,
-    bridge/subnormals.py): every residual kind, with and without grad_new_residual."""
+    bridge/numerics/subnormals.py): every residual kind, with and without grad_new_residual."""
     cases = {}  # the first such case of each (residual kind, grad_new_residual stored)
     for case in backward_corpus.values():
         (mode, offset) = next(iter(case.expected))

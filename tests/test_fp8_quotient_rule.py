@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from bi_jax.pallas_fp8 import QUOTIENT_MARGIN
-from bridge.contract import FP8_FORMATS
-from bridge.reference_fp8 import clamp, encode_fp8
+from bridge.numerics.contract import FP8_FORMATS
+from bridge.numerics.reference_fp8 import clamp, encode_fp8
 from fp8_helpers import quotient_pairs, quotient_scales
 
 FP8 = "float8_e4m3fn"

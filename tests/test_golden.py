@@ -10,8 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bridge import golden, golden_backward, golden_forward, golden_fp8, reference
-from bridge.contract import GROUP_AMAX_FLOOR, GROUP_SIZES, next_power_of_two
+from bridge import golden, reference
+from bridge.golden import backward as golden_backward
+from bridge.golden import forward as golden_forward
+from bridge.golden import fp8 as golden_fp8
+from bridge.numerics.contract import GROUP_AMAX_FLOOR, GROUP_SIZES, next_power_of_two
 
 
 def test_regeneration_reproduces_identical_bytes() -> None:
@@ -248,7 +251,7 @@ def test_backward_corpus_has_negative_zero_dv_with_absent_grad_new_residual(back
 
 def test_import_bridge_needs_no_framework() -> None:
     # A subprocess: this test session may already have torch or jax loaded.
-    code = ("import sys, bridge, bridge.golden, bridge.golden_backward, bridge.golden_fp8, bridge.verify, bridge.cli; "
+    code = ("import sys, bridge, bridge.golden, bridge.numerics.subnormals, bridge.verify.run, bridge.cli; "
             "assert 'torch' not in sys.modules and 'jax' not in sys.modules, "
             "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'jax'))")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)

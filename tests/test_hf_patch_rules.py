@@ -15,6 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 
 from bi_torch import ops  # noqa: E402
+from bi_torch.rows import as_rows  # noqa: E402
 from bi_torch.hf import KernelsRMSNorm, PatchedRMSNorm, _one_row_stride, patch_model  # noqa: E402
 from bi_torch.hf_table import EXCLUDED, TABLE  # noqa: E402
 from hf_helpers import hf_class  # noqa: E402
@@ -90,7 +91,7 @@ def test_one_row_stride_agrees_with_rms_norm(shape, perm):
     """PatchedRMSNorm copies exactly the inputs rms_norm refuses; the copy gives rms_norm's bits."""
     x = torch.randn(shape).permute(perm)
     try:
-        takes = ops._rows(x, "x") is not None
+        takes = as_rows(x, "x") is not None
     except ValueError:
         takes = False
     assert _one_row_stride(x) == takes

@@ -3,7 +3,7 @@
 Every numeric assertion is bitwise (integer views): against the golden gradient corpus and
 bridge.reference.rms_norm_backward, and between calls that must agree (a row alone vs in a batch,
 eager vs jit, scan and checkpoint vs an unrolled loop, donated vs not, the flax module vs the
-function). XLA:CPU flushes float32 subnormals (bridge/subnormals.py): the corpus test
+function). XLA:CPU flushes float32 subnormals (bridge/numerics/subnormals.py): the corpus test
 leaves out exactly the rows and columns that pass through one, and says how many.
 Sharding and jax.vmap of gradients are in test_jax_backward_sharding_cpu.py.
 """
@@ -21,7 +21,7 @@ from jax_backward_helpers import (assert_bits, assert_grads, expected, grads, no
                                   random_weight)
 
 import bi_jax
-from bridge.subnormals import flushed
+from bridge.numerics.subnormals import flushed
 
 N = 100  # pads to 128: masked columns in every tree
 

@@ -25,7 +25,7 @@ from jax_helpers import _seed, assert_bits, random_rows, ref, residual_dtype
 import bi_jax
 
 # --------------------------------------------------------------------------------------------
-# A) rnFP8 on the bit pattern (encode_fp8, clamp_fp8) against ml_dtypes (bridge.reference_fp8):
+# A) rnFP8 on the bit pattern (encode_fp8, clamp_fp8) against ml_dtypes (bridge.numerics.reference_fp8):
 #    every FP8 value, every midpoint between two and its float32 neighbours, float32 subnormals,
 #    random mantissas at every exponent, NaNs with any payload, +-0, +-inf and beyond +-448.
 #    (test_jax_fp8_gpu.py runs it compiled on every float32 up to 448.)
@@ -47,7 +47,7 @@ def _rounding_cases() -> np.ndarray:
 
 def test_encode_fp8_matches_ml_dtypes():
     from bi_jax.pallas_fp8 import clamp_fp8, encode_fp8
-    from bridge import reference_fp8
+    from bridge.numerics import reference_fp8
 
     t = _rounding_cases()
     fields = (E4M3.mantissa_bits, E4M3.exponent_bias, E4M3.nan_fp8)
@@ -60,7 +60,7 @@ def test_encode_fp8_matches_ml_dtypes():
 
 
 # --------------------------------------------------------------------------------------------
-# B) The golden corpus's FP8 cases (bridge/golden_fp8.py), bit for bit: out, scales, new residual.
+# B) The golden corpus's FP8 cases (bridge/golden/fp8.py), bit for bit: out, scales, new residual.
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", FP8_CASE_NAMES)

@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 import bi_jax  # noqa: E402
-from bridge import reference_fp8  # noqa: E402
+from bridge.numerics import reference_fp8  # noqa: E402
 from bi_jax.pallas_fp8 import clamp_fp8, encode_fp8, group_quotient, quotient_estimate, to_fp8  # noqa: E402
 from bi_jax.pallas_kernel import ExactOps  # noqa: E402
 

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import bi_jax  # noqa: E402
 from bridge import golden, reference  # noqa: E402
-from bridge.compare import assert_bitwise_equal  # noqa: E402
+from bridge.verify.compare import assert_bitwise_equal  # noqa: E402
 
 from jax_gpu_marks import JAX_GPU_MARKS  # noqa: E402
 from jax_helpers import ref  # noqa: E402

@@ -2,7 +2,7 @@
 
 A tiny model, norm -> norm with a residual, is built three ways (flax.linen, flax.nnx, torch) from
 one torch state dict loaded by bi_jax.load_hf_weight; outputs and every gradient (x, residual,
-both weights) must have the same bits, compared through integer views (bridge.compare).
+both weights) must have the same bits, compared through integer views (bridge.verify.compare).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from flax import nnx
 import bi_jax
 import bi_torch
 from bridge import reference
-from bridge.compare import assert_bitwise_equal
+from bridge.verify.compare import assert_bitwise_equal
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter",
                                         "ignore::bi_torch.InterpreterWarning")

@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from bridge.compare import assert_bitwise_equal
-from bridge.contract import CANONICAL_NAN_BITS, next_power_of_two
-from bridge.reference import bits, encode, rms_norm
+from bridge.numerics.contract import CANONICAL_NAN_BITS, next_power_of_two
+from bridge.numerics.reference import bits, encode, rms_norm
+from bridge.verify.compare import assert_bitwise_equal
 from reference_helpers import NP, UNIT, SUBNORMAL, U32, MODES_OFFSETS, rounded, from_bits
 
 

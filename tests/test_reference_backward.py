@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from bridge import golden
-from bridge.compare import assert_bitwise_equal, first_mismatch
-from bridge.contract import next_power_of_two
-from bridge.golden_backward import VARIANTS, output_names
-from bridge.reference import dtype_name, numpy_dtype, pairwise_sum, rms_norm, rms_norm_backward
+from bridge.golden.backward import VARIANTS, output_names
+from bridge.numerics.contract import next_power_of_two
+from bridge.numerics.reference import dtype_name, numpy_dtype, pairwise_sum, rms_norm, rms_norm_backward
+from bridge.verify.compare import assert_bitwise_equal, first_mismatch
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Unit roundoff (half an ulp, relative) and the smallest subnormal of each dtype.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bridge.compare import assert_bitwise_equal
-from bridge.contract import CANONICAL_NAN_BITS
-from bridge.reference import bits, encode, numpy_dtype, rms_norm_backward
+from bridge.numerics.contract import CANONICAL_NAN_BITS
+from bridge.numerics.reference import bits, encode, numpy_dtype, rms_norm_backward
+from bridge.verify.compare import assert_bitwise_equal
 
 DTYPES = ("float32", "bfloat16", "float16")
 NEG_ZERO = {"float32": 0x80000000, "bfloat16": 0x8000, "float16": 0x8000}

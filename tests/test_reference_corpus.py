@@ -1,5 +1,5 @@
 """bridge.reference's forward and the golden corpus (reproduction, batch invariance), step 3's tiling
-independence, and bridge.compare."""
+independence, and bridge.verify.compare."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ from typing import Optional
 import numpy as np
 import pytest
 
-from bridge import golden, golden_forward
-from bridge.compare import assert_bitwise_equal, first_mismatch
-from bridge.contract import CANONICAL_NAN_BITS, next_power_of_two
-from bridge.reference import bits, pairwise_sum, rms_norm
+from bridge import golden
+from bridge.golden import forward as golden_forward
+from bridge.numerics.contract import CANONICAL_NAN_BITS, next_power_of_two
+from bridge.numerics.reference import bits, pairwise_sum, rms_norm
+from bridge.verify.compare import assert_bitwise_equal, first_mismatch
 from reference_helpers import rounded, from_bits
 
 
@@ -103,7 +104,7 @@ def test_pairwise_sum_is_tiling_independent() -> None:
             assert_bitwise_equal(whole, pairwise_sum(padded), f"n={n} padded by {extra}")
 
 
-# --- bridge.compare -------------------------------------------------------------------------
+# --- bridge.verify.compare ----------------------------------------------------------------------
 
 
 def test_first_mismatch() -> None:

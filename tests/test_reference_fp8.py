@@ -1,7 +1,7 @@
 """The reference's FP8 rounding and scaling steps (contract v1.2, NUMERICS.md Q2-Q4) against independent
 implementations.
 
-rnFP8 (bridge.reference_fp8.encode_fp8, through ml_dtypes) against rounding on the integers of the
+rnFP8 (bridge.numerics.reference_fp8.encode_fp8, through ml_dtypes) against rounding on the integers of the
 float32 bit pattern and against the nearest FP8 value in float64 (tests/fp8_helpers.py); the clamp;
 the static and per-token-group steps against float64 (float32 division and multiplication are the
 float64 ones rounded once more: 53 >= 2 * 24 + 2 bits, so no double-rounding error). The whole
@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bridge.contract import FP8_FORMATS, GROUP_AMAX_FLOOR
-from bridge.reference_fp8 import clamp, encode_fp8, quantize_groups, quantize_static
+from bridge.numerics.contract import FP8_FORMATS, GROUP_AMAX_FLOOR
+from bridge.numerics.reference_fp8 import clamp, encode_fp8, quantize_groups, quantize_static
 from fp8_helpers import (F8, FLOOR_SCALE, FP8, MAX_CODE, NAN, POSITIVE, decode, fp8_bits, half_ulp, nearest_fp8_bits,
                          rn_fp8_bits)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bridge import reference
-from bridge.contract import check_fp8_args
+from bridge.numerics.contract import check_fp8_args
 from fp8_helpers import FP8
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bridge import reference
-from bridge.reference_fp8 import quantize_groups, quantize_static
+from bridge.numerics.reference_fp8 import quantize_groups, quantize_static
 from fp8_helpers import F8, FLOOR_SCALE, FP8, FP8_CASE_NAMES, NAN, captured_u, fp8_bits
 from reference_helpers import MODES_OFFSETS, rounded
 

@@ -1,4 +1,4 @@
-"""bridge.tiling's backward rule: what the bits rely on, whatever the tuning constants are."""
+"""bridge.numerics.tiling's backward rule: what the bits rely on, whatever the tuning constants are."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from bridge import tiling
-from bridge.contract import next_power_of_two
+from bridge.numerics import tiling
+from bridge.numerics.contract import next_power_of_two
 
 
 @pytest.mark.parametrize("programs", [1, 100, 256, 264, 1056])
@@ -90,7 +90,7 @@ def test_the_h200_rule_gives_the_default_rules_bits(framework: str, monkeypatch)
     import numpy as np
 
     from bridge import reference
-    from bridge.compare import assert_bitwise_equal
+    from bridge.verify.compare import assert_bitwise_equal
 
     n, n_rows = 96, 16 * (tiling.SMALL_GRID + 5)
     assert tiling.launch_config(n, n_rows, 2, 2, "NVIDIA H200", "triton") != tiling.launch_config(n, n_rows, 2, 2)

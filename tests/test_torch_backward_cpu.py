@@ -18,7 +18,8 @@ import torch
 
 import bi_torch
 import bi_torch.launch
-from bridge import golden, golden_backward, reference
+from bridge import golden, reference
+from bridge.golden import backward as golden_backward
 from torch_helpers import (BACKWARD_CONFIGS, DTYPES, assert_bits, backward_inputs, bi_backward, check_backward,
                            patch_backward_config, seeded_rng, to_numpy, to_torch)
 

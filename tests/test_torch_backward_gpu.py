@@ -14,7 +14,8 @@ import torch
 
 import bi_torch
 import bi_torch.launch
-from bridge import golden, golden_backward
+from bridge import golden
+from bridge.golden import backward as golden_backward
 from torch_helpers import (BACKWARD_CONFIGS, assert_bits, bi_backward, int_view, patch_backward_config, ref_backward,
                            to_numpy, to_torch)
 

@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from bi_torch import triton_kernel  # noqa: E402
 from bi_torch.launch import fp8_constexprs  # noqa: E402
-from bridge import tiling  # noqa: E402
+from bridge.numerics import tiling  # noqa: E402
 
 pytestmark = pytest.mark.codegen
 

@@ -13,7 +13,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from bi_torch import launch
-from bridge import reference_fp8
+from bridge.numerics import reference_fp8
 from fp8_helpers import FP8_CASE_NAMES
 from torch_fp8_helpers import FP8, assert_fp8_bits, check_fp8_corpus_case, fp8_codes, fp8_patterns
 

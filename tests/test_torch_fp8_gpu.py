@@ -18,7 +18,7 @@ import triton.language as tl
 
 import bi_torch
 from bi_torch import launch, triton_fp8
-from bridge import reference_fp8
+from bridge.numerics import reference_fp8
 from fp8_helpers import FP8_CASE_NAMES, QUOTIENT_SCALES, quotient_blocks
 from torch_fp8_helpers import (DTYPE_RESIDUALS, FP8, QUANTS, TORCH_FP8, assert_fp8_bits, bi_fp8,
                                check_fp8, check_fp8_corpus_case, fp8_inputs, fp8_patterns, ref_fp8, scale_array)

@@ -1,7 +1,7 @@
 """Helpers for bi_torch's FP8 output tests (contract v1.2): the reference over any leading shape,
 bi_torch's calls in one tuple form, bitwise comparison of FP8 codes, and FP8 row patterns.
 
-FP8 arrays are compared as their uint8 codes (bridge.compare works on 16- and 32-bit floats);
+FP8 arrays are compared as their uint8 codes (bridge.verify.compare works on 16- and 32-bit floats);
 scales and new residuals go through torch_helpers.assert_bits. Shared by test_torch_fp8_cpu.py,
 test_torch_fp8_rows_cpu.py, test_torch_fp8_api_cpu.py and test_torch_fp8_gpu.py (the same inputs and
 float32 patterns on all).
@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 import bi_torch
-from bridge import reference, reference_fp8
-from bridge.reference_fp8 import fp8_numpy_dtype
+from bridge import reference
+from bridge.numerics import reference_fp8
+from bridge.numerics.reference_fp8 import fp8_numpy_dtype
 from torch_helpers import DTYPES, NUMPY_DTYPES, assert_bits, random_rows, random_weight, seeded_rng, to_torch
 
 FP8 = "float8_e4m3fn"

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import bi_torch
-import bridge.tiling
 from bridge import reference
-from bridge.compare import assert_bitwise_equal
+from bridge.numerics import tiling
+from bridge.verify.compare import assert_bitwise_equal
 
 DTYPES = ("float32", "bfloat16", "float16")
 NUMPY_DTYPES = {name: reference.numpy_dtype(name) for name in ("float32", "bfloat16", "float16")}
@@ -155,7 +155,7 @@ def check_backward(args, eps: float, mode: str, offset: float, what: str, device
     return got
 
 
-# Launch configurations of the backward, as overrides of bridge.tiling's tuning constants (which
+# Launch configurations of the backward, as overrides of tiling's tuning constants (which
 # backward_config and column_tree_width read at call time): the default; whole rows (no slabs) with
 # few rows per tile, many steps per block, narrow long-row tiles and a narrow column tree of many
 # levels; one program's block as large as the counter allows (a single block, the kernel's FINAL
@@ -171,7 +171,7 @@ BACKWARD_CONFIGS = ({}, {"BACKWARD_TILE_BYTES": 512, "BACKWARD_PROGRAMS": 4, "CO
 def patch_backward_config(patch: pytest.MonkeyPatch, overrides: dict) -> None:
     """Apply one of BACKWARD_CONFIGS with a monkeypatch (or one of its contexts)."""
     for name, value in overrides.items():
-        patch.setattr(bridge.tiling, name, value)
+        patch.setattr(tiling, name, value)
 
 
 def warm_up(fn) -> None:

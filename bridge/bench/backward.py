@@ -60,7 +60,7 @@ def count_patterns(case: Case, name: str, run: Callable[[], bytes]) -> Determini
 
 def _reference(x, r, g, gr, weight) -> tuple:
     """bridge.reference's gradients (numpy arrays of the case's dtype, the check's rows only)."""
-    from bridge import reference
+    from bridge.numerics import reference
 
     return reference.rms_norm_backward(x, weight, g, EPS, r, gr)
 

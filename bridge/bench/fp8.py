@@ -45,7 +45,7 @@ def split(result, case: Case) -> Parts:
 
 
 def reference_parts(case: Case, x: np.ndarray, r: Optional[np.ndarray], weight: np.ndarray) -> Parts:
-    from bridge import reference
+    from bridge.numerics import reference
 
     scale = None if grouped(case) else np.asarray(FP8_SCALE, np.float32)
     kw = quant_args(case, scale)

@@ -19,7 +19,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from bridge.contract import FP8_FORMATS, GROUP_AMAX_FLOOR
+from bridge.numerics.contract import FP8_FORMATS, GROUP_AMAX_FLOOR
 
 from . import peers
 from .peers import sm_copy  # noqa: F401  the FP8 passes' copy ceiling, for bridge.bench.fp8

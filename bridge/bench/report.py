@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..tiling import MAX_WHOLE_ROW
+from ..numerics.tiling import MAX_WHOLE_ROW
 from .plan import FP8_GROUP_SIZE, FP8_PASSES, IMPL_BY_NAME, IMPLS, PASSES, SMALL_TOKENS, Case, Determinism, Timing
 
 CSV_COLUMNS = ("tokens", "hidden", "dtype", "residual", "pass", "impl", "kind", "residual_add", "bytes", "us", "gbps",

@@ -8,8 +8,9 @@ torch or jax: frameworks pass shapes as tuples and dtypes by name.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 # "1.1": v1's forward, unchanged, plus the backward; "1.2": FP8 output (NUMERICS.md).
 CONTRACT_VERSION = "1.2"
@@ -36,6 +37,8 @@ class Fp8Format:
 FP8_FORMATS = {"float8_e4m3fn": Fp8Format("float8_e4m3fn", 448.0, 3, 7)}
 FP8_NOT_YET = ("float8_e5m2",)
 GROUP_SIZES = (64, 128)
+# The FP8 output's arguments, which an API takes to offer it.
+FP8_ARGUMENTS = ("out_dtype", "scale", "group_size")
 # The per-token-group scale's floor on amax, taken as rn(1e-10) (vLLM's per_token_group_quant_fp8 eps):
 # an all-zero group gets the scale rn(rn(1e-10) / 448) instead of 0.
 GROUP_AMAX_FLOOR = 1e-10
@@ -184,3 +187,23 @@ def check_fp8_args(
         raise TypeError(f"scale: expected dtype float32; got {scale_dtype}")
     if scale_value is not None and not (math.isfinite(scale_value) and scale_value > 0):
         raise ValueError(f"scale: expected a finite float32 > 0; got {scale_value!r}")
+
+
+def missing_fp8_arguments(fn: Callable, where: str) -> Optional[str]:
+    """None if fn takes FP8_ARGUMENTS (an API with the FP8 output); else why not, naming `where`."""
+    params = inspect.signature(fn).parameters
+    missing = [p for p in FP8_ARGUMENTS if p not in params]
+    return f"{where} has no {', '.join(missing)} argument (FP8 output, contract v1.2)" if missing else None
+
+
+def split_fp8(result, grouped: bool, has_residual: bool) -> Tuple[object, Optional[object], Optional[object]]:
+    """An FP8 call's result as (out, scales or None, new_residual or None), after checking that it
+    has the spec's shape: out alone (a single array, not a tuple), or a tuple of out, the scales
+    (per group) and the new residual (with a residual), in that order."""
+    names = ("out",) + (("scales",) if grouped else ()) + (("new_residual",) if has_residual else ())
+    parts = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+    if len(parts) != len(names) or (len(names) == 1 and isinstance(result, (tuple, list))):
+        got = f"a {type(result).__name__} of {len(parts)}" if isinstance(result, (tuple, list)) else "one array"
+        want = names[0] if len(names) == 1 else f"({', '.join(names)})"
+        raise ValueError(f"FP8 call returned {got}; the spec's result is {want}")
+    return parts[0], parts[1] if grouped else None, parts[-1] if has_residual else None

@@ -1,12 +1,15 @@
 """`bi-norm verify`'s cross-framework row: bi_torch against bi_jax on the same device memory
-(bridge.crossframework and its _backward and _fp8 checks), forward, backward and FP8."""
+(bridge.interop's checks), forward, backward and FP8."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-from . import crossframework, crossframework_backward, crossframework_device, crossframework_fp8, subnormals
-from .verify_report import BackendReport, PassReport, Progress, Ticker, Unavailable, overall_status, run_pass
+from ..interop import crossframework, device
+from ..interop.backward import cross_check_backward
+from ..interop.fp8 import cross_check_fp8, fp8_dlpack_route, fp8_probe
+from ..numerics import subnormals
+from .report import BackendReport, PassReport, Progress, Ticker, Unavailable, overall_status, run_pass
 
 # The cross-framework row: bi_torch's result handed to JAX zero-copy and compared there.
 CROSS_FRAMEWORK = "torch-jax-dlpack"
@@ -20,11 +23,11 @@ def run_cross_framework(cases, backward_cases, progress: Progress, fp8_cases: Se
     meet no float32 subnormal: XLA:CPU flushes those in bi_jax's interpret mode) and the FP8 corpus
     (on a CPU, short rows)."""
     report = BackendReport(CROSS_FRAMEWORK, "ok")
-    reason = crossframework_device.probe()
+    reason = device.probe()
     if reason is not None:
         report.status, report.reason = "unavailable", reason
         return report
-    device = crossframework_device.best_device()
+    device = device.best_device()
     short = (lambda c: c.spec.n <= CROSS_CPU_MAX_N) if device == "cpu" else (lambda c: True)
     chosen, chosen_backward = [c for c in cases if short(c)], [c for c in backward_cases if short(c)]
     chosen_fp8 = [c for c in fp8_cases if short(c)]
@@ -51,22 +54,22 @@ def run_cross_framework(cases, backward_cases, progress: Progress, fp8_cases: Se
                         r.flushed += rows.size + cols.size
                         continue
                 r.note(f"{case.spec.name} {mode}/{offset:g}",
-                       crossframework_backward.cross_check_backward(*args, device=device))
+                       cross_check_backward(*args, device=device))
             tick()
         r.reason = f"on {device}"
 
     def fp8(r: PassReport) -> None:
-        fp8_reason = crossframework_fp8.fp8_probe()
+        fp8_reason = fp8_probe()
         if fp8_reason is not None:
             raise Unavailable(fp8_reason)
         for case in chosen_fp8:
             r.cases += 1
             for mode, offset in case.spec.outputs:
-                r.note(f"{case.spec.name} {mode}/{offset:g}", crossframework_fp8.cross_check_fp8(
+                r.note(f"{case.spec.name} {mode}/{offset:g}", cross_check_fp8(
                     case.x, case.weight, case.spec.eps, case.residual, mode, offset, case.quantization(),
                     device=device))
             tick()
-        r.reason = f"on {device}; FP8 through DLPack {crossframework_fp8.fp8_dlpack_route(device)}"
+        r.reason = f"on {device}; FP8 through DLPack {fp8_dlpack_route(device)}"
 
     report.forward = run_pass(forward, backward=False)
     tick.reach(len(chosen))

@@ -2,8 +2,8 @@
 frameworks see, bi_jax run on its arrays' device, and the first bit difference of two arrays
 (and of a call's outputs, by name), found on the device.
 
-The checks themselves: `bridge.crossframework` (forward), `bridge.crossframework_backward` (the
-gradients) and `bridge.crossframework_fp8` (the FP8 output).
+The checks themselves: `bridge.interop.crossframework` (forward), `bridge.interop.backward` (the
+gradients) and `bridge.interop.fp8` (the FP8 output).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def probe() -> Optional[str]:
-    """None when both kernels can run here, else why not (as `bridge.backends` probes say it)."""
+    """None when both kernels can run here, else why not (as `bridge.verify.backends` probes say it)."""
     try:
         import bi_jax  # noqa: F401
         import bi_torch  # noqa: F401

@@ -9,9 +9,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import golden_backward, subnormals
+from ..golden import backward as golden_backward
+from ..numerics import subnormals
 from .compare import first_mismatch
-from .verify_report import PassReport, Ticker
+from .report import PassReport, Ticker
 
 
 def _outputs(result, has_residual: bool):

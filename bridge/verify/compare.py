@@ -6,7 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-from .reference import bits, dtype_name
+from ..numerics.reference import bits, dtype_name
 
 
 def first_mismatch(expected: np.ndarray, actual: np.ndarray) -> Optional[str]:

@@ -15,9 +15,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import golden_forward, reference
-from .golden_forward import DTYPES, OUTPUT_SETS
-from .golden_format import output_key
+from ..numerics import reference
+from . import forward
+from .forward import DTYPES, OUTPUT_SETS
+from .storage import output_key
 
 # (residual kind, grad_new_residual stored): absent means None, which counts as zeros (NUMERICS.md B6).
 VARIANTS = (("none", False), ("same", False), ("same", True), ("float32", False), ("float32", True))
@@ -55,7 +56,7 @@ class BackwardSpec:
     n: int
     residual: str  # "none", "same" (D) or "float32"
     grad_new_residual: bool  # stored, or absent (None)
-    x_patterns: Tuple[str, ...]  # one per row (golden_forward.PATTERNS), for x and the residual
+    x_patterns: Tuple[str, ...]  # one per row (forward.PATTERNS), for x and the residual
     g_patterns: Tuple[str, ...]  # one per row (G_PATTERNS), for grad_out and grad_new_residual
     eps: float
     outputs: Tuple[Tuple[str, float], ...]  # the (mode, weight_offset) pairs stored
@@ -94,7 +95,7 @@ def _patterns(n: int, rows: int, k: int) -> Tuple[Tuple[str, ...], Tuple[str, ..
     if rows == 1:
         return ("mixed",), ("mixed" if n >= 16384 else SINGLE_ROW_G[k % len(SINGLE_ROW_G)],)
     # A NaN in x makes its row's every p NaN, hence all of grad_weight: one case in four has one.
-    xs = golden_forward.PATTERNS if k % 4 == 3 else tuple(p for p in golden_forward.PATTERNS if p != "nan")
+    xs = forward.PATTERNS if k % 4 == 3 else tuple(p for p in forward.PATTERNS if p != "nan")
     if rows <= 3 and k % 3 == 0:
         # Every leaf a signed zero: some grad_weight columns have only -0.0 leaves (2^-rows of them),
         # whose tree is -0.0 only without padding, +0.0 with it.
@@ -145,32 +146,32 @@ def _g_row(rng: np.random.Generator, pattern: str, n: int, dtype: str) -> np.nda
         start = int(rng.integers(0, max(1, n - n // 8)))
         row[start:start + n // 8] = sign[start:start + n // 8] * 0.0
         return row
-    return golden_forward.pattern_row(rng, pattern, n, dtype)  # normal, zeros, inf, nan: as x's rows
+    return forward.pattern_row(rng, pattern, n, dtype)  # normal, zeros, inf, nan: as x's rows
 
 
 def _x_row(rng: np.random.Generator, pattern: str, n: int, dtype: str) -> np.ndarray:
-    """One float64 row of x (or the residual): golden_forward's patterns, and "positive" (|normal| + 0.1)."""
+    """One float64 row of x (or the residual): forward's patterns, and "positive" (|normal| + 0.1)."""
     return (np.abs(rng.standard_normal(n)) + 0.1 if pattern == "positive"
-            else golden_forward.pattern_row(rng, pattern, n, dtype))
+            else forward.pattern_row(rng, pattern, n, dtype))
 
 
 def generate_case(spec: BackwardSpec) -> BackwardCase:
     """Inputs from a generator seeded by the case name; expected gradients from the reference."""
     rng = np.random.default_rng(zlib.crc32(spec.name.encode()))
     d, n = spec.dtype, spec.n
-    x = golden_forward.pattern_rows(rng, spec.x_patterns, n, d, d, row=_x_row)
-    weight = golden_forward.random_weight(rng, n, d)
+    x = forward.pattern_rows(rng, spec.x_patterns, n, d, d, row=_x_row)
+    weight = forward.random_weight(rng, n, d)
     if "positive" in spec.x_patterns:
         # w + offset >= +0.0 for EDGE_OUTPUTS' offsets (the -0.0 weight becomes exactly 0.5): every
         # a = -0.0 * w is -0.0.
-        weight = golden_forward.as_dtype(np.abs(weight.astype(np.float64)) + 0.5, d)
-    grad_out = golden_forward.pattern_rows(rng, spec.g_patterns, n, d, d, row=_g_row)
-    r_dtype = golden_forward.residual_dtype(d, spec.residual)
+        weight = forward.as_dtype(np.abs(weight.astype(np.float64)) + 0.5, d)
+    grad_out = forward.pattern_rows(rng, spec.g_patterns, n, d, d, row=_g_row)
+    r_dtype = forward.residual_dtype(d, spec.residual)
     residual = grad_new_residual = None
     if r_dtype is not None:
-        residual = golden_forward.pattern_rows(rng, spec.x_patterns, n, d, r_dtype, row=_x_row)
+        residual = forward.pattern_rows(rng, spec.x_patterns, n, d, r_dtype, row=_x_row)
         if spec.grad_new_residual:
-            grad_new_residual = golden_forward.pattern_rows(rng, spec.g_patterns, n, d, r_dtype, row=_g_row)
+            grad_new_residual = forward.pattern_rows(rng, spec.g_patterns, n, d, r_dtype, row=_g_row)
     expected = {(mode, offset): reference.rms_norm_backward(x, weight, grad_out, spec.eps, residual, grad_new_residual,
                                                             mode=mode, weight_offset=offset)
                 for mode, offset in spec.outputs}

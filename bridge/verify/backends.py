@@ -7,14 +7,14 @@ torch and jax and a missing framework only makes its backends unavailable.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-from . import reference
-from .reference_fp8 import fp8_numpy_dtype
-from .verify_report import Unavailable
+from ..numerics import reference
+from ..numerics.contract import missing_fp8_arguments, split_fp8
+from ..numerics.reference_fp8 import fp8_numpy_dtype
+from .report import Unavailable
 
 # (x, weight, eps, residual, mode, weight_offset) -> out, or (out, new_residual) with a residual.
 RunFn = Callable[..., object]
@@ -36,23 +36,10 @@ class Backend:
     make_runner: Callable[[], RunFn]
     # Raises NotImplementedError (from the framework) where the kernel has no backward yet.
     make_backward_runner: Callable[[], BackwardFn]
-    # XLA:CPU flushes float32 subnormals (bridge/subnormals.py): gradients through one are not compared.
+    # XLA:CPU flushes float32 subnormals (bridge/numerics/subnormals.py): gradients through one are not compared.
     flushes_subnormals: bool = False
-    # FP8 output (contract v1.2); raises verify_report.Unavailable where the API has none.
+    # FP8 output (contract v1.2); raises report.Unavailable where the API has none.
     make_fp8_runner: Optional[Callable[[], Fp8Fn]] = None
-
-
-def split_fp8(result, grouped: bool, has_residual: bool) -> Tuple[object, Optional[object], Optional[object]]:
-    """An FP8 call's result as (out, scales or None, new_residual or None), after checking that it
-    has the spec's shape: out alone (a single array, not a tuple), or a tuple of out, the scales
-    (per group) and the new residual (with a residual), in that order."""
-    names = ("out",) + (("scales",) if grouped else ()) + (("new_residual",) if has_residual else ())
-    parts = tuple(result) if isinstance(result, (tuple, list)) else (result,)
-    if len(parts) != len(names) or (len(names) == 1 and isinstance(result, (tuple, list))):
-        got = f"a {type(result).__name__} of {len(parts)}" if isinstance(result, (tuple, list)) else "one array"
-        want = names[0] if len(names) == 1 else f"({', '.join(names)})"
-        raise ValueError(f"FP8 call returned {got}; the spec's result is {want}")
-    return parts[0], parts[1] if grouped else None, parts[-1] if has_residual else None
 
 
 def _reference_fp8(x, weight, eps, residual, mode, weight_offset, quantization):
@@ -62,10 +49,9 @@ def _reference_fp8(x, weight, eps, residual, mode, weight_offset, quantization):
 
 def _needs_out_dtype(fn: Callable, where: str) -> None:
     """Unavailable unless fn takes out_dtype, scale and group_size (the FP8 spec's arguments)."""
-    params = inspect.signature(fn).parameters
-    missing = [p for p in ("out_dtype", "scale", "group_size") if p not in params]
-    if missing:
-        raise Unavailable(f"{where} has no {', '.join(missing)} argument (FP8 output, contract v1.2)")
+    problem = missing_fp8_arguments(fn, where)
+    if problem is not None:
+        raise Unavailable(problem)
 
 
 def _reference_backward(x, weight, grad_out, eps, residual, grad_new_residual, mode, weight_offset):

@@ -10,7 +10,7 @@ Answers, one line each, then a summary table:
   3d sqrt : does lax.sqrt lower with sqrt.rn bits (and what does lax.rsqrt give)?
   3e      : can plgpu.inline_mgpu run div.rn / sqrt.rn / mul.rn+add.rn PTX, with IEEE bits?
 On the GPU each small kernel's PTX is dumped (MOSAIC_GPU_DUMP_PTX=1) and its f32 ops counted.
-Run: python3 scripts/probe_mosaic.py   (H200, jax 0.11.x: well under a minute). Without a GPU every
+Run: python3 scripts/probes/probe_mosaic.py   (H200, jax 0.11.x: well under a minute). Without a GPU every
 kernel is lowered for CUDA (which catches Mosaic lowering errors) and then run in Mosaic GPU
 interpret mode, whose bits are CPU bits, not evidence. A failing probe prints one line; the run goes on.
 """

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
-from .crossframework_device import _bi_jax, best_device, first_output_difference
+from ..numerics.contract import missing_fp8_arguments, split_fp8
+from .device import _bi_jax, best_device, first_output_difference
 from .dlpack import to_jax, to_torch
 
 if TYPE_CHECKING:
@@ -26,15 +27,8 @@ def fp8_probe() -> Optional[str]:
     import bi_jax
     import bi_torch
 
-    from .backends import _needs_out_dtype
-    from .verify_report import Unavailable
-
-    try:
-        _needs_out_dtype(bi_torch.rms_norm, "bi_torch.rms_norm")
-        _needs_out_dtype(bi_jax.rms_norm, "bi_jax.rms_norm")
-    except Unavailable as e:
-        return str(e)
-    return None
+    return (missing_fp8_arguments(bi_torch.rms_norm, "bi_torch.rms_norm")
+            or missing_fp8_arguments(bi_jax.rms_norm, "bi_jax.rms_norm"))
 
 
 def _is_fp8(name: str) -> bool:
@@ -151,8 +145,6 @@ def cross_check_fp8(
     import torch
 
     import bi_torch
-
-    from .backends import split_fp8
 
     device = device or best_device()
     x, weight, residual = (None if a is None else bi_torch.from_numpy(a, device)

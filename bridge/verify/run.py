@@ -2,7 +2,7 @@
 
 Three passes per backend: the forward (v1), the backward (v1.1) and the FP8 output (v1.2); then
 the cross-framework row, bi_torch against bi_jax on the same memory, for the same three
-(`bridge.verify_crossframework`). How each pass checks a runner: `bridge.verify_checks`.
+(`bridge.verify.crossframework`). How each pass checks a runner: `bridge.verify.checks`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from concurrent.futures import ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
-from . import golden
+from .. import golden
 from .backends import BACKENDS, Backend
-from .verify_checks import _check_backward_corpus, _check_corpus, _check_fp8_corpus, _outputs, _sweep
-from .verify_crossframework import CROSS_FRAMEWORK, run_cross_framework
-from .verify_report import BackendReport, PassReport, Progress, Ticker, Unavailable, overall_status, run_pass
+from .checks import _check_backward_corpus, _check_corpus, _check_fp8_corpus, _outputs, _sweep
+from .crossframework import CROSS_FRAMEWORK, run_cross_framework
+from .report import BackendReport, PassReport, Progress, Ticker, Unavailable, overall_status, run_pass
 
 QUICK_MAX_N = 1025
 INVARIANCE_SIZES = (7, 128, 1000, 4096, 65536)
@@ -142,13 +142,14 @@ def verify(
     backend_names: Optional[Iterable[str]] = None,
     dtypes: Optional[Sequence[str]] = None,
     quick: bool = False,
-    corpus_dir: Path = golden.DEFAULT_DIR,
+    corpus_dir: Optional[Path] = None,
     progress: Optional[Progress] = None,
     jobs: int = 1,
 ) -> List[BackendReport]:
     """Run the corpus and the invariance sweep, forward, backward and FP8, through each named backend
     (default: all), then the cross-framework check; with jobs > 1, that many backends at a time,
-    each in its own process."""
+    each in its own process. corpus_dir: by default golden.corpus_dir() (tests/golden/ in a checkout)."""
+    corpus_dir = golden.corpus_dir() if corpus_dir is None else corpus_dir
     names = list(backend_names) if backend_names else [b.name for b in BACKENDS] + [CROSS_FRAMEWORK]
     progress = progress or (lambda *a: None)
     plan = _plan(dtypes, quick, corpus_dir)  # also checks the corpus before any worker starts

@@ -31,7 +31,7 @@ class PassReport:
     invariance_mismatches: int = 0
     first_mismatch: str = ""
     seconds: float = 0.0
-    flushed: int = 0  # gradient rows and columns not compared: XLA:CPU flushes subnormals (bridge/subnormals.py)
+    flushed: int = 0  # gradient rows and columns not compared: XLA:CPU flushes subnormals (numerics/subnormals.py)
 
     def note(self, where: str, problem: Optional[str], invariance: bool = False) -> None:
         """Count one bitwise comparison; problem is first_mismatch's answer (None: equal)."""

@@ -12,9 +12,9 @@ from typing import Dict
 
 import numpy as np
 
-from . import reference
-from .contract import FP8_FORMATS
-from .reference_fp8 import fp8_numpy_dtype
+from ..numerics import reference
+from ..numerics.contract import FP8_FORMATS
+from ..numerics.reference_fp8 import fp8_numpy_dtype
 
 
 def output_key(what: str, mode: str, offset: float) -> str:

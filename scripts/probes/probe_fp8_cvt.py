@@ -6,7 +6,7 @@ Before a kernel may use it, this counts, over all 2**32 float32 patterns c, the 
 the hardware's code of clamp_fp8(c) differs from encode_fp8(clamp_fp8(c)) (NUMERICS.md Q3-Q4,
 the bit-pattern encoder both kernels compile today), and prints the first few. 0 everywhere is
 the condition for switching the compiled kernels (the interpreters keep the bit pattern).
-Usage: python3 scripts/probe_fp8_cvt.py   (a GPU with sm_89 or later; about a second on an H200)
+Usage: python3 scripts/probes/probe_fp8_cvt.py   (a GPU with sm_89 or later; about a second on an H200)
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import struct
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 import triton  # noqa: E402

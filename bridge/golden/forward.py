@@ -1,5 +1,5 @@
 """The golden corpus's forward cases (contract v1): their list, inputs and expected outputs, and the
-row patterns, weights and dtypes that the backward (`golden_backward`) and FP8 (`golden_fp8`) cases
+row patterns, weights and dtypes that the backward (`golden.backward`) and FP8 (`golden.fp8`) cases
 build on.
 
 Inputs come from a generator seeded by the case name, expected outputs from `bridge.reference`;
@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import reference
+from ..numerics import reference
 
 # Each case stores two of the four (mode, weight_offset) outputs, alternating, so that every pair
 # is covered across the corpus at half the size.

@@ -19,12 +19,13 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import golden_forward, reference
-from .golden_forward import DTYPES, OUTPUT_SETS
-from .golden_format import output_key
+from ..numerics import reference
+from . import forward
+from .forward import DTYPES, OUTPUT_SETS
+from .storage import output_key
 
 OUT_DTYPE = "float8_e4m3fn"
-# Row patterns of their own, besides golden_forward.PATTERNS: whole 64-column groups of signed zeros
+# Row patterns of their own, besides forward.PATTERNS: whole 64-column groups of signed zeros
 # in a normal row (a zero group's scale is the floor's), rows of signed zeros only (+0 and -0 codes),
 # and magnitudes spread over 2**-14..1 (within a group, most values far below its amax: FP8 subnormals).
 FP8_PATTERNS = ("zero_groups", "signed_zeros", "spread")
@@ -32,8 +33,8 @@ FP8_PATTERNS = ("zero_groups", "signed_zeros", "spread")
 # that a case of a few rows, which starts at an even place, has values to round in its first row.
 PATTERNS = ("normal", "zeros", "spread", "nan", "outliers", "signed_zeros", "mixed", "inf", "zero_groups", "huge",
             "wide_range", "tiny")
-assert sorted(PATTERNS) == sorted(golden_forward.PATTERNS + FP8_PATTERNS)
-# Weights: golden_forward.random_weight (around 1, one -0.0), or that with 2**127 at columns 5, 305,
+assert sorted(PATTERNS) == sorted(forward.PATTERNS + FP8_PATTERNS)
+# Weights: forward.random_weight (around 1, one -0.0), or that with 2**127 at columns 5, 305,
 # ..., where x is +-4 in every other row, so that u = xhat * w overflows to inf there (float32 and
 # bfloat16 only: float16 cannot reach it), and is huge (mostly finite) in the other rows.
 WEIGHTS = ("random", "huge")
@@ -145,7 +146,7 @@ def case_specs() -> List[Fp8Spec]:
 
 
 def _row(rng: np.random.Generator, pattern: str, n: int, dtype: str) -> np.ndarray:
-    """One float64 row: FP8_PATTERNS here, golden_forward's patterns from golden_forward.pattern_row."""
+    """One float64 row: FP8_PATTERNS here, forward's patterns from forward.pattern_row."""
     sign = rng.choice([-1.0, 1.0], n)
     if pattern == "zero_groups":
         row = rng.standard_normal(n)
@@ -157,14 +158,14 @@ def _row(rng: np.random.Generator, pattern: str, n: int, dtype: str) -> np.ndarr
         return sign * 0.0
     if pattern == "spread":
         return sign * np.exp2(rng.uniform(-14, 0, n))
-    return golden_forward.pattern_row(rng, pattern, n, dtype)
+    return forward.pattern_row(rng, pattern, n, dtype)
 
 
 def _weight(rng: np.random.Generator, kind: str, n: int, dtype: str) -> np.ndarray:
-    w = golden_forward.random_weight(rng, n, dtype)
+    w = forward.random_weight(rng, n, dtype)
     if kind == "huge":
         w = w.copy()
-        w[HUGE_COLUMNS] = golden_forward.as_dtype(np.array(2.0**127), dtype)
+        w[HUGE_COLUMNS] = forward.as_dtype(np.array(2.0**127), dtype)
     return w
 
 
@@ -172,12 +173,12 @@ def generate_case(spec: Fp8Spec) -> Fp8Case:
     """Inputs from a generator seeded by the case name; expected outputs from the reference."""
     rng = np.random.default_rng(zlib.crc32(spec.name.encode()))
     d, n = spec.dtype, spec.n
-    x = golden_forward.pattern_rows(rng, spec.patterns, n, d, d, row=_row)
+    x = forward.pattern_rows(rng, spec.patterns, n, d, d, row=_row)
     if spec.weight == "huge":
-        x[0::2, HUGE_COLUMNS] = golden_forward.as_dtype(np.where(x[0::2, HUGE_COLUMNS] < 0, -4.0, 4.0), d)
+        x[0::2, HUGE_COLUMNS] = forward.as_dtype(np.where(x[0::2, HUGE_COLUMNS] < 0, -4.0, 4.0), d)
     weight = _weight(rng, spec.weight, n, d)
-    r_dtype = golden_forward.residual_dtype(d, spec.residual)
-    residual = None if r_dtype is None else golden_forward.pattern_rows(rng, spec.patterns, n, d, r_dtype, row=_row)
+    r_dtype = forward.residual_dtype(d, spec.residual)
+    residual = None if r_dtype is None else forward.pattern_rows(rng, spec.patterns, n, d, r_dtype, row=_row)
     # The scale's shape alternates between () and (1,) with the case's name.
     scale = None
     if spec.scale is not None:

@@ -2,7 +2,7 @@
 
 Kernel names: rms_norm_kernel and rms_norm_backward_kernel (Triton), bi_norm_rms_norm and
 bi_norm_rms_norm_backward (Pallas), column_tree_kernel / bi_norm_column_tree, the long rows' stats passes.
-Usage: python3 scripts/profile_shape.py forward|backward [16384x4096] [--residual]
+Usage: python3 scripts/probes/profile_shape.py forward|backward [16384x4096] [--residual]
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

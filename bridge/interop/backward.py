@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional, Tuple
 
 import numpy as np
 
-from .crossframework_device import best_device, first_output_difference
+from .device import best_device, first_output_difference
 from .dlpack import to_jax
 
 if TYPE_CHECKING:

@@ -52,20 +52,21 @@ def share_gpu_with_torch() -> None:
     variable is already set, in which case your choice stands. JAX then allocates on demand (it
     still keeps what it has used for reuse; XLA_PYTHON_CLIENT_MEM_FRACTION caps it).
 
-    The variable is read once, when JAX initialises its GPU backend. Importing `bridge.dlpack`
-    calls this function, so import it before JAX first touches the GPU (before `jax.devices()`
-    or the first computation). If JAX's GPU backend is already up and the variable was unset, it
-    is too late: a RuntimeWarning says so, and the fix is to import `bridge.dlpack` earlier or
-    to export XLA_PYTHON_CLIENT_PREALLOCATE=false before starting Python.
+    The variable is read once, when JAX initialises its GPU backend. Importing this module
+    (`from bridge import dlpack`) calls this function, so import it before JAX first touches the
+    GPU (before `jax.devices()` or the first computation). If JAX's GPU backend is already up and
+    the variable was unset, it is too late: a RuntimeWarning says so, and the fix is to import it
+    earlier or to export XLA_PYTHON_CLIENT_PREALLOCATE=false before starting Python.
     """
     if PREALLOCATE_VAR in os.environ:
         return
     os.environ[PREALLOCATE_VAR] = "false"
     if _jax_gpu_backend_initialised():
         warnings.warn(
-            "JAX's GPU backend was initialised before bridge.dlpack was imported, with "
+            "JAX's GPU backend was initialised before bridge.interop.dlpack was imported, with "
             f"{PREALLOCATE_VAR} unset: JAX has already reserved 75% of GPU memory, which starves PyTorch. "
-            f"Import bridge.dlpack before JAX first uses the GPU, or export {PREALLOCATE_VAR}=false.",
+            f"Import it (`from bridge import dlpack`) before JAX first uses the GPU, or export "
+            f"{PREALLOCATE_VAR}=false.",
             RuntimeWarning, stacklevel=2)
 
 

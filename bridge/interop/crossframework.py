@@ -1,13 +1,13 @@
 """Each framework's kernel on the other framework's arrays, and a bitwise cross-check on the device.
 
 `torch_rms_norm_on_jax` runs bi_torch's Triton kernel on JAX arrays and `jax_rms_norm_on_torch`
-runs bi_jax's Pallas kernel on torch tensors: inputs and results cross through `bridge.dlpack`
+runs bi_jax's Pallas kernel on torch tensors: inputs and results cross through `bridge.interop.dlpack`
 without a copy or a host round trip, and come back in the caller's framework. `cross_check` runs
 both kernels on the same device memory and compares their bits there, in JAX; `cross_check_backward`
-(`bridge.crossframework_backward`, importable from here too) does the same for the gradients (torch
-autograd against jax.vjp, NUMERICS.md's backward), and `bridge.crossframework_fp8.cross_check_fp8`
-for the FP8 output (contract v1.2): out's codes, the scales, the new residual. What the checks
-share (probe, best_device, first_bit_difference, first_output_difference): `bridge.crossframework_device`.
+(`bridge.interop.backward`, importable from here too) does the same for the gradients (torch
+autograd against jax.vjp, NUMERICS.md's backward), and `bridge.interop.fp8.cross_check_fp8` for the
+FP8 output (contract v1.2): out's codes, the scales, the new residual. What the checks share
+(probe, best_device, first_bit_difference, first_output_difference): `bridge.interop.device`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 import numpy as np
 
-from .crossframework_backward import cross_check_backward  # noqa: F401 (the README documents it here)
-from .crossframework_device import _bi_jax, best_device, first_output_difference
-from .crossframework_fp8 import _any_to_jax, _any_to_torch, _jax_quantization, _torch_quantization
+from .backward import cross_check_backward  # noqa: F401 (the README documents it here)
+from .device import _bi_jax, best_device, first_output_difference
 from .dlpack import to_jax, to_torch
+from .fp8 import _any_to_jax, _any_to_torch, _jax_quantization, _torch_quantization
 
 if TYPE_CHECKING:
     import jax
