@@ -3,8 +3,8 @@
 # backend, the GPU-marked tests, then the benchmark; a short table last. Logs go to $OUT if set.
 # Usage: bash scripts/gpu_suite.sh [verify|tests|bench|tune|profile|probe]...   (default: the first three)
 #   tune: the backward's and the forward's launch sweeps (scripts/tune_backward.py, tune_launch.py);
-#   profile: ncu of both kernels' forward and backward at 16384 x 4096 bf16; probe: the FP8
-#   conversion (scripts/probes/probe_fp8_cvt.py) and Mosaic GPU (scripts/probes/probe_mosaic.py) probes.
+#   profile: ncu of both kernels' forward and backward at 16384 x 4096 bf16; probe: the Mosaic GPU
+#   probe (scripts/probes/probe_mosaic.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -62,7 +62,6 @@ for step in "${steps[@]}"; do
           "$out/ncu-$pass-16384x4096.txt"
       done ;;
     probe)
-      $py scripts/probes/probe_fp8_cvt.py 2>&1 | tee "$out/probe-fp8-cvt.txt" || status=1
       $py scripts/probes/probe_mosaic.py 2>&1 | tee "$out/probe-mosaic.txt" || status=1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

@@ -1,15 +1,13 @@
 """bi_torch.patch_model on tiny, randomly initialised transformers models (CPU: the Triton interpreter).
 
 Per table entry: the entry against its class's own forward (the check that catches a transformers
-release changing a class), and a model of that family patched, forward and backward, against the
-same model unpatched; then optimizers and tied weights, a gated norm outside the table, and a
-float32 model under autocast. Models are built from configs: nothing is downloaded. patch_model's
-rules on hand-built modules, and the `kernels` layer: test_hf_patch_rules.py.
+release changing a class), and a model of that family (hf_models.py) patched, forward and backward,
+against the same model unpatched; then optimizers and tied weights, a gated norm outside the table,
+and a float32 model under autocast. Models are built from configs: nothing is downloaded.
+patch_model's rules on hand-built modules, and the `kernels` layer: test_hf_patch_rules.py.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import pytest
 import torch
@@ -21,58 +19,9 @@ from bi_torch.hf import PatchedRMSNorm, patch_model, table_entry  # noqa: E402
 from bi_torch.hf_table import EXCLUDED, TABLE  # noqa: E402
 from bi_torch.module import RMSNorm  # noqa: E402
 from hf_helpers import hf_class  # noqa: E402
+from hf_models import MIXED_IN_BF16, MODELS, build, outputs, short  # noqa: E402
 
 TD = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=128, head_dim=16)
-_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # defaults outside a 128-token vocabulary
-_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-_DS_MOE = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1, n_group=1,
-               topk_group=1)
-_NO_HEAD_DIM = {k: v for k, v in _BASE.items() if k != "head_dim"}
-
-# One tiny config per table entry, keyed like TABLE: (config class, config kwargs).
-CONFIGS = {
-    "llama.LlamaRMSNorm": ("LlamaConfig", {}), "mistral.MistralRMSNorm": ("MistralConfig", {}),
-    "mixtral.MixtralRMSNorm": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
-    "qwen2.Qwen2RMSNorm": ("Qwen2Config", {}),
-    "qwen2_moe.Qwen2MoeRMSNorm": ("Qwen2MoeConfig", dict(_MOE, shared_expert_intermediate_size=32)),
-    "qwen3.Qwen3RMSNorm": ("Qwen3Config", {}), "qwen3_moe.Qwen3MoeRMSNorm": ("Qwen3MoeConfig", _MOE),
-    "phi3.Phi3RMSNorm": ("Phi3Config", _TOKENS),
-    "deepseek_v3.DeepseekV3RMSNorm": ("DeepseekV3Config", dict(_DS_MOE, q_lora_rank=32, kv_lora_rank=16,
-                                                               qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)),
-    "granite.GraniteRMSNorm": ("GraniteConfig", {}),
-    "granitemoe.GraniteMoeRMSNorm": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
-    "glm.GlmRMSNorm": ("GlmConfig", _TOKENS), "glm4.Glm4RMSNorm": ("Glm4Config", _TOKENS),
-    "glm4_moe.Glm4MoeRMSNorm": ("Glm4MoeConfig", _DS_MOE),
-    "smollm3.SmolLM3RMSNorm": ("SmolLM3Config", _TOKENS),
-    "olmoe.OlmoeRMSNorm": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2)),
-    "olmo2.Olmo2RMSNorm": ("Olmo2Config", {}), "olmo3.Olmo3RMSNorm": ("Olmo3Config", {}),
-    "gpt_oss.GptOssRMSNorm": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)),
-    "helium.HeliumRMSNorm": ("HeliumConfig", {}),
-    "nemotron_h.NemotronHRMSNorm": ("NemotronHConfig", dict(hybrid_override_pattern="M*", mamba_num_heads=4,
-                                                            mamba_head_dim=16, ssm_state_size=16, n_groups=1)),
-    "gemma.GemmaRMSNorm": ("GemmaConfig", {}), "gemma2.Gemma2RMSNorm": ("Gemma2Config", {}),
-    "gemma3.Gemma3RMSNorm": ("Gemma3TextConfig", {}),
-    "qwen3_next.Qwen3NextRMSNorm": ("Qwen3NextConfig", dict(_MOE, shared_expert_intermediate_size=32,
-                                                            layer_types=["linear_attention", "full_attention"],
-                                                            linear_num_value_heads=4, linear_num_key_heads=2,
-                                                            linear_key_head_dim=16, linear_value_head_dim=16)),
-    "t5gemma.T5GemmaRMSNorm": ("T5GemmaConfig", None),  # encoder-decoder: built by _config
-}
-
-
-def _short(key: str) -> str:
-    """'transformers.models.llama.modeling_llama.LlamaRMSNorm' -> 'llama.LlamaRMSNorm'."""
-    parts = key.split(".")
-    return f"{parts[2]}.{parts[-1]}"
-
-
-def _config(short: str):
-    name, kwargs = CONFIGS[short]
-    if kwargs is None:
-        return transformers.T5GemmaConfig(encoder=_BASE, decoder=_BASE, vocab_size=_BASE["vocab_size"])
-    return getattr(transformers, name)(**{**(_NO_HEAD_DIM if short.startswith("deepseek") else _BASE), **kwargs})
 
 
 def _ordered(t: torch.Tensor) -> torch.Tensor:
@@ -88,16 +37,16 @@ def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def test_every_entry_has_a_model_config():
     """A table entry without a model test would go unchecked against its family's model."""
-    assert sorted(_short(k) for k in TABLE) == sorted(CONFIGS)
+    assert sorted(short(k) for k in TABLE) == sorted(MODELS)
 
 
-@pytest.mark.parametrize("key", list(EXCLUDED), ids=_short)
+@pytest.mark.parametrize("key", list(EXCLUDED), ids=short)
 def test_excluded_classes_exist(key):
     """An excluded class renamed in a release would silently become 'not in the table'."""
     assert isinstance(hf_class(key), type)
 
 
-@pytest.mark.parametrize("key", list(TABLE), ids=_short)
+@pytest.mark.parametrize("key", list(TABLE), ids=short)
 def test_entry_matches_the_class_forward(key):
     """The class's own forward vs bi_torch.rms_norm with the entry's mode, offset and eps.
 
@@ -138,40 +87,19 @@ def test_entry_matches_the_class_forward(key):
         assert (wrong_offset > 8).float().mean() >= 0.9, f"{name}: the other offset is as close"
 
 
-def _build(short: str, dtype: torch.dtype, device: str = "cpu"):
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # configs warn about unused defaults; not ours
-        cfg = _config(short)
-        auto = transformers.AutoModelForSeq2SeqLM if short.startswith("t5gemma") else transformers.AutoModelForCausalLM
-        model = auto.from_config(cfg, dtype=dtype).to(device)
-    with torch.no_grad():  # HF initialises norm weights to 1 (or 0 with 1 + w): make them matter
-        for module in model.modules():
-            if table_entry(type(module)) is not None:
-                module.weight.add_(torch.randn_like(module.weight) * 0.1)
-    return model
-
-
-def _loss(model, short: str):
-    ids = (torch.arange(16).reshape(2, 8) * 7 % 128).to(model.device)
-    kw = dict(decoder_input_ids=ids[:, :4]) if short.startswith("t5gemma") else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # kernel fallbacks (mamba, causal_conv1d) warn on CPU
-        logits = model(ids, **kw).logits
-    return logits, logits.float().logsumexp(-1).mean()
-
-
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("short", sorted(CONFIGS))
-def test_patched_model_matches_unpatched(short, dtype, device):
-    model = _build(short, TD[dtype], device)
+@pytest.mark.parametrize("family,dtype", [(f, d) for f in sorted(MODELS) for d in ("float32", "bfloat16")
+                                          if not (d == "bfloat16" and f in MIXED_IN_BF16)])
+def test_patched_model_matches_unpatched(family, dtype, device):
+    model = build(family, TD[dtype], device)
     norms = {name: m for name, m in model.named_modules() if table_entry(type(m)) is not None}
     assert norms, "the config built no module of the table's class"
     weights = {name: m.weight for name, m in norms.items()}
-    ref_logits, ref_loss = _loss(model, short)
+    ref_logits, ref_loss = outputs(model, family)
     ref_loss.backward()
-    ref_grads = {name: w.grad.clone() for name, w in weights.items()}
+    # Norms these inputs do not reach (DeepSeek-V4's compressor, T5Gemma 2's image projector) get no gradient.
+    ref_grads = {name: w.grad.clone() for name, w in weights.items() if w.grad is not None}
+    assert ref_grads, "no norm got a gradient"
     model.zero_grad()
 
     report = patch_model(model)
@@ -186,7 +114,7 @@ def test_patched_model_matches_unpatched(short, dtype, device):
         assert new.weight is weights[name], f"{name}: the weight Parameter was not shared"
     assert not any(table_entry(type(m)) for m in model.modules())
 
-    logits, loss = _loss(model, short)
+    logits, loss = outputs(model, family)
     loss.backward()
     # float32: the norms differ by a few ulps (test_entry_matches_the_class_forward), which the model
     # carries to the logits at ~1e-7. bfloat16: the norms are (nearly always) the same bits; HF's
@@ -195,21 +123,35 @@ def test_patched_model_matches_unpatched(short, dtype, device):
     scale, tol = ref_logits.float().abs().max().item(), (1e-5 if dtype == "float32" else 2e-2)
     torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=0, atol=tol * scale)
     for name, w in weights.items():
+        if name not in ref_grads:
+            assert w.grad is None, f"{name}: a gradient after patching, none before"
+            continue
         g, ref = w.grad.float(), ref_grads[name].float()
         g_tol = (1e-5 if dtype == "float32" else 5e-2) * ref.abs().max().item() + 1e-30
         torch.testing.assert_close(g, ref, rtol=0, atol=g_tol, msg=lambda m: f"{name} grad: {m}")
 
 
+@pytest.mark.parametrize("family", sorted(MIXED_IN_BF16))
+def test_mixed_dtype_model_raises_naming_the_cast(family):
+    """In these bfloat16 models a table norm gets an input of another dtype than its weight's (README,
+    "Dtypes are never changed"): patched, the model raises at that norm's forward, naming the cast."""
+    model = build(family, torch.bfloat16)
+    assert patch_model(model).replaced
+    with pytest.raises(TypeError, match=r"^weight: expected dtype (float32|bfloat16) \(x's dtype\); got "
+                                        r"(bfloat16|float32)\. bi-norm computes in one dtype"):
+        outputs(model, family)
+
+
 def test_optimizer_and_tied_weights_stay_valid():
     """The optimizer built before patching steps the weights the new modules use; a weight tied to
     two norms stays one Parameter."""
-    model = _build("qwen3.Qwen3RMSNorm", torch.float32)
+    model = build("qwen3.Qwen3RMSNorm", torch.float32)
     layer = model.model.layers[0]
     layer.post_attention_layernorm.weight = layer.input_layernorm.weight  # tie two norms
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     patch_model(model)
     before = layer.input_layernorm.weight.detach().clone()
-    _loss(model, "qwen3")[1].backward()
+    outputs(model, "qwen3.Qwen3RMSNorm")[1].backward()
     opt.step()
     assert layer.input_layernorm.weight is layer.post_attention_layernorm.weight
     assert not torch.equal(layer.input_layernorm.weight.detach(), before), "the optimizer's step missed the norm"
@@ -217,23 +159,23 @@ def test_optimizer_and_tied_weights_stay_valid():
 
 def test_model_patch_gated_norm_is_skipped():
     """A real model with a class outside the table: Nemotron-H's gated norm (forward takes a gate)."""
-    model = _build("nemotron_h.NemotronHRMSNorm", torch.float32)
+    model = build("nemotron_h.NemotronHRMSNorm", torch.float32)
     report = patch_model(model)
     assert report.skipped == {"model.layers.0.mixer.norm": ("NemotronHRMSNormGated", "takes a gate")}
     assert type(model.model.layers[0].mixer.norm).__name__ == "NemotronHRMSNormGated"
     with pytest.raises(ValueError, match=r"model.layers.0.mixer.norm \(NemotronHRMSNormGated\): takes a gate"):
-        patch_model(_build("nemotron_h.NemotronHRMSNorm", torch.float32), unknown="raise")
+        patch_model(build("nemotron_h.NemotronHRMSNorm", torch.float32), unknown="raise")
 
 
 def test_float32_model_under_autocast_names_the_fix():
     """Under autocast a float32 Qwen3's q_norm gets bfloat16 projections with its float32 weight:
     bi-norm computes in one dtype, so the patched model raises, naming the cast (README)."""
-    model = _build("qwen3.Qwen3RMSNorm", torch.float32)
+    model = build("qwen3.Qwen3RMSNorm", torch.float32)
     patch_model(model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with pytest.raises(TypeError, match=r"^weight: expected dtype bfloat16 \(x's dtype\); got float32.*"
                                             r"torch.autocast.*model.to\(torch.bfloat16\)"):
-            _loss(model, "qwen3")
+            outputs(model, "qwen3.Qwen3RMSNorm")
     model.to(torch.bfloat16)  # the fix the message names
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _loss(model, "qwen3")[0].dtype == torch.bfloat16
+        assert outputs(model, "qwen3.Qwen3RMSNorm")[0].dtype == torch.bfloat16

@@ -1,5 +1,6 @@
 """bi_torch.patch_model's rules on hand-built modules: the report, the skip/raise paths, shared and
-hooked modules, the arguments, inputs of other strides; and the `kernels` layer (KernelsRMSNorm).
+hooked modules, the arguments, inputs of other strides; and the `kernels` layer (KernelsRMSNorm),
+by hand and through kernels.kernelize.
 Real models of every table family: test_hf_patch.py.
 """
 
@@ -19,6 +20,7 @@ from bi_torch.rows import as_rows  # noqa: E402
 from bi_torch.hf import KernelsRMSNorm, PatchedRMSNorm, _one_row_stride, patch_model  # noqa: E402
 from bi_torch.hf_table import EXCLUDED, TABLE  # noqa: E402
 from hf_helpers import hf_class  # noqa: E402
+from hf_models import build, outputs  # noqa: E402
 from torch_helpers import assert_bits  # noqa: E402
 
 
@@ -131,3 +133,25 @@ def test_kernels_layer_bound_like_kernelize(key):
     expected = patched.norm(x)
     module.forward = MethodType(KernelsRMSNorm.forward, module)
     assert_bits(expected, module(x))
+
+
+@pytest.mark.parametrize("family,layer", [("llama.LlamaRMSNorm", "RMSNorm"),
+                                          ("qwen3_5.Qwen3_5RMSNorm", "RMSNormZeroCentered")])
+def test_kernelize_with_the_layer_gives_patch_models_bits(family, layer):
+    """kernels.kernelize itself (the pinned kernels, on CPU) binds the layer to every norm of the hub
+    layer name transformers gives the class (Qwen3.5's 1 + w norms have their own); the model's
+    logits are then patch_model's, bit for bit, in bfloat16 where the modes differ."""
+    kernels = pytest.importorskip("kernels", reason="kernels (a transformers dependency) is not installed")
+
+    class BiNorm:  # a kernels repository: load() returns the layer class
+        def load(self):
+            return KernelsRMSNorm
+
+    patched, kernelized = build(family, torch.bfloat16), build(family, torch.bfloat16)
+    patch_model(patched)
+    with kernels.use_kernel_mapping({layer: {"cpu": BiNorm()}}):
+        kernelized = kernels.kernelize(kernelized, mode=kernels.Mode.TRAINING | kernels.Mode.TORCH_COMPILE,
+                                       device="cpu")
+    norms = [m for m in kernelized.modules() if type(m).__name__ == family.split(".")[1]]
+    assert norms and all("forward" in vars(m) for m in norms), "kernelize left a norm's forward alone"
+    assert_bits(outputs(patched, family)[0], outputs(kernelized, family)[0])
