@@ -43,7 +43,7 @@ class Quant:
 
     @classmethod
     def fp8(cls, kind: str, fmt_name: str, group: int = 1) -> "Quant":
-        """kind "static" or "group" with the fields of bridge.contract.FP8_FORMATS[fmt_name]."""
+        """kind "static" or "group" with the fields of bridge.numerics.contract.FP8_FORMATS[fmt_name]."""
         fmt = FP8_FORMATS[fmt_name]
         return cls(kind=kind, group=group, fmt_name=fmt_name, fp8_max=fmt.max, mantissa_bits=fmt.mantissa_bits,
                    exponent_bias=fmt.exponent_bias, nan_fp8=CANONICAL_NAN_BITS[fmt_name])

@@ -72,7 +72,7 @@ def interpreted_backward_kernels() -> ModuleType:
 
 
 def fp8_constexprs(fmt_name: str = "float8_e4m3fn") -> dict:
-    """The FP8 format's fields (bridge.contract.FP8_FORMATS) as the forward kernel's constexprs."""
+    """The FP8 format's fields (bridge.numerics.contract.FP8_FORMATS) as the forward kernel's constexprs."""
     fmt = FP8_FORMATS[fmt_name]
     return {"FP8_MAX": fmt.max, "MANTISSA_BITS": fmt.mantissa_bits, "EXPONENT_BIAS": fmt.exponent_bias,
             "NAN_FP8": CANONICAL_NAN_BITS[fmt_name]}

@@ -5,7 +5,7 @@ cvt.rn.satfinite.e4m3x2.f32 (two elements per instruction), which equals the con
 rnFP8 on all 2**32 float32 patterns, and a group's u / s is read from u * rn(1 / s) where that gives
 the same code (group_quotient); the interpreter rounds on the bit pattern (encode_fp8) and divides.
 Like triton_kernel.py, this file is loaded twice by bi_torch/launch.py (compiled, and under the
-interpreter). The format's fields (bridge.contract.FP8_FORMATS) arrive as constexprs.
+interpreter). The format's fields (bridge.numerics.contract.FP8_FORMATS) arrive as constexprs.
 """
 
 import triton

@@ -13,10 +13,10 @@ bfloat16 conversion truncates, it rounds to bfloat16 on the bit pattern instead.
 FP8 output (QUANT "static" or "group", steps Q1-Q4) is triton_fp8.py's, called from step 6.
 """
 
+import sys
+
 import triton
 import triton.language as tl
-
-import sys
 
 from bridge.numerics.contract import CANONICAL_NAN_BITS
 

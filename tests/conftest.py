@@ -24,13 +24,13 @@ def cases_by_name(corpus):
 
 @pytest.fixture(scope="session")
 def backward_corpus():
-    """The backward cases (bridge.golden_backward.BackwardCase) by name, in the manifest's order."""
+    """The backward cases (bridge.golden.backward.BackwardCase) by name, in the manifest's order."""
     return {case.spec.name: case for case in golden.load_backward_corpus()}
 
 
 @pytest.fixture(scope="session")
 def fp8_cases():
-    """The FP8 cases (bridge.golden_fp8.Fp8Case) by name, in the manifest's order."""
+    """The FP8 cases (bridge.golden.fp8.Fp8Case) by name, in the manifest's order."""
     return {case.spec.name: case for case in golden.load_fp8_corpus()}
 
 
