@@ -27,8 +27,8 @@ def run_cross_framework(cases, backward_cases, progress: Progress, fp8_cases: Se
     if reason is not None:
         report.status, report.reason = "unavailable", reason
         return report
-    device = device.best_device()
-    short = (lambda c: c.spec.n <= CROSS_CPU_MAX_N) if device == "cpu" else (lambda c: True)
+    target = device.best_device()
+    short = (lambda c: c.spec.n <= CROSS_CPU_MAX_N) if target == "cpu" else (lambda c: True)
     chosen, chosen_backward = [c for c in cases if short(c)], [c for c in backward_cases if short(c)]
     chosen_fp8 = [c for c in fp8_cases if short(c)]
     tick = Ticker(report.backend, len(chosen) + len(chosen_backward) + len(chosen_fp8), progress)
@@ -38,9 +38,9 @@ def run_cross_framework(cases, backward_cases, progress: Progress, fp8_cases: Se
             r.cases += 1
             for mode, offset in case.out:
                 r.note(f"{case.spec.name} {mode}/{offset:g}", crossframework.cross_check(
-                    case.x, case.weight, case.spec.eps, case.residual, mode, offset, device=device))
+                    case.x, case.weight, case.spec.eps, case.residual, mode, offset, device=target))
             tick()
-        r.reason = f"on {device}"
+        r.reason = f"on {target}"
 
     def backward(r: PassReport) -> None:
         for case in chosen_backward:
@@ -48,15 +48,15 @@ def run_cross_framework(cases, backward_cases, progress: Progress, fp8_cases: Se
             for mode, offset in case.expected:
                 args = (case.x, case.weight, case.grad_out, case.spec.eps, case.residual, case.grad_new_residual,
                         mode, offset)
-                if device == "cpu":
+                if target == "cpu":
                     rows, cols = subnormals.flushed(*args)
                     if rows.any() or cols.any():  # the whole check is left out: every row and column
                         r.flushed += rows.size + cols.size
                         continue
                 r.note(f"{case.spec.name} {mode}/{offset:g}",
-                       cross_check_backward(*args, device=device))
+                       cross_check_backward(*args, device=target))
             tick()
-        r.reason = f"on {device}"
+        r.reason = f"on {target}"
 
     def fp8(r: PassReport) -> None:
         fp8_reason = fp8_probe()
@@ -67,9 +67,9 @@ def run_cross_framework(cases, backward_cases, progress: Progress, fp8_cases: Se
             for mode, offset in case.spec.outputs:
                 r.note(f"{case.spec.name} {mode}/{offset:g}", cross_check_fp8(
                     case.x, case.weight, case.spec.eps, case.residual, mode, offset, case.quantization(),
-                    device=device))
+                    device=target))
             tick()
-        r.reason = f"on {device}; FP8 through DLPack {fp8_dlpack_route(device)}"
+        r.reason = f"on {target}; FP8 through DLPack {fp8_dlpack_route(target)}"
 
     report.forward = run_pass(forward, backward=False)
     tick.reach(len(chosen))
