@@ -1,11 +1,10 @@
 """FP8 output inside the Pallas forward kernel: NUMERICS.md contract v1.2, steps Q2-Q4.
 
-Mirrors bi_torch/triton_fp8.py line for line (clamp_fp8, encode_fp8, to_fp8, group_quotient,
-quantize_static, quantize_groups; its div_rn is ExactOps.div here). On the GPU, Q3-Q4 are one
-hardware conversion (cvt.rn.satfinite.e4m3x2.f32, as in the Triton kernel), equal to the contract's
-clamp and rnFP8 on all 2**32 float32 patterns (tests/test_jax_fp8_gpu.py), and a group's u / s is
-read from u * rn(1 / s) where that gives the same code; interpret mode rounds on the bit pattern
-(encode_fp8) and divides. Below FP8's smallest normal encode_fp8 rounds with integer shifts:
+Mirrors bi_torch/triton_fp8.py line for line (clamp_fp8, encode_fp8, to_fp8, quantize_static,
+quantize_groups; its div_rn is ExactOps.div here). On the GPU, Q3-Q4 are one hardware conversion
+(cvt.rn.satfinite.e4m3x2.f32, as in the Triton kernel), equal to the contract's clamp and rnFP8 on
+all 2**32 float32 patterns (tests/test_jax_fp8_gpu.py); interpret mode rounds on the bit pattern
+(encode_fp8). Below FP8's smallest normal encode_fp8 rounds with integer shifts:
 adding and subtracting 2**23 in float32 would be exact too, but XLA's CPU backend folds
 (a + 2**23) - 2**23 back into a (seen: jax 0.10.2).
 The kernel writes the FP8 codes as uint8; bi_jax.ops bitcasts them to the format outside it.
@@ -24,8 +23,6 @@ from bridge.numerics.contract import CANONICAL_NAN_BITS, FP8_FORMATS, GROUP_AMAX
 
 # Q2's floor on a group's amax, rn(1e-10).
 AMAX_FLOOR = as_float32(GROUP_AMAX_FLOOR)
-# group_quotient: how many float32 steps from an FP8 midpoint the product must stay (2 suffice).
-QUOTIENT_MARGIN = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,39 +91,6 @@ def to_fp8(ops, t: jax.Array, quant: Quant) -> jax.Array:
     return lax.bitcast_convert_type(t.astype(jnp.float8_e4m3fn), jnp.uint8)
 
 
-def quotient_estimate(ops, u: jax.Array, s: jax.Array, quant: Quant) -> tuple:
-    """t = rn(u * rn(1 / s)), for s > 0, and where t may round to another FP8 code than rn(u / s).
-
-    t is within 2 float32 steps of rn(u / s) (two roundings of 2**-24 each): where t lies more than
-    QUOTIENT_MARGIN steps from every FP8 midpoint below 2 * 448 (between two normals, two subnormals,
-    or zero and the smallest), both have the same rnFP8(clamp()); `near` marks the rest. A midpoint
-    is where t's significand, cut at FP8's last bit for t's exponent, is exactly one half: the cut is
-    the mantissa bits below FP8's for normals, up to mantissa bits + 3 more below (past zero's
-    midpoint). NaN and infinite u give NaN and +-0 alike. Checked over every float32 u for many s
-    on the GPU (tests/test_jax_fp8_gpu.py)."""
-    shift = 23 - quant.mantissa_bits  # float32 mantissa bits below FP8's
-    min_normal = 128 - quant.exponent_bias  # exponent field of 2**(1 - bias), FP8's smallest normal
-    saturated = (143 - quant.exponent_bias) << 23  # 2**(16 - bias): 512, past 448's midpoint
-    t = u * ops.div(jnp.full(s.shape, 1.0, jnp.float32), s)
-    a = lax.bitcast_convert_type(t, jnp.uint32) & 0x7FFFFFFF
-    below = jnp.minimum(jnp.maximum(min_normal - (a >> 23).astype(jnp.int32), 0), quant.mantissa_bits + 3)
-    cut = (shift + below).astype(jnp.uint32)
-    significand = (a & 0x7FFFFF) | 0x800000
-    off_midpoint = ((significand & ((jnp.uint32(1) << cut) - 1)).astype(jnp.int32)
-                    - (jnp.int32(1) << (cut - 1).astype(jnp.int32)))
-    near = (off_midpoint <= QUOTIENT_MARGIN) & (off_midpoint >= -QUOTIENT_MARGIN) & (a < saturated)
-    return t, near
-
-
-def group_quotient(ops, u: jax.Array, s: jax.Array, quant: Quant) -> jax.Array:
-    """Q3's rn(u / s) for a group's u and its scale s > 0, or a float32 with the same rnFP8(clamp()):
-    on the GPU, quotient_estimate's t unless an element of the block is near, then the block divides."""
-    if ops.interpret:
-        return ops.div(u, s)
-    t, near = quotient_estimate(ops, u, s, quant)
-    return lax.cond(near.astype(jnp.int32).max() > 0, lambda: ops.div(u, s), lambda: t)
-
-
 def quantize_static(ops, u: jax.Array, inv_scale: jax.Array, quant: Quant) -> jax.Array:
     """Q2-Q4 static: rnFP8(clamp(rn(u * inv_scale))), inv_scale = rn(1 / scale) once per program."""
     return to_fp8(ops, u * inv_scale, quant)
@@ -146,5 +110,5 @@ def quantize_groups(ops, u: jax.Array, scales_ref, rows, row_mask, chunk, n_cols
     s = ops.div(jnp.maximum(amax, jnp.float32(AMAX_FLOOR)),
                 jnp.full((ROWS, CHUNK // GROUP), quant.fp8_max, jnp.float32))
     plgpu.store(scales_ref.at[rows * (n_cols // GROUP) + group_cols], s, mask=group_mask)
-    q = to_fp8(ops, group_quotient(ops, groups, s[:, :, None], quant), quant)
+    q = to_fp8(ops, ops.div(groups, s[:, :, None]), quant)
     return q.reshape(ROWS, CHUNK)

@@ -2,8 +2,7 @@
 
 Mirrors bi_jax/pallas_fp8.py line for line. Compiled, Q3-Q4 are one hardware conversion,
 cvt.rn.satfinite.e4m3x2.f32 (two elements per instruction), which equals the contract's clamp and
-rnFP8 on all 2**32 float32 patterns, and a group's u / s is read from u * rn(1 / s) where that gives
-the same code (group_quotient); the interpreter rounds on the bit pattern (encode_fp8) and divides.
+rnFP8 on all 2**32 float32 patterns; the interpreter rounds on the bit pattern (encode_fp8).
 Like triton_kernel.py, this file is loaded twice by bi_torch/launch.py (compiled, and under the
 interpreter). The format's fields (bridge.numerics.contract.FP8_FORMATS) arrive as constexprs.
 """
@@ -17,8 +16,6 @@ from bridge.numerics.contract import GROUP_AMAX_FLOOR, as_float32
 INTERPRETED: tl.constexpr = tl.constexpr(bool(triton.knobs.runtime.interpret))
 # Q2's floor on a group's amax, rn(1e-10).
 AMAX_FLOOR: tl.constexpr = tl.constexpr(as_float32(GROUP_AMAX_FLOOR))
-# group_quotient: how many float32 steps from an FP8 midpoint the product must stay (2 suffice).
-QUOTIENT_MARGIN: tl.constexpr = tl.constexpr(3)
 
 
 @triton.jit
@@ -77,44 +74,6 @@ def to_fp8(t, FP8_MAX: tl.constexpr, MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS:
 
 
 @triton.jit
-def quotient_estimate(u, s, MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr):
-    """t = rn(u * rn(1 / s)), for s > 0, and where t may round to another FP8 code than rn(u / s).
-
-    t is within 2 float32 steps of rn(u / s) (two roundings of 2**-24 each): where t lies more than
-    QUOTIENT_MARGIN steps from every FP8 midpoint below 2 * 448 (between two normals, two subnormals,
-    or zero and the smallest), both have the same rnFP8(clamp()); `near` marks the rest. A midpoint
-    is where t's significand, cut at FP8's last bit for t's exponent, is exactly one half: the cut is
-    the mantissa bits below FP8's for normals, up to MANTISSA_BITS + 3 more below (past zero's
-    midpoint). NaN and infinite u give NaN and +-0 alike. Checked over every float32 u for many s
-    on the GPU (tests/test_torch_fp8_gpu.py)."""
-    SHIFT: tl.constexpr = 23 - MANTISSA_BITS  # float32 mantissa bits below FP8's
-    MIN_NORMAL: tl.constexpr = 128 - EXPONENT_BIAS  # exponent field of 2**(1 - bias), FP8's smallest normal
-    SATURATED: tl.constexpr = (143 - EXPONENT_BIAS) << 23  # 2**(16 - bias): 512, past 448's midpoint
-    t = u * tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
-    a = t.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
-    below = tl.minimum(tl.maximum(MIN_NORMAL - (a >> 23).to(tl.int32), 0), MANTISSA_BITS + 3)
-    cut = (SHIFT + below).to(tl.uint32)
-    significand = (a & 0x7FFFFF) | 0x800000
-    off_midpoint = (significand & ((tl.full(cut.shape, 1, tl.uint32) << cut) - 1)).to(tl.int32) \
-        - (tl.full(cut.shape, 1, tl.int32) << (cut - 1).to(tl.int32))
-    near = (off_midpoint <= QUOTIENT_MARGIN) & (off_midpoint >= -QUOTIENT_MARGIN) & (a < SATURATED)
-    return t, near
-
-
-@triton.jit
-def group_quotient(u, s, MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr):
-    """Q3's rn(u / s) for a group's u and its scale s > 0, or a float32 with the same rnFP8(clamp()):
-    compiled, quotient_estimate's t unless an element of the block is near, then the block divides."""
-    if INTERPRETED:
-        t = div_rn(u, s)
-    else:
-        t, near = quotient_estimate(u, s, MANTISSA_BITS, EXPONENT_BIAS)
-        if tl.reduce(tl.reshape(near.to(tl.int32), (near.numel,)), 0, tl.standard._elementwise_max) > 0:
-            t = div_rn(u, s)
-    return t
-
-
-@triton.jit
 def quantize_static(u, inv_scale, FP8_MAX: tl.constexpr, MANTISSA_BITS: tl.constexpr,
                     EXPONENT_BIAS: tl.constexpr, NAN_FP8: tl.constexpr):
     """Q2-Q4 static: rnFP8(clamp(rn(u * inv_scale))), inv_scale = rn(1 / scale) once per program."""
@@ -135,6 +94,5 @@ def quantize_groups(u, scales_ptr, scales_stride, rows, row_mask, chunk, n_cols,
     amax = tl.reduce(tl.where(groups == groups, tl.abs(groups), 0.0), 2, tl.standard._elementwise_max)
     s = tl.div_rn(tl.maximum(amax, AMAX_FLOOR), tl.full((ROWS, CHUNK // GROUP), FP8_MAX, tl.float32))
     tl.store(scales_ptr + rows * scales_stride + group_cols, s, mask=group_mask)
-    q = to_fp8(group_quotient(groups, s[:, :, None], MANTISSA_BITS, EXPONENT_BIAS), FP8_MAX, MANTISSA_BITS,
-               EXPONENT_BIAS, NAN_FP8)
+    q = to_fp8(div_rn(groups, s[:, :, None]), FP8_MAX, MANTISSA_BITS, EXPONENT_BIAS, NAN_FP8)
     return tl.reshape(q, (ROWS, CHUNK))

@@ -23,11 +23,10 @@ from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 import bi_jax  # noqa: E402
-from bridge.numerics import reference_fp8  # noqa: E402
-from bi_jax.pallas_fp8 import clamp_fp8, encode_fp8, group_quotient, quotient_estimate, to_fp8  # noqa: E402
+from bi_jax.pallas_fp8 import clamp_fp8, encode_fp8, to_fp8  # noqa: E402
 from bi_jax.pallas_kernel import ExactOps  # noqa: E402
 
-from fp8_helpers import FP8_CASE_NAMES, QUOTIENT_SCALES, quotient_blocks  # noqa: E402
+from fp8_helpers import FP8_CASE_NAMES  # noqa: E402
 from jax_fp8_helpers import (COMBOS, E4M3, HUGE_WEIGHT_COLUMN, QUANTS, assert_fp8_result, call,  # noqa: E402
                              check_fp8_corpus_case, expected, fp8_rows, fp8_weight, quant_kwargs)
 from jax_gpu_marks import JAX_GPU_MARKS  # noqa: E402
@@ -141,58 +140,3 @@ def test_to_fp8_compiled_equals_bit_pattern_on_every_float32():
     for start in range(0, 1 << 32, chunk):
         n, first = count(jnp.uint32(start))
         assert int(n) == 0, f"{int(n)} codes differ in 0x{start:08x}-0x{start + chunk - 1:08x}; first 0x{int(first):08x}"
-
-
-def _quotient_kernel(u_ref, s_ref, differ_ref, *, block: int, n_s: int):
-    offsets = pl.program_id(0) * block + jnp.arange(block, dtype=jnp.int32)
-    u = plgpu.load(u_ref.at[offsets])
-    ops = ExactOps(interpret=False)
-
-    def one_scale(k, wrong):
-        s = plgpu.load(s_ref.at[jnp.full((block,), k, jnp.int32)])
-        t, near = quotient_estimate(ops, u, s, E4M3)
-        differ = (to_fp8(ops, t, E4M3) != to_fp8(ops, ops.div(u, s), E4M3)) & ~near
-        return wrong + differ.astype(jnp.int32)
-
-    wrong = jax.lax.fori_loop(0, n_s, one_scale, jnp.zeros((block,), jnp.int32))
-    plgpu.store(differ_ref.at[offsets], wrong.astype(jnp.uint8))
-
-
-def test_quotient_estimate_has_the_quotients_code_for_every_float32():
-    """Compiled quotient_estimate (u * rn(1 / s), and where it is near an FP8 midpoint): away from
-    them its FP8 code is rn(u / s)'s, for every float32 pattern u and each of the torch test's scales."""
-    block, chunk = 4096, 1 << 28
-    scales = jnp.asarray(QUOTIENT_SCALES)
-    differ = pl.pallas_call(functools.partial(_quotient_kernel, block=block, n_s=QUOTIENT_SCALES.size),
-                            out_shape=jax.ShapeDtypeStruct((chunk,), jnp.uint8), grid=(chunk // block,),
-                            compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1), interpret=False)
-
-    @jax.jit
-    def count(start):
-        bits = start + jnp.arange(chunk, dtype=jnp.uint32)
-        return jnp.sum(differ(jax.lax.bitcast_convert_type(bits, jnp.float32), scales).astype(jnp.int32))
-
-    for start in range(0, 1 << 32, chunk):
-        n = int(count(jnp.uint32(start)))
-        assert n == 0, f"{n} (u, s) pairs give another code in 0x{start:08x}-0x{start + chunk - 1:08x}"
-
-
-def _group_quotient_kernel(u_ref, s_ref, q_ref, *, block: int):
-    offsets = pl.program_id(0) * block + jnp.arange(block, dtype=jnp.int32)
-    ops = ExactOps(interpret=False)
-    t = group_quotient(ops, plgpu.load(u_ref.at[offsets]), plgpu.load(s_ref.at[offsets]), E4M3)
-    plgpu.store(q_ref.at[offsets], to_fp8(ops, t, E4M3))
-
-
-def test_group_quotient_divides_blocks_near_a_midpoint():
-    """group_quotient's blocks, with and without a product near an FP8 midpoint (those divide), give
-    the reference's codes."""
-    u, s = quotient_blocks()
-    block = 1024
-    q = pl.pallas_call(functools.partial(_group_quotient_kernel, block=block),
-                       out_shape=jax.ShapeDtypeStruct(u.shape, jnp.uint8), grid=(u.size // block,),
-                       compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1), interpret=False)(u, s)
-    with np.errstate(all="ignore"):
-        expected = reference_fp8.encode_fp8(reference_fp8.clamp(u / s, "float8_e4m3fn"), "float8_e4m3fn")
-    np.testing.assert_array_equal(np.asarray(q), expected.view(np.uint8))
-

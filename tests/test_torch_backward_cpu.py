@@ -165,7 +165,7 @@ def test_grad_weight_launch_configurations(n, rows, dtype, res_kind, monkeypatch
         with monkeypatch.context() as patch:
             patch_backward_config(patch, overrides)
             results.append(check_backward(args, 1e-6, "llama", 0.0, f"config {overrides}"))
-    shapes = {(c.rows, c.steps, c.blocks, c.tree_groups) for c in used}
+    shapes = {(c.rows, c.steps, c.blocks, c.chunk, c.num_chunks, c.tree_groups) for c in used}
     assert len(shapes) == len(BACKWARD_CONFIGS), f"the overrides did not change the launch: {used}"
     assert min(c.blocks for c in used) == 1 < max(c.blocks for c in used)
     for got in results[1:]:

@@ -19,7 +19,7 @@ import triton.language as tl
 import bi_torch
 from bi_torch import launch, triton_fp8
 from bridge.numerics import reference_fp8
-from fp8_helpers import FP8_CASE_NAMES, QUOTIENT_SCALES, quotient_blocks
+from fp8_helpers import FP8_CASE_NAMES
 from torch_fp8_helpers import (DTYPE_RESIDUALS, FP8, QUANTS, TORCH_FP8, assert_fp8_bits, bi_fp8,
                                check_fp8, check_fp8_corpus_case, fp8_inputs, fp8_patterns, ref_fp8, scale_array)
 from torch_helpers import assert_bits, to_numpy, to_torch, warm_up
@@ -88,54 +88,6 @@ def test_to_fp8_compiled_equals_bit_pattern_on_every_float32():
         count = int(differ.sum())
         assert count == 0, (f"{count} codes differ in 0x{start:08x}-0x{start + span - 1:08x}; first pattern "
                             f"0x{int(first[first < (1 << 40)].min()):08x}")
-
-
-@triton.jit
-def _quotient_kernel(start, s_ptr, n_s, differ_ptr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr,
-                     MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr, NAN_FP8: tl.constexpr):
-    bits = start + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    u = bits.to(tl.uint32).to(tl.float32, bitcast=True)
-    wrong = tl.zeros((BLOCK,), tl.int32)
-    for k in range(n_s):
-        s = tl.load(s_ptr + k + tl.zeros((BLOCK,), tl.int32))
-        t, near = triton_fp8.quotient_estimate(u, s, MANTISSA_BITS, EXPONENT_BIAS)
-        estimated = triton_fp8.to_fp8(t, FP8_MAX, MANTISSA_BITS, EXPONENT_BIAS, NAN_FP8)
-        exact = triton_fp8.to_fp8(triton_fp8.div_rn(u, s), FP8_MAX, MANTISSA_BITS, EXPONENT_BIAS, NAN_FP8)
-        wrong += ((estimated != exact) & ~near).to(tl.int32)
-    tl.store(differ_ptr + tl.program_id(0), tl.sum(wrong, 0))
-
-
-def test_quotient_estimate_has_the_quotients_code_for_every_float32():
-    """Compiled quotient_estimate (u * rn(1 / s), and where it is near an FP8 midpoint): away from
-    them its FP8 code is rn(u / s)'s, for every float32 pattern u and each of QUOTIENT_SCALES."""
-    block, span = 4096, 1 << 30
-    scales = torch.from_numpy(QUOTIENT_SCALES).to(DEV)
-    differ = torch.empty(span // block, dtype=torch.int32, device=DEV)
-    for start in range(0, 1 << 32, span):
-        _quotient_kernel[(span // block,)](start, scales, scales.numel(), differ, BLOCK=block,
-                                           **launch.fp8_constexprs(FP8), enable_fp_fusion=False)
-        count = int(differ.sum())
-        assert count == 0, f"{count} (u, s) pairs give another code in 0x{start:08x}-0x{start + span - 1:08x}"
-
-
-@triton.jit
-def _group_quotient_kernel(u_ptr, s_ptr, q_ptr, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr,
-                           MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr, NAN_FP8: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    t = triton_fp8.group_quotient(tl.load(u_ptr + offs), tl.load(s_ptr + offs), MANTISSA_BITS, EXPONENT_BIAS)
-    tl.store(q_ptr + offs, triton_fp8.to_fp8(t, FP8_MAX, MANTISSA_BITS, EXPONENT_BIAS, NAN_FP8))
-
-
-def test_group_quotient_divides_blocks_near_a_midpoint():
-    """group_quotient's blocks, with and without a product near an FP8 midpoint (those divide), give
-    the reference's codes."""
-    u, s = quotient_blocks()
-    q = torch.empty(u.size, dtype=torch.uint8, device=DEV)
-    _group_quotient_kernel[(u.size // 1024,)](torch.from_numpy(u).to(DEV), torch.from_numpy(s).to(DEV), q,
-                                              BLOCK=1024, **launch.fp8_constexprs(FP8), enable_fp_fusion=False)
-    with np.errstate(all="ignore"):
-        expected = reference_fp8.encode_fp8(reference_fp8.clamp(u / s, FP8), FP8)
-    assert_fp8_bits(expected, q.cpu().numpy().view(reference_fp8.fp8_numpy_dtype(FP8)), "group_quotient")
 
 
 @pytest.mark.parametrize("name", FP8_CASE_NAMES)
