@@ -130,7 +130,8 @@ def test_grad_weight_runs_and_configurations_cuda(n, rows, dtype, res_dtype, mon
         with monkeypatch.context() as patch:
             patch_backward_config(patch, overrides)
             assert_all_bits(first, bi_backward(x, w, g, 1e-6, r, g_r, "fp32", 1.0), f"config {overrides}")
-    assert len({(c.rows, c.steps, c.blocks, c.chunk, c.num_chunks, c.tree_groups) for c in used}) == len(BACKWARD_CONFIGS), used
+    launches = {(c.rows, c.steps, c.blocks, c.chunk, c.num_chunks, c.tree_groups) for c in used}
+    assert len(launches) == len(BACKWARD_CONFIGS), used
 
 
 # --------------------------------------------------------------------------------------------
