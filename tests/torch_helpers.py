@@ -163,7 +163,8 @@ def check_backward(args, eps: float, mode: str, offset: float, what: str, device
 NO_SLABS = {"SLAB_MIN_ROWS": 1 << 40}
 BACKWARD_CONFIGS = ({}, {"BACKWARD_TILE_BYTES": 512, "BACKWARD_PROGRAMS": 4, "COLUMN_TREE_GROUP": 2, "COLUMN_TREE_TILE": 64,
                          "BACKWARD_LONG_CHUNK": 1024, **NO_SLABS},
-                    {"BACKWARD_PROGRAMS": 1, "MAX_BACKWARD_LEVELS": 6, "BACKWARD_TILE_ROWS": 16, **NO_SLABS},
+                    {"BACKWARD_PROGRAMS": 1, "MAX_BACKWARD_LEVELS": 6, "COUNTER_REGISTERS": 1 << 20, "BACKWARD_TILE_ROWS": 16,
+                     **NO_SLABS},
                     {"SLAB_MIN_ROWS": 1, "SLAB_MAX_ROWS": 1 << 40, "SLAB_ROW_BYTES": 8, "SLAB_TILE": 64,
                      "BACKWARD_LONG_CHUNK": 2048})
 
