@@ -22,27 +22,14 @@ import bi_torch.launch  # noqa: E402
 from bi_torch import to_numpy  # noqa: E402
 from bridge.numerics import tiling  # noqa: E402
 from bridge.verify.compare import assert_bitwise_equal  # noqa: E402
+from tune_backward import graph_time  # noqa: E402 (this folder is on sys.path when run)
 
 ROTATE_BYTES = 256 << 20  # the input sets of one shape together: well past an H100's or H200's L2
 
 
-def graph_time(calls: list, reps: int = 10) -> float:
-    """Seconds per call, the calls replayed `reps` times in one CUDA graph."""
-    for call in calls:
-        call()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            for call in calls:
-                call()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e-3 / (reps * len(calls))
+def calls_time(calls: list, reps: int = 10) -> float:
+    """Seconds per call of the calls, each replayed `reps` times in one CUDA graph."""
+    return graph_time(lambda: [call() for call in calls], reps) / len(calls)
 
 
 def parse_variant(text: str) -> tuple:
@@ -63,7 +50,7 @@ def compare(n_rows: int, n: int, dtype: torch.dtype, residual: bool, variants: l
     calls = [lambda d=d: bi_torch.launch.launch_backward(d[0], w, d[1], d[2], d[3], d[4], dw, 1e-6, "llama", 0.0)
              for d in data]
     src, dst = data[0][0], torch.empty_like(data[0][0])
-    copy_bw = 2 * src.nbytes / graph_time([lambda: dst.copy_(src)], reps=50)
+    copy_bw = 2 * src.nbytes / calls_time([lambda: dst.copy_(src)], reps=50)
     moved = per_set + 2 * w.nbytes
     calls[0]()
     expected = (to_numpy(data[0][3]), to_numpy(dw))
@@ -78,7 +65,7 @@ def compare(n_rows: int, n: int, dtype: torch.dtype, residual: bool, variants: l
             calls[0]()
             assert_bitwise_equal(expected[0], to_numpy(data[0][3]), f"grad_x, {name}")
             assert_bitwise_equal(expected[1], to_numpy(dw), f"grad_weight, {name}")
-            seconds = graph_time(calls)
+            seconds = calls_time(calls)
             print(f"  {name:10s} {moved / seconds / copy_bw:6.1%} of copy {seconds * 1e6:8.1f} us  rows={cfg.rows} "
                   f"steps={cfg.steps} blocks={cfg.blocks} chunk={cfg.chunk}x{cfg.num_chunks} warps={cfg.num_warps} "
                   f"tree={cfg.tree_groups}", flush=True)
