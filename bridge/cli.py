@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     action = g.add_mutually_exclusive_group(required=True)
     action.add_argument("--regenerate", action="store_true", help="write the corpus and its manifest")
     action.add_argument("--check", action="store_true", help="exit 1 unless regeneration gives identical bytes")
-    g.add_argument("--dir", type=Path, default=golden.DEFAULT_DIR, help="corpus directory")
+    g.add_argument("--dir", type=Path, help="corpus directory (default: tests/golden/ in a checkout; installed, "
+                   "--check takes the cache verify uses)")
 
     b = sub.add_parser("bench", help="time both kernels against peers and a copy on a GPU (BENCHMARKS.md)")
     shapes = b.add_mutually_exclusive_group()
@@ -128,10 +129,11 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _golden(args: argparse.Namespace) -> int:
     if args.regenerate:
-        count = golden.regenerate(args.dir)
-        print(f"wrote {count} cases and {golden.MANIFEST} to {args.dir}")
+        directory = args.dir or golden.DEFAULT_DIR
+        count = golden.regenerate(directory)
+        print(f"wrote {count} cases and {golden.MANIFEST} to {directory}")
         return 0
-    problems = golden.check_regeneration(args.dir)
+    problems = golden.check_regeneration(args.dir or golden.corpus_dir())
     for name in problems:
         print(f"differs from regeneration: {name}")
     print("golden corpus reproduces bit for bit" if not problems else f"{len(problems)} file(s) differ")

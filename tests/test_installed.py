@@ -64,6 +64,8 @@ def test_an_installed_wheel_verifies_and_benches_outside_the_checkout(tmp_path: 
     assert lines[-1] == "OK: every available backend matches the golden corpus bit for bit."
     assert len(list((tmp_path / "cache" / "bi-norm").glob(f"golden-*/{golden.MANIFEST}"))) == 1
 
+    assert _run(bi_norm, "golden", "--check", cwd=elsewhere, env=env).stdout.splitlines()[-1] == \
+        "golden corpus reproduces bit for bit"
     out = _run(bi_norm, "bench", "--dry-run", "--out", "bench-out", cwd=elsewhere, env=env).stdout
     assert "# synthetic (--dry-run): no GPU was used" in out and (elsewhere / "bench-out" / "bench.csv").is_file()
     where = _run(str(venv / "bin" / "python"), "-c", "import bridge; print(bridge.__file__)", cwd=elsewhere, env=env)
