@@ -123,7 +123,7 @@ MAX_BACKWARD_LEVELS = 4
 COUNTER_REGISTERS = 48
 # Aim for at least this many row blocks when there are rows enough; fewer rows per tile where even
 # one row per tile leaves fewer (H100, bf16: 1024 x 4096 15.2 us with 128 blocks of 2 x 4 rows,
-# 512 blocks of 2 rows 18 us; 64 x 4096 7.4 us with blocks of 1 row, 8.4 with 2).
+# 512 blocks of 2 rows over 17 us; 64 x 4096 7.4 us with blocks of 1 row, 8.4 with 2).
 BACKWARD_PROGRAMS = 128
 # Short batches, SLAB_MIN_ROWS to SLAB_MAX_ROWS rows (their z and gradient, at most 4 MB, stay in
 # L2): the stats pass takes inv and c, then the main kernel takes slabs of columns (_slab_config).
