@@ -1,10 +1,11 @@
 """FP8 output inside the Pallas forward kernel: NUMERICS.md contract v1.2, steps Q2-Q4.
 
 Mirrors bi_torch/triton_fp8.py line for line (clamp_fp8, encode_fp8, to_fp8, quantize_static,
-quantize_groups; its div_rn is ExactOps.div here). On the GPU, Q3-Q4 are one hardware conversion
+quantize_groups, quotient; its div_rn is ExactOps.div here). On the GPU, Q3-Q4 are one hardware conversion
 (cvt.rn.satfinite.e4m3x2.f32, as in the Triton kernel), equal to the contract's clamp and rnFP8 on
 all 2**32 float32 patterns (tests/test_jax_fp8_gpu.py); interpret mode rounds on the bit pattern
-(encode_fp8). Below FP8's smallest normal encode_fp8 rounds with integer shifts:
+(encode_fp8). A group's u / s is one reciprocal per group and a correction per element on the GPU
+(quotient), equal to IEEE division on every input the kernel meets; interpret mode divides. Below FP8's smallest normal encode_fp8 rounds with integer shifts:
 adding and subtracting 2**23 in float32 would be exact too, but XLA's CPU backend folds
 (a + 2**23) - 2**23 back into a (seen: jax 0.10.2).
 The kernel writes the FP8 codes as uint8; bi_jax.ops bitcasts them to the format outside it.
@@ -47,6 +48,26 @@ class Quant:
 
 
 NO_QUANT = Quant()
+
+
+def quotient(ops, u: jax.Array, s: jax.Array) -> jax.Array:
+    """rn(u / s) for a group's values u and its scale s (Q2: s >= rn(rn(1e-10) / 448), or +inf).
+
+    On the GPU: Markstein's correction of q0 = rn(u * r) by the exact residual u - q0 * s, with
+    r = rn(1 / s) once per group: a multiply and two FMAs per element instead of a division.
+    The residual is formed negated, m = fma(q0, s, -u), and added through -r, so that u = -0 gives
+    -0 (fma(-q0, s, u) would give +0); s = +inf enters the residual as FLT_MAX, so that finite u
+    give q0 = +-0 exactly (inf * 0 would be NaN) and an infinite u NaN, as u / inf. Both negations
+    flip the sign bit (ops.neg: Pallas-Triton lowers -v to 0 - v). The GPU tests compare it with
+    division on every pair of float32 significands (bi_torch's twin) and on all
+    2**32 u at scales across the domain (tests/test_jax_fp8_gpu.py).
+    """
+    if ops.interpret:
+        return ops.div(u, s)
+    r = ops.div(jnp.ones(s.shape, jnp.float32), s)
+    q0 = ops.mul(u, r)
+    m = ops.fma(q0, jnp.minimum(s, jnp.float32(3.4028234663852886e38)), ops.neg(u))
+    return ops.fma(m, ops.neg(r), q0)
 
 
 def clamp_fp8(t: jax.Array, fp8_max: float) -> jax.Array:
@@ -100,7 +121,8 @@ def quantize_groups(ops, u: jax.Array, scales_ref, rows, row_mask, chunk, n_cols
                     quant: Quant) -> jax.Array:
     """Q2-Q4 per-token-group on the (ROWS, CHUNK) block of chunk `chunk`, CHUNK a multiple of GROUP:
     per aligned group, amax = max |u| over its non-NaN values (exact in any order),
-    s = rn(max(amax, rn(1e-10)) / M), stored to the row-major scales; q = rnFP8(clamp(rn(u / s))).
+    s = rn(max(amax, rn(1e-10)) / M), stored to the row-major scales; q = rnFP8(clamp(rn(u / s)))
+    (quotient).
     GROUP divides n, so a group lies wholly inside the row or wholly in the padding."""
     GROUP = quant.group
     group_cols = chunk * (CHUNK // GROUP) + jnp.arange(CHUNK // GROUP, dtype=jnp.int32)[None, :]
@@ -110,5 +132,5 @@ def quantize_groups(ops, u: jax.Array, scales_ref, rows, row_mask, chunk, n_cols
     s = ops.div(jnp.maximum(amax, jnp.float32(AMAX_FLOOR)),
                 jnp.full((ROWS, CHUNK // GROUP), quant.fp8_max, jnp.float32))
     plgpu.store(scales_ref.at[rows * (n_cols // GROUP) + group_cols], s, mask=group_mask)
-    q = to_fp8(ops, ops.div(groups, s[:, :, None]), quant)
+    q = to_fp8(ops, quotient(ops, groups, s[:, :, None]), quant)
     return q.reshape(ROWS, CHUNK)

@@ -71,6 +71,17 @@ class ExactOps:
             return lax.optimization_barrier(a / lax.optimization_barrier(b))
         return _ptx("div.rn.f32 $0, $1, $2;", a, b)
 
+    def fma(self, a: jax.Array, b: jax.Array, c: jax.Array) -> jax.Array:
+        """rn(a * b + c), one rounding: GPU only (the interpreters keep the contract's division)."""
+        assert not self.interpret, "XLA:CPU has no single-rounding fma to lower to"
+        shape = jnp.broadcast_shapes(a.shape, b.shape, c.shape)
+        return _ptx("fma.rn.f32 $0, $1, $2, $3;", *(jnp.broadcast_to(v, shape) for v in (a, b, c)))
+
+    def neg(self, a: jax.Array) -> jax.Array:
+        """-a with the sign flipped (GPU only): Pallas-Triton lowers -a to 0 - a, which makes -(+0) +0."""
+        assert not self.interpret, "interpret mode needs no true negation"
+        return _ptx("neg.f32 $0, $1;", a)
+
     def sqrt(self, a: jax.Array) -> jax.Array:
         return lax.optimization_barrier(jnp.sqrt(a)) if self.interpret else _ptx("sqrt.rn.f32 $0, $1;", a)
 

@@ -3,7 +3,9 @@
 Mirrors bi_jax/pallas_fp8.py line for line. Compiled, Q3-Q4 are one hardware conversion,
 cvt.rn.satfinite.e4m3x2.f32 (two elements per instruction), which equals the contract's clamp and
 rnFP8 on all 2**32 float32 patterns; the interpreter rounds on the bit pattern (encode_fp8).
-Like triton_kernel.py, this file is loaded twice by bi_torch/launch.py (compiled, and under the
+A group's u / s is compiled as one reciprocal per group and a correction per element (quotient),
+which equals IEEE division on every input the kernel meets (tests/test_torch_fp8_gpu.py, both
+frameworks); the interpreter divides. Like triton_kernel.py, this file is loaded twice by bi_torch/launch.py (compiled, and under the
 interpreter). The format's fields (bridge.numerics.contract.FP8_FORMATS) arrive as constexprs.
 """
 
@@ -23,6 +25,26 @@ def div_rn(a, b):
     """IEEE division of two blocks that broadcast together."""
     a, b = tl.broadcast(a, b)
     return tl.div_rn(a, b)
+
+
+@triton.jit
+def quotient(u, s):
+    """rn(u / s) for a group's values u and its scale s (Q2: s >= rn(rn(1e-10) / 448), or +inf).
+
+    Compiled: Markstein's correction of q0 = rn(u * r) by the exact residual u - q0 * s, with
+    r = rn(1 / s) once per group: a multiply and two FMAs per element instead of a division.
+    The residual is formed negated, m = fma(q0, s, -u), and added through -r, so that u = -0 gives
+    -0 (fma(-q0, s, u) would give +0); s = +inf enters the residual as FLT_MAX, so that finite u
+    give q0 = +-0 exactly (inf * 0 would be NaN) and an infinite u NaN, as u / inf. The GPU tests
+    compare it with div_rn on every pair of float32 significands and on all 2**32 u at scales
+    across the domain (tests/test_torch_fp8_gpu.py).
+    """
+    if INTERPRETED:
+        return div_rn(u, s)
+    r = tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    q0 = u * r
+    m = tl.fma(q0, tl.minimum(s, 3.4028234663852886e38), -u)
+    return tl.fma(m, -r, q0)
 
 
 @triton.jit
@@ -86,7 +108,8 @@ def quantize_groups(u, scales_ptr, scales_stride, rows, row_mask, chunk, n_cols,
                     EXPONENT_BIAS: tl.constexpr, NAN_FP8: tl.constexpr):
     """Q2-Q4 per-token-group on the (ROWS, CHUNK) block of chunk `chunk`, CHUNK a multiple of GROUP:
     per aligned group, amax = max |u| over its non-NaN values (exact in any order),
-    s = rn(max(amax, rn(1e-10)) / M), stored to the row-major scales; q = rnFP8(clamp(rn(u / s))).
+    s = rn(max(amax, rn(1e-10)) / M), stored to the row-major scales; q = rnFP8(clamp(rn(u / s)))
+    (quotient).
     GROUP divides n, so a group lies wholly inside the row or wholly in the padding."""
     group_cols = chunk * (CHUNK // GROUP) + tl.arange(0, CHUNK // GROUP)[None, :]
     group_mask = row_mask & (group_cols * GROUP < n_cols)
@@ -94,5 +117,5 @@ def quantize_groups(u, scales_ptr, scales_stride, rows, row_mask, chunk, n_cols,
     amax = tl.reduce(tl.where(groups == groups, tl.abs(groups), 0.0), 2, tl.standard._elementwise_max)
     s = tl.div_rn(tl.maximum(amax, AMAX_FLOOR), tl.full((ROWS, CHUNK // GROUP), FP8_MAX, tl.float32))
     tl.store(scales_ptr + rows * scales_stride + group_cols, s, mask=group_mask)
-    q = to_fp8(div_rn(groups, s[:, :, None]), FP8_MAX, MANTISSA_BITS, EXPONENT_BIAS, NAN_FP8)
+    q = to_fp8(quotient(groups, s[:, :, None]), FP8_MAX, MANTISSA_BITS, EXPONENT_BIAS, NAN_FP8)
     return tl.reshape(q, (ROWS, CHUNK))

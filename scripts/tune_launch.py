@@ -4,6 +4,7 @@ bridge.numerics.tiling picks one configuration per (n, rows); this script times 
 the choice rests on numbers (BENCHMARKS.md, "changes tried"). A configuration never changes a
 row's bits, and each one is checked against the shipped configuration's output before it is timed.
 Usage: python3 scripts/tune_launch.py [--shapes 16384x8192,...] [--dtype bfloat16] [--residual] [--jax] [--splits]
+       [--fp8 static|group]   (the FP8 output: the Triton kernel only, % of copy of the FP8 pass's bytes)
 """
 
 from __future__ import annotations
@@ -75,6 +76,23 @@ def candidates(n: int, n_rows: int, itemsize: int, residual_itemsize: int, devic
     return found
 
 
+def _torch_op(args, w):
+    """bi_torch's forward as the sweep times it: bf16/float32 output, or the FP8 output (--fp8)."""
+    import torch
+
+    import bi_torch
+
+    if args.fp8 is None:
+        return lambda x, r: bi_torch.rms_norm(x, w, bench.EPS, r)
+    fp8 = dict(out_dtype=torch.float8_e4m3fn)
+    fp8.update(group_size=bench.FP8_GROUP_SIZE) if args.fp8 == "group" else fp8.update(scale=bench.FP8_SCALE)
+    return lambda x, r: bi_torch.rms_norm(x, w, bench.EPS, r, **fp8)
+
+
+def _outputs(result) -> tuple:
+    return tuple(result) if isinstance(result, tuple) else (result,)
+
+
 def _time_config(cfg, args, w, sets, want, jsets, jw, case, copy_us):
     """Time one configuration of the Triton kernel (and the Pallas one with jsets), each checked
     bit for bit against the shipped configuration's output first."""
@@ -82,10 +100,9 @@ def _time_config(cfg, args, w, sets, want, jsets, jw, case, copy_us):
     import bi_torch
 
     with forced_config(cfg):
-        fn = lambda x, r: bi_torch.rms_norm(x, w, bench.EPS, r)  # noqa: E731
-        got = fn(*sets[0])
-        wants = want if args.residual else (want,)
-        for a, b in zip(wants, got if args.residual else (got,)):
+        fn = _torch_op(args, w)
+        wants = _outputs(want)
+        for a, b in zip(wants, _outputs(fn(*sets[0])), strict=True):
             assert_bitwise_equal(bi_torch.to_numpy(a), bi_torch.to_numpy(b), f"{cfg} vs shipped")
         us, _ = bench.time_torch(fn, sets)
         if jsets is None:
@@ -111,13 +128,16 @@ def main() -> int:
     p.add_argument("--residual", action="store_true")
     p.add_argument("--jax", action="store_true", help="also time the Pallas kernel per configuration")
     p.add_argument("--splits", action="store_true", help="vary the split width instead of rows and warps")
+    p.add_argument("--fp8", choices=("static", "group"), help="time the FP8 output (Triton only)")
     args = p.parse_args()
+    if args.fp8 and args.jax:
+        p.error("--fp8 times the Triton kernel only")
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     kind = torch.cuda.get_device_name(0)  # the shipped rule is the one for this GPU
     dtype = getattr(torch, args.dtype)
     print(f"{'shape':>11} {'dtype':<8} res | rows warps split | {'torch µs':>8} {'%copy':>6} | {'jax µs':>8} {'%copy':>6}")
     for tokens, hidden in bench.parse_shapes(args.shapes):
-        case = bench.Case(tokens, hidden, args.dtype, args.residual)
+        case = bench.Case(tokens, hidden, args.dtype, args.residual, f"fp8-{args.fp8}" if args.fp8 else "forward")
         n_sets = bench.rotation_sets(case, l2)
         g = torch.Generator(device="cuda").manual_seed(tokens + hidden)
         xs = bench.torch_sets(n_sets, (tokens, hidden), dtype, g)
@@ -132,7 +152,7 @@ def main() -> int:
             jsets = [tuple(None if t is None else jnp.asarray(bi_torch.to_numpy(t)) for t in s)
                      for s in sets[:bench.JAX_SETS]]
             jw = jnp.asarray(bi_torch.to_numpy(w))
-        want = bi_torch.rms_norm(xs[0], w, bench.EPS, rs[0])
+        want = _torch_op(args, w)(*sets[0])
         res_size = rs[0].element_size() if args.residual else 0
         shipped = tiling.launch_config(hidden, tokens, xs[0].element_size(), res_size, kind)
         default = tiling.launch_config(hidden, tokens, xs[0].element_size(), res_size)

@@ -28,6 +28,18 @@ VALUES = np.arange(256, dtype=np.uint8).view(F8).astype(np.float64)
 POSITIVE = VALUES[:MAX_CODE + 1]
 # The all-zero (or all-NaN) group's scale: rn(rn(1e-10) / 448).
 FLOOR_SCALE = np.float32(np.float32(GROUP_AMAX_FLOOR) / np.float32(E4M3.max))
+# Per-group scales across Q2's whole domain, for the GPU tests of the kernels' quotient (u / s as
+# one reciprocal per group and a correction): the floor's scale and the largest, rn(FLT_MAX / 448),
+# +inf, every eighth binade in between (significands rotating through 1, all ones, some random
+# bits and 1 + 2**-23) and those significands at exponent 0.
+_BINADES = np.arange(-42, 119, 8)
+_SIGNIFICANDS = np.array([0, 0x7FFFFF, 0x2AAAAB, 0x5D3A91, 0x000001], dtype=np.uint32)
+QUOTIENT_SCALES = np.concatenate([
+    [FLOOR_SCALE, np.float32(np.finfo(np.float32).max / np.float32(E4M3.max)), np.float32(np.inf)],
+    (((_BINADES[:, None] + 127).astype(np.uint32) << 23)
+     | _SIGNIFICANDS[np.arange(_BINADES.size) % 5][:, None]).reshape(-1).view(np.float32),
+    (np.uint32(0x3F800000) | _SIGNIFICANDS).view(np.float32),
+]).astype(np.float32)
 # The FP8 golden cases' names, for parametrising (the cases themselves: conftest's fp8_cases).
 FP8_CASE_NAMES = [entry["name"] for entry in golden.load_manifest()["fp8_cases"]]
 

@@ -23,10 +23,10 @@ from jax.experimental import pallas as pl  # noqa: E402
 from jax.experimental.pallas import triton as plgpu  # noqa: E402
 
 import bi_jax  # noqa: E402
-from bi_jax.pallas_fp8 import clamp_fp8, encode_fp8, to_fp8  # noqa: E402
+from bi_jax.pallas_fp8 import clamp_fp8, encode_fp8, quotient, to_fp8  # noqa: E402
 from bi_jax.pallas_kernel import ExactOps  # noqa: E402
 
-from fp8_helpers import FP8_CASE_NAMES  # noqa: E402
+from fp8_helpers import FP8_CASE_NAMES, QUOTIENT_SCALES  # noqa: E402
 from jax_fp8_helpers import (COMBOS, E4M3, HUGE_WEIGHT_COLUMN, QUANTS, assert_fp8_result, call,  # noqa: E402
                              check_fp8_corpus_case, expected, fp8_rows, fp8_weight, quant_kwargs)
 from jax_gpu_marks import JAX_GPU_MARKS  # noqa: E402
@@ -140,3 +140,69 @@ def test_to_fp8_compiled_equals_bit_pattern_on_every_float32():
     for start in range(0, 1 << 32, chunk):
         n, first = count(jnp.uint32(start))
         assert int(n) == 0, f"{int(n)} codes differ in 0x{start:08x}-0x{start + chunk - 1:08x}; first 0x{int(first):08x}"
+
+
+def _quotient_vs_division_kernel(scales_ref, differ_ref, first_ref, *, u_start: int, span: int, block: int,
+                                 codes: bool):
+    """Program (i, j): scale i against the span patterns u_start + j * span + k, the kernel's
+    quotient against IEEE division (ExactOps.div): their float32 bits, or (codes) their FP8 codes."""
+    ops = ExactOps(interpret=False)
+    s = plgpu.load(scales_ref.at[pl.program_id(0) + jnp.zeros((1,), jnp.int32)])
+    lanes = jnp.arange(block, dtype=jnp.uint32)
+    base = jnp.uint32(u_start) + pl.program_id(1).astype(jnp.uint32) * jnp.uint32(span)
+
+    def step(k, carry):
+        count, first = carry
+        bits = base + k.astype(jnp.uint32) * jnp.uint32(block) + lanes
+        u = jax.lax.bitcast_convert_type(bits, jnp.float32)
+        got, want = quotient(ops, u, s), ops.div(u, s)
+        if codes:
+            # Q2 meets |u| <= amax and s = rn(max(amax, floor) / 448) only: |u / s| <= 448 (1 + 2**-24)
+            # (or NaN). Kept: |u| * 2**-9 <= s (exact; an infinite u only at s = inf).
+            wrong = ~(jnp.abs(u) * jnp.float32(0.001953125) > s) & (to_fp8(ops, got, E4M3) != to_fp8(ops, want, E4M3))
+        else:
+            wrong = (jax.lax.bitcast_convert_type(got, jnp.uint32) != jax.lax.bitcast_convert_type(want, jnp.uint32))
+        return count + wrong.astype(jnp.int32), jnp.minimum(first, jnp.where(wrong, bits, jnp.uint32(0xFFFFFFFF)))
+
+    count, first = jax.lax.fori_loop(0, span // block, step, (jnp.zeros((block,), jnp.int32),
+                                                              jnp.full((block,), 0xFFFFFFFF, jnp.uint32)))
+    lane = (pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)) * block + jnp.arange(block, dtype=jnp.int32)
+    plgpu.store(differ_ref.at[lane], count)
+    plgpu.store(first_ref.at[lane], first)
+
+
+def _quotient_mismatches(scales: np.ndarray, u_start: int, span: int, splits: int, codes: bool):
+    """(count, [(scale, a differing u pattern)]) of the quotient against division over (scales x u)."""
+    block = 256
+    size = scales.size * splits * block
+    differ, first = pl.pallas_call(
+        functools.partial(_quotient_vs_division_kernel, u_start=u_start, span=span, block=block, codes=codes),
+        out_shape=(jax.ShapeDtypeStruct((size,), jnp.int32), jax.ShapeDtypeStruct((size,), jnp.uint32)),
+        grid=(scales.size, splits), compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=False)(jnp.asarray(scales, jnp.float32))
+    differ = np.asarray(differ).reshape(scales.size, -1)
+    first = np.asarray(first).reshape(scales.size, -1)
+    bad = np.flatnonzero(differ.sum(1))[:3]
+    return int(differ.sum()), [(float(scales[i]), f"0x{int(first[i][differ[i] > 0][0]):08x}") for i in bad]
+
+
+def test_group_quotient_equals_division_on_pairs_of_significands():
+    """The compiled kernel's per-group u / s (quotient) equals IEEE division bit for bit for 2**17
+    scales in [1, 2) (every 64th significand, the low bits varied) against all 2**23 u in [1, 2).
+    bi_torch's twin covers every pair of significands, and why that covers Q2's domain
+    (tests/test_torch_fp8_gpu.py); this checks the Pallas lowering of the same operations."""
+    k = np.arange(1 << 17, dtype=np.uint32)
+    scales = (np.uint32(0x3F800000) + k * np.uint32(64) + (k % np.uint32(64))).view(np.float32)
+    count, first = _quotient_mismatches(scales, 0x3F800000, 1 << 23, 1, codes=False)
+    assert count == 0, f"{count} quotients differ from division; (scale, u): {first}"
+
+
+def test_group_quotient_fp8_codes_over_every_u():
+    """For scales across Q2's whole domain (fp8_helpers.QUOTIENT_SCALES), the FP8 code of the
+    kernel's quotient equals that of IEEE division for every float32 pattern u the kernel can meet
+    with that scale (|u| <= amax and s = rn(max(amax, floor) / 448): |u / s| <= 448 (1 + 2**-24); the
+    test keeps every u with |u| <= 512 s, and NaNs) out of all 2**32: zeros of both signs,
+    subnormals, tiny quotients and, at s = inf, infinities included. (Far beyond, rn(u * rn(1 / s))
+    can overflow where u / s saturates to 448.)"""
+    count, first = _quotient_mismatches(QUOTIENT_SCALES, 0, 1 << 22, 1 << 10, codes=True)
+    assert count == 0, f"{count} FP8 codes differ from division's; (scale, u): {first}"

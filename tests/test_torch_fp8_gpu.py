@@ -19,7 +19,7 @@ import triton.language as tl
 import bi_torch
 from bi_torch import launch, triton_fp8
 from bridge.numerics import reference_fp8
-from fp8_helpers import FP8_CASE_NAMES
+from fp8_helpers import FP8_CASE_NAMES, QUOTIENT_SCALES
 from torch_fp8_helpers import (DTYPE_RESIDUALS, FP8, QUANTS, TORCH_FP8, assert_fp8_bits, bi_fp8,
                                check_fp8, check_fp8_corpus_case, fp8_inputs, fp8_patterns, ref_fp8, scale_array)
 from torch_helpers import assert_bits, to_numpy, to_torch, warm_up
@@ -88,6 +88,73 @@ def test_to_fp8_compiled_equals_bit_pattern_on_every_float32():
         count = int(differ.sum())
         assert count == 0, (f"{count} codes differ in 0x{start:08x}-0x{start + span - 1:08x}; first pattern "
                             f"0x{int(first[first < (1 << 40)].min()):08x}")
+
+
+@triton.jit
+def _quotient_vs_division_kernel(scales_ptr, u_start, differ_ptr, first_ptr, SPAN: tl.constexpr,
+                                 BLOCK: tl.constexpr, CODES: tl.constexpr, FP8_MAX: tl.constexpr,
+                                 MANTISSA_BITS: tl.constexpr, EXPONENT_BIAS: tl.constexpr, NAN_FP8: tl.constexpr):
+    """Program (i, j): scale i against the SPAN patterns u_start + j * SPAN + k, the kernel's
+    quotient against IEEE division: their float32 bits, or (CODES) their FP8 codes."""
+    s = tl.load(scales_ptr + tl.program_id(0) + tl.zeros([1], tl.int32))
+    lanes = tl.arange(0, BLOCK)
+    count = tl.zeros([BLOCK], tl.int32)
+    first = tl.full([BLOCK], 0xFFFFFFFF, tl.uint32)
+    for k in range(0, SPAN, BLOCK):
+        bits = (u_start + tl.program_id(1).to(tl.int64) * SPAN + k + lanes).to(tl.uint32)
+        u = bits.to(tl.float32, bitcast=True)
+        got, want = triton_fp8.quotient(u, s), triton_fp8.div_rn(u, s)
+        if CODES:
+            # Q2 meets |u| <= amax and s = rn(max(amax, floor) / 448) only: |u / s| <= 448 (1 + 2**-24)
+            # (or NaN). Kept: |u| * 2**-9 <= s (exact; an infinite u only at s = inf).
+            wrong = (~(tl.abs(u) * 0.001953125 > s)
+                     & (triton_fp8.to_fp8(got, FP8_MAX, MANTISSA_BITS, EXPONENT_BIAS, NAN_FP8)
+                        != triton_fp8.to_fp8(want, FP8_MAX, MANTISSA_BITS, EXPONENT_BIAS, NAN_FP8)))
+        else:
+            wrong = got.to(tl.uint32, bitcast=True) != want.to(tl.uint32, bitcast=True)
+        count += wrong.to(tl.int32)
+        first = tl.minimum(first, tl.where(wrong, bits, 0xFFFFFFFF))
+    program = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    tl.store(differ_ptr + program, tl.sum(count, 0))
+    tl.store(first_ptr + program, tl.min(first, 0))
+
+
+def _quotient_mismatches(scales: np.ndarray, u_start: int, span: int, splits: int, codes: bool):
+    """(count, [(scale, a differing u pattern)]) of the quotient against division over (scales x u)."""
+    s = torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32)).to(DEV)
+    differ = torch.empty(s.numel() * splits, dtype=torch.int32, device=DEV)
+    first = torch.empty(s.numel() * splits, dtype=torch.int32, device=DEV)
+    _quotient_vs_division_kernel[(s.numel(), splits)](s, u_start, differ, first, SPAN=span, BLOCK=2048, CODES=codes,
+                                                      **launch.fp8_constexprs(FP8), num_warps=8, enable_fp_fusion=False)
+    differ, first = differ.view(s.numel(), splits).cpu(), first.view(s.numel(), splits).cpu()
+    bad = torch.nonzero(differ.sum(1)).flatten().tolist()[:3]
+    return int(differ.sum()), [(float(scales[i]), f"0x{int(first[i][differ[i] > 0][0]) & 0xFFFFFFFF:08x}")
+                               for i in bad]
+
+
+def test_group_quotient_equals_division_on_every_pair_of_significands():
+    """The compiled kernel's per-group u / s (quotient: rn(u * rn(1/s)) corrected by one residual)
+    equals IEEE division, bit for bit, for every pair of float32 significands: all 2**23 scales
+    in [1, 2) against all 2**23 u in [1, 2) (quotients in (1/2, 2)). Every float operation in it is
+    one rounding and scales exactly by powers of two while no value leaves the normal range, so this
+    covers every s of Q2 (2**-43 < s < 2**120) and every u with |u / s| >= 2**-11: there the
+    reciprocal, q0, u, and the residual (a nonzero multiple of ulp(q0) * ulp(s) >= 2**-100) are
+    normal. Below 2**-11 both FP8 codes are zeros of u's sign: test_group_quotient_fp8_codes_over_every_u."""
+    for base in range(0, 1 << 23, 1 << 20):
+        scales = (np.uint32(0x3F800000) + np.arange(base, base + (1 << 20), dtype=np.uint32)).view(np.float32)
+        count, first = _quotient_mismatches(scales, 0x3F800000, 1 << 23, 1, codes=False)
+        assert count == 0, f"{count} quotients differ from division; (scale, u): {first}"
+
+
+def test_group_quotient_fp8_codes_over_every_u():
+    """For scales across Q2's whole domain (fp8_helpers.QUOTIENT_SCALES), the FP8 code of the
+    kernel's quotient equals that of IEEE division for every float32 pattern u the kernel can meet
+    with that scale (|u| <= amax and s = rn(max(amax, floor) / 448): |u / s| <= 448 (1 + 2**-24); the
+    test keeps every u with |u| <= 512 s, and NaNs) out of all 2**32: zeros of both signs,
+    subnormals, tiny quotients and, at s = inf, infinities included. (Far beyond, rn(u * rn(1 / s))
+    can overflow where u / s saturates to 448.)"""
+    count, first = _quotient_mismatches(QUOTIENT_SCALES, 0, 1 << 22, 1 << 10, codes=True)
+    assert count == 0, f"{count} FP8 codes differ from division's; (scale, u): {first}"
 
 
 @pytest.mark.parametrize("name", FP8_CASE_NAMES)
