@@ -19,7 +19,8 @@ Without a GPU each case's kernel is lowered for CUDA under both lowering semanti
 MLIR: a lowering error shows here), its module is inspected (every float op must be inline PTX),
 and the kernel body runs on numpy (bi_jax.mosaic_kernel.rms_norm_emulated) against the reference:
 that checks the body's tree, masks and steps, not the GPU's bits, which are not checked.
-Run: python3 scripts/probes/mosaic_forward.py [--budget SECONDS]   (H100: about 2 minutes at most)
+Run: python3 scripts/probes/mosaic_forward.py [--budget SECONDS] [--semantics Warpgroup|Lane]
+(H100: about 2 minutes at most)
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ ROWS = (1, 3, 300, 2, 17, 255, 5, 100, 33, 7, 256, 129)
 DTYPES = ("bfloat16", "float16", "float32")
 MODES = (("llama", 0.0), ("fp32", 1.0), ("fp32", 0.0), ("llama", 1.0))
 SPEED_SHAPES = ((16384, 4096), (4096, 8192))
+SEMANTICS = [mk.SEMANTICS]  # the kernel's lowering semantics on the GPU (--semantics)
 PTX_OPS = ("fma.rn.f32", "div.full.f32", "div.approx", "rcp.", "sqrt.approx", "rsqrt.approx", "mul.rn.f32",
            "add.rn.f32", "div.rn.f32", "sqrt.rn.f32", "mul.f32", "add.f32", "cvt.rn.bf16.f32", "cvt.rn.f16.f32",
            "cvt.f32.f16", "shfl.sync.bfly", "bar.sync", "ld.global.v4", "st.global.v4", "ld.local", "st.local")
@@ -125,7 +127,8 @@ def expected(c, x, w, r):
     return out if r is not None else (out,)
 
 
-def mosaic_fn(c, semantics=mk.SEMANTICS):
+def mosaic_fn(c, semantics=None):
+    semantics = semantics or SEMANTICS[0]
     return jax.jit(lambda x, w, r: mk.rms_norm(x, w, c["eps"], r, mode=c["mode"], weight_offset=c["off"],
                                                semantics=semantics))
 
@@ -200,7 +203,7 @@ def speed_section():
             x = jax.random.normal(k1, (rows, n), jnp.bfloat16)
             r = jax.random.normal(k3, (rows, n), jnp.bfloat16)
             w = (1.0 + 0.1 * jax.random.normal(k2, (n,))).astype(jnp.bfloat16)
-            mos = jax.jit(lambda x, w: mk.rms_norm(x, w, 1e-6))
+            mos = jax.jit(lambda x, w: mk.rms_norm(x, w, 1e-6, semantics=SEMANTICS[0]))
             tri = jax.jit(lambda x, w: bi_jax.rms_norm(x, w, 1e-6, interpret=False))
             t_copy = seconds(jax.jit(lambda x: x.copy()), x)
             t_mos, t_tri = seconds(mos, x, w), seconds(tri, x, w)
@@ -211,7 +214,7 @@ def speed_section():
                 f" {t_mos * 1e6:.1f} us = {100 * t_copy / t_mos:.0f} % of copy; pallas-triton {t_tri * 1e6:.1f} us"
                 f" = {100 * t_copy / t_tri:.0f} % of copy; mosaic bits == pallas-triton: {same}")
             t_copy2 = seconds(jax.jit(lambda x, r: (x.copy(), r.copy())), x, r)
-            t_mos2 = seconds(jax.jit(lambda x, w, r: mk.rms_norm(x, w, 1e-6, r)), x, w, r)
+            t_mos2 = seconds(jax.jit(lambda x, w, r: mk.rms_norm(x, w, 1e-6, r, semantics=SEMANTICS[0])), x, w, r)
             say(f"[speed {rows}x{n} bf16 + bf16 residual] copy of x and residual {t_copy2 * 1e6:.1f} us; mosaic"
                 f" {t_mos2 * 1e6:.1f} us = {100 * t_copy2 / t_mos2:.0f} % of copy")
         except Exception as e:  # noqa: BLE001
@@ -266,9 +269,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=60.0 if GPU else 600.0,
                         help="seconds after which no new bit-check case starts")
+    parser.add_argument("--semantics", choices=("Warpgroup", "Lane"), default=mk.SEMANTICS,
+                        help="Mosaic GPU lowering semantics of the kernel on the GPU (the CPU lowers both)")
     args = parser.parse_args()
+    SEMANTICS[0] = args.semantics
     say(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}; kernel semantics "
-        f"{mk.SEMANTICS}")
+        f"{SEMANTICS[0]}")
     if GPU:
         ptx_section()
     else:
