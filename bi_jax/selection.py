@@ -1,7 +1,8 @@
 """Which kernel body runs bi_jax's forward: Mosaic GPU (bi_jax/mosaic_kernel.py) or Pallas-Triton.
 
 The choice: `pallas_backend=` of bi_jax.rms_norm, else the environment variable
-BI_NORM_PALLAS_BACKEND (read at each call, so one process can change it), else "auto".
+BI_NORM_PALLAS_BACKEND (read at each call of bi_jax.rms_norm: under jax.jit, when it is traced),
+else "auto".
 
 - "auto": Mosaic GPU where it can run (compiled on a GPU of compute capability 9.0 or later, a
   jax that has every API the kernel uses, rows of at most mosaic_kernel.MAX_N columns), else
