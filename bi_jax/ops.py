@@ -91,7 +91,7 @@ def _rows_call(x2, weight, residual2, scale, *, eps, mode, weight_offset, interp
         results = tuple(jnp.empty(*shape) for shape in shapes.values())
         return results if len(results) > 1 else results[0]
     cfg = launch_config(n, n_rows, x2.dtype.itemsize, 0 if residual2 is None else residual2.dtype.itemsize,
-                        "" if interpret else device_kind(), "pallas")
+                        "" if interpret else device_kind(), "pallas", quant.kind)
     has_residual = residual2 is not None
     kernel = functools.partial(
         rms_norm_kernel, n_rows=n_rows, n_cols=n, eps=as_float32(eps), weight_offset=as_float32(weight_offset),

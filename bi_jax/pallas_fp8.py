@@ -57,17 +57,19 @@ def quotient(ops, u: jax.Array, s: jax.Array) -> jax.Array:
     r = rn(1 / s) once per group: a multiply and two FMAs per element instead of a division.
     The residual is formed negated, m = fma(q0, s, -u), and added through -r, so that u = -0 gives
     -0 (fma(-q0, s, u) would give +0); s = +inf enters the residual as FLT_MAX, so that finite u
-    give q0 = +-0 exactly (inf * 0 would be NaN) and an infinite u NaN, as u / inf. Both negations
-    flip the sign bit (ops.neg: Pallas-Triton lowers -v to 0 - v). The GPU tests compare it with
-    division on every pair of float32 significands (bi_torch's twin) and on all
+    give q0 = +-0 exactly (inf * 0 would be NaN) and an infinite u NaN, as u / inf. The GPU tests
+    compare it with division on every pair of float32 significands (bi_torch's twin) and on all
     2**32 u at scales across the domain (tests/test_jax_fp8_gpu.py).
     """
     if ops.interpret:
         return ops.div(u, s)
     r = ops.div(jnp.ones(s.shape, jnp.float32), s)
+    # -r by its sign bit: -r lowers to 0 - r, which is +0 where r = +0 (s = inf). For -u either
+    # lowering gives the same m (ops.neg: one that ptxas folds into the FMA).
+    neg_r = lax.bitcast_convert_type(lax.bitcast_convert_type(r, jnp.uint32) ^ jnp.uint32(0x80000000), jnp.float32)
     q0 = ops.mul(u, r)
     m = ops.fma(q0, jnp.minimum(s, jnp.float32(3.4028234663852886e38)), ops.neg(u))
-    return ops.fma(m, ops.neg(r), q0)
+    return ops.fma(m, neg_r, q0)
 
 
 def clamp_fp8(t: jax.Array, fp8_max: float) -> jax.Array:

@@ -78,7 +78,7 @@ class ExactOps:
         return _ptx("fma.rn.f32 $0, $1, $2, $3;", *(jnp.broadcast_to(v, shape) for v in (a, b, c)))
 
     def neg(self, a: jax.Array) -> jax.Array:
-        """-a with the sign flipped (GPU only): Pallas-Triton lowers -a to 0 - a, which makes -(+0) +0."""
+        """-a (GPU only) as one instruction ptxas folds into an FMA: Pallas-Triton lowers -a to 0 - a."""
         assert not self.interpret, "interpret mode needs no true negation"
         return _ptx("neg.f32 $0, $1;", a)
 

@@ -101,12 +101,12 @@ def launch(
     n_rows, n = x.shape
     if n_rows == 0:
         return
+    quant = "none" if fp8 is None else "static" if scale is not None else "group"
     cfg = launch_config(n, n_rows, x.element_size(), 0 if residual is None else residual.element_size(),
-                        device_kind(x.device))
+                        device_kind(x.device), quant=quant)
     kernels = triton_kernel if x.is_cuda else interpreted_kernels()
     res = residual if residual is not None else x
     new_res = new_residual if new_residual is not None else out
-    quant = "none" if fp8 is None else "static" if scale is not None else "group"
     if quant == "group" and (cfg.chunk % group_size or scales.shape != (n_rows, n // group_size)
                              or not scales.is_contiguous()):
         raise AssertionError(f"group_size {group_size}: chunk {cfg.chunk}, scales {tuple(scales.shape)}")

@@ -42,9 +42,13 @@ def quotient(u, s):
     if INTERPRETED:
         return div_rn(u, s)
     r = tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    # -r by its sign bit: Triton 3.6 lowers -r to 0 - r, which is +0 where r = +0 (s = inf), and the
+    # zeros of negative u then come out +0 (H100: every negative finite u at s = inf). For -u either
+    # lowering gives the same m.
+    neg_r = (r.to(tl.uint32, bitcast=True) ^ 0x80000000).to(tl.float32, bitcast=True)
     q0 = u * r
     m = tl.fma(q0, tl.minimum(s, 3.4028234663852886e38), -u)
-    return tl.fma(m, -r, q0)
+    return tl.fma(m, neg_r, q0)
 
 
 @triton.jit

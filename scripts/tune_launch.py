@@ -35,7 +35,7 @@ def forced_config(cfg: tiling.LaunchConfig) -> Iterator[None]:
     import bi_torch.launch
 
     saved = bi_torch.launch.launch_config
-    pick = lambda *_: cfg  # noqa: E731
+    pick = lambda *_, **__: cfg  # noqa: E731
     bi_torch.launch.launch_config = bi_jax.ops.launch_config = pick
     _clear_jax_caches()
     try:
@@ -55,8 +55,8 @@ def _clear_jax_caches() -> None:
 
 
 def candidates(n: int, n_rows: int, itemsize: int, residual_itemsize: int, device_kind: str,
-               splits: bool = False) -> List[tiling.LaunchConfig]:
-    shipped = tiling.launch_config(n, n_rows, itemsize, residual_itemsize, device_kind)
+               splits: bool = False, quant: str = "none") -> List[tiling.LaunchConfig]:
+    shipped = tiling.launch_config(n, n_rows, itemsize, residual_itemsize, device_kind, quant=quant)
     if splits:  # the shipped tiling with each other split width
         return [shipped] + [dataclasses.replace(shipped, split=1 << k) for k in range(shipped.chunk.bit_length())
                             if 1 << k != shipped.split]
@@ -155,9 +155,10 @@ def main() -> int:
             jw = jnp.asarray(bi_torch.to_numpy(w))
         want = _torch_op(args, w)(*sets[0])
         res_size = rs[0].element_size() if args.residual else 0
-        shipped = tiling.launch_config(hidden, tokens, xs[0].element_size(), res_size, kind)
+        quant = args.fp8 or "none"
+        shipped = tiling.launch_config(hidden, tokens, xs[0].element_size(), res_size, kind, quant=quant)
         default = tiling.launch_config(hidden, tokens, xs[0].element_size(), res_size)
-        for cfg in candidates(hidden, tokens, xs[0].element_size(), res_size, kind, args.splits):
+        for cfg in candidates(hidden, tokens, xs[0].element_size(), res_size, kind, args.splits, quant):
             try:
                 us, jtext = _time_config(cfg, args, w, sets, want, jsets if args.jax else None,
                                          jw if args.jax else None, case, copy_us)

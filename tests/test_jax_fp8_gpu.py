@@ -90,7 +90,7 @@ def test_compiled_matches_interpret(quant, n):
 SIZES = (1, 2, 3, 7, 8, 16, 17, 64, 127, 255, 256, 300, 1000, 4095, 4096)
 
 
-@pytest.mark.parametrize("n", [128, 4096, 16512])
+@pytest.mark.parametrize("n", [128, 4096, 8192, 16512])
 @pytest.mark.parametrize("quant,kind", [("static", "float32"), ("group128", "none"), ("group64", "same")])
 def test_batch_invariance_1_to_4096(quant, kind, n):
     """Every row of x[:B] and x[-B:] equals the same row of one 4096-row call: out and the scales."""

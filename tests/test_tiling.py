@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import math
 
@@ -83,6 +85,23 @@ def test_only_the_h200_triton_rule_differs_and_only_on_full_grids() -> None:
         assert (cfg.rows, cfg.num_warps) == (1, warps) and (n, 4096, 2, 0) in changed
 
 
+def test_the_group_fp8_rule_changes_warps_only_where_measured() -> None:
+    """Per-group FP8 without a residual on a full GPU grid: rows of 8192 on 4 warps; nothing else
+    moves (other widths, a residual, small grids, the interpreters, the static and bf16 outputs)."""
+    for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
+        for kernel in ("triton", "pallas"):
+            for n in (4096, 5120, 8192, 16384):
+                for n_rows, res in ((16384, 0), (16384, 2), (64, 0)):
+                    base = tiling.launch_config(n, n_rows, 2, res, kind, kernel)
+                    assert tiling.launch_config(n, n_rows, 2, res, kind, kernel, "static") == base
+                    group = tiling.launch_config(n, n_rows, 2, res, kind, kernel, "group")
+                    if tiling.next_power_of_two(n) == 8192 and res == 0 and n_rows > tiling.SMALL_GRID:
+                        assert group == dataclasses.replace(base, num_warps=4), (kind, kernel, n, n_rows)
+                    else:
+                        assert group == base, (kind, kernel, n, n_rows, res)
+    assert tiling.launch_config(8192, 16384, 2, 0, "", "triton", "group") == tiling.launch_config(8192, 16384, 2, 0)
+
+
 @pytest.mark.parametrize("framework", ["torch", "jax"])
 def test_the_h200_rule_gives_the_default_rules_bits(framework: str, monkeypatch) -> None:
     """The kernels under the H200's tiling (forced here: the interpreters use the default) give the
@@ -100,7 +119,7 @@ def test_the_h200_rule_gives_the_default_rules_bits(framework: str, monkeypatch)
     w = (1 + 0.1 * rng.standard_normal(n, np.float32)).astype(reference.numpy_dtype("bfloat16"))
     want = reference.rms_norm(x, w, 1e-6, r)
     def h200(n_: int, rows_: int, itemsize: int, residual_itemsize: int = 0, kind: str = "",
-             kernel: str = "triton") -> tiling.LaunchConfig:
+             kernel: str = "triton", quant: str = "none") -> tiling.LaunchConfig:
         return tiling.launch_config(n_, rows_, itemsize, residual_itemsize, "NVIDIA H200", "triton")
 
     if framework == "torch":

@@ -18,6 +18,7 @@ import triton.language as tl
 
 import bi_torch
 from bi_torch import launch, triton_fp8
+from bridge.numerics.tiling import launch_config
 from bridge.numerics import reference_fp8
 from fp8_helpers import FP8_CASE_NAMES, QUOTIENT_SCALES
 from torch_fp8_helpers import (DTYPE_RESIDUALS, FP8, QUANTS, TORCH_FP8, assert_fp8_bits, bi_fp8,
@@ -193,6 +194,24 @@ def test_static_scales_cuda(scale):
 
 MAX_ROWS = 4096
 BATCH_SIZES = (1, 2, 7, 64, 127, 128, 129, 255, 256, 300, 1000, 2048, 4095, 4096)
+
+
+def test_group_rule_keeps_bits_cuda():
+    """Per group without a residual, rows of 8192 on a full grid take their own warps
+    (tiling.GROUP_FP8_WARPS); a small batch the default: the same bits, and the reference's."""
+    rows, n = 1024, 8192
+    assert (launch_config(n, rows, 2, 0, launch.device_kind(torch.device(DEV)), quant="group")
+            != launch_config(n, 1, 2, 0, launch.device_kind(torch.device(DEV)), quant="group"))
+    xn, wn, _ = fp8_inputs("group-rule-cuda", rows, n, "bfloat16", "none", special=False)
+    x, w = _cuda(xn, wn)
+    full = bi_fp8(x, w, 1e-6, None, group_size=128)
+    probe = [0, 1, rows - 1]
+    expected = ref_fp8(xn[probe], wn, 1e-6, None, group_size=128)
+    check_fp8(expected, _to_cpu(tuple(None if t is None else t[probe] for t in full)), "full batch vs reference")
+    for sl in (slice(0, 1), slice(rows - 64, rows)):
+        got = bi_fp8(x[sl], w, 1e-6, None, group_size=128)
+        for name, a, e in zip(("out", "scales"), got, full):
+            (assert_fp8_bits if name == "out" else assert_bits)(e[sl], a, f"rows {sl} {name} vs the full batch")
 
 
 @pytest.mark.parametrize("n", [128, 4096, 20480])
