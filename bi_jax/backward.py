@@ -10,6 +10,7 @@ shard, never x) and combined by the pairwise tree in shard order. With equal pow
 those are aligned subtrees, so grad_weight has the bits of one call on all rows; otherwise it is
 deterministic for that mesh. Under jax.vmap every gradient is per batch element (per-example
 gradients), so the batch is mapped: each element's bits are those of an unbatched call.
+Each pallas_call goes through bi_jax.deprecation.quiet_call (JAX 0.11's Pallas-Triton warning).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from bridge.numerics.contract import as_float32, next_power_of_two
 from bridge.numerics.tiling import backward_config, column_tree_width
 
+from .deprecation import quiet_call
 from .pallas_backward import column_tree_kernel, rms_norm_backward_kernel, row_stats_kernel
 from .pallas_kernel import encode
 
@@ -77,9 +79,9 @@ def backward_rows(
         stats_kernel = functools.partial(
             row_stats_kernel, n_cols=n, eps=eps32, weight_offset=offset32, chunk=cfg.stats_chunk,
             num_chunks=cfg.stats_chunks, split=cfg.split, interpret=interpret)
-        inputs["stats"] = pl.pallas_call(
+        inputs["stats"] = quiet_call(pl.pallas_call(
             stats_kernel, out_shape=jax.ShapeDtypeStruct((n_rows * 2,), jnp.float32), grid=(n_rows,),
-            compiler_params=_params(cfg.num_warps), interpret=interpret, name="bi_norm_row_stats")(z, g, weight)
+            compiler_params=_params(cfg.num_warps), interpret=interpret, name="bi_norm_row_stats"), z, g, weight)
     final = cfg.blocks == 1
     outputs = {"dx": jax.ShapeDtypeStruct(flat, dtype)}
     if has_residual:
@@ -106,10 +108,10 @@ def backward_rows(
     aliases = {in_names.index("g"): out_names.index("dx")}
     if "gr" in inputs:
         aliases[in_names.index("gr")] = out_names.index("dr")
-    results = dict(zip(out_names, pl.pallas_call(
+    results = dict(zip(out_names, quiet_call(pl.pallas_call(
         body, out_shape=[outputs[k] for k in out_names], grid=(cfg.blocks, cfg.num_chunks),
         input_output_aliases=aliases, compiler_params=_params(cfg.num_warps), interpret=interpret,
-        name="bi_norm_rms_norm_backward")(*(inputs[k] for k in in_names))))
+        name="bi_norm_rms_norm_backward"), *(inputs[k] for k in in_names))))
     # The tree's upper levels: each level sums aligned groups of the previous level's rows.
     n_src, level = cfg.blocks, results.get("partial")
     for group in cfg.tree_groups:
@@ -117,9 +119,9 @@ def backward_rows(
         tree_kernel = functools.partial(column_tree_kernel, n_src=n_src, n_cols=n, group=group, width=width,
                                         final=n_dst == 1, interpret=interpret)
         shape = ((n,), dw_dtype) if n_dst == 1 else ((n_dst * n,), jnp.float32)
-        level = pl.pallas_call(
+        level = quiet_call(pl.pallas_call(
             tree_kernel, out_shape=jax.ShapeDtypeStruct(*shape), grid=(pl.cdiv(n, width), n_dst),
-            compiler_params=_params(4), interpret=interpret, name="bi_norm_column_tree")(level)
+            compiler_params=_params(4), interpret=interpret, name="bi_norm_column_tree"), level)
         n_src = n_dst
     if not final:
         results["dw"] = level

@@ -1,17 +1,21 @@
-"""bi_jax's public function: validation at trace time, then one pallas_call over row blocks.
+"""bi_jax's public function: validation at trace time, then one kernel call over row blocks.
+
+The forward without FP8 runs the Mosaic GPU kernel (bi_jax/mosaic_kernel.py) or the Pallas-Triton
+one (bi_jax/pallas_kernel.py), as bi_jax.selection picks; the backward and the FP8 output run
+Pallas-Triton. Both bodies give the contract's bits, so the choice changes no result.
 
 Rows are independent, so a batch sharded over its leading axes runs the kernel on each shard's
-rows (custom_partitioning, no gather), and jax.vmap batches the pallas_call itself: either
+rows (custom_partitioning, no gather), and jax.vmap batches the kernel call itself: either
 way each row's bits equal a single-device, unbatched run (bi_jax.transforms). A custom_vjp,
 outermost (JAX cannot differentiate custom_partitioning or custom_vmap), gives the contract's
 backward (bi_jax.backward); FP8 outputs (contract v1.2, bi_jax.fp8) have none.
 
 Above MAX_ELEMENTS (Pallas-Triton indexes with int32) the rows are split into pieces of `piece`
-rows, the largest power of two under the limit, one kernel call each (the last piece shorter).
-Rows are independent, so out, the new residual, grad_x and grad_residual keep their bits. For
-grad_weight each piece gives its float32 tree root and combine_roots adds them by the pairwise
-tree: aligned power-of-two blocks are subtrees of B7's tree over all rows (NUMERICS.md), so
-grad_weight has the bits of one call on all rows. The limit applies to the array rms_norm sees
+rows, the largest power of two under the limit, one kernel call each (the last piece shorter;
+bi_jax.pieces). The Mosaic GPU forward is split the same way: no call of either kernel meets
+more than 2**31 - 1 elements. Rows are independent, so out, the new residual, grad_x and
+grad_residual keep their bits; grad_weight is combined from the pieces' float32 tree roots, the
+bits of one call on all rows (bi_jax.pieces). The limit applies to the array rms_norm sees
 (under jax.vmap, one example); the pieces' backward kernels have no partitioning rule, so the
 split is meant for arrays on one device (a sharded batch's shards are usually under the limit).
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -32,10 +36,14 @@ from jax.experimental.pallas import triton as plgpu
 from bridge.numerics.contract import as_float32, check_rms_norm_args, next_power_of_two
 from bridge.numerics.tiling import launch_config
 
-from .backward import backward_fn, backward_rows, combine_roots
+from . import mosaic_kernel
+from .backward import backward_fn
+from .deprecation import quiet_call
 from .fp8 import fp8_arguments, without_gradient
 from .pallas_fp8 import NO_QUANT, Quant
 from .pallas_kernel import rms_norm_kernel
+from .pieces import split_backward, split_forward
+from .selection import forward_kernel
 from .transforms import batched, sharded
 
 # Pallas-Triton indexes with int32: a larger call is split into row pieces (piece_rows).
@@ -114,7 +122,8 @@ def _rows_call(x2, weight, residual2, scale, *, eps, mode, weight_offset, interp
         aliases[in_names.index("r")] = out_names.index("new_r")
         if quant.kind == "none":
             aliases[in_names.index("x")] = out_names.index("out")
-    results = pl.pallas_call(
+    # quiet_call: JAX 0.11's Pallas-Triton deprecation warning is not shown for bi_jax's own calls.
+    results = quiet_call(pl.pallas_call(
         body,
         out_shape=[outputs[k] for k in out_names],
         grid=(pl.cdiv(n_rows, cfg.rows),),
@@ -122,7 +131,7 @@ def _rows_call(x2, weight, residual2, scale, *, eps, mode, weight_offset, interp
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
         interpret=interpret,
         name="bi_norm_rms_norm",
-    )(*(inputs[k] for k in in_names))
+    ), *(inputs[k] for k in in_names))
     results = [r.reshape(shapes[k][0]) for k, r in zip(out_names, results)]
     if quant.kind != "none":
         results[0] = lax.bitcast_convert_type(results[0], out_dtype)
@@ -131,8 +140,11 @@ def _rows_call(x2, weight, residual2, scale, *, eps, mode, weight_offset, interp
 
 @functools.lru_cache(maxsize=None)
 def _rows_fn(eps: float, mode: str, weight_offset: float, interpret: bool, has_residual: bool,
-             quant: Quant = NO_QUANT):
-    """The kernel on (x2, weight[, residual2][, scale]), partitioned over sharded rows and batched under vmap."""
+             quant: Quant = NO_QUANT, kernel: str = "triton"):
+    """The kernel on (x2, weight[, residual2][, scale]), partitioned over sharded rows and batched under vmap.
+
+    kernel: "mosaic" (the forward without FP8 only) or "triton" (bi_jax.selection.forward_kernel).
+    """
     static = quant.kind == "static"
     args = "rw" + "r" * has_residual + "s" * static
     results = "r" + "g" * (quant.kind == "group") + "r" * has_residual
@@ -140,56 +152,26 @@ def _rows_fn(eps: float, mode: str, weight_offset: float, interpret: bool, has_r
     def fn(x2, weight, *rest):
         residual2 = rest[0] if has_residual else None
         scale = rest[-1] if static else None
+        if kernel == "mosaic":
+            return mosaic_kernel.rms_norm(x2, weight, eps, residual2, mode=mode, weight_offset=weight_offset)
         return _rows_call(x2, weight, residual2, scale, eps=eps, mode=mode, weight_offset=weight_offset,
                           interpret=interpret, quant=quant)
     return batched(sharded(fn, args, results), args)
 
 
-def _pieces(a: jax.Array, piece: int) -> List[jax.Array]:
-    return [a[i:i + piece] for i in range(0, a.shape[0], piece)]
-
-
-def _split_forward(forward: Callable, has_residual: bool, piece: int) -> Callable:
-    """forward over `piece`-row slices, results concatenated: each row's bits are its own.
-
-    The operands after the residual (an FP8 scale) are shared by every piece.
-    """
-    def run(x2, weight, *rest):
-        residual2, shared = rest[:has_residual], rest[has_residual:]
-        slices = zip(_pieces(x2, piece), *(_pieces(a, piece) for a in residual2))
-        results = [forward(x, weight, *r, *shared) for x, *r in slices]
-        return tuple(map(jnp.concatenate, zip(*results))) if isinstance(results[0], tuple) else jnp.concatenate(results)
-    return run
-
-
-def _split_backward(z2, weight, g, g_r, *, piece: int, **kwargs):
-    """backward_rows per `piece`-row slice; grad_weight from the pieces' float32 roots (see the module docstring)."""
-    g_rs = [None] * -(-z2.shape[0] // piece) if g_r is None else _pieces(g_r, piece)
-    grads = [backward_rows(z, weight, gp, grp, root=True, **kwargs)
-             for z, gp, grp in zip(_pieces(z2, piece), _pieces(g, piece), g_rs)]
-    roots = [grad[2] for grad in grads]
-    last = z2.shape[0] % piece
-    if last and next_power_of_two(last) < piece:
-        # In the tree over all rows the short last piece's root is added to its +0.0 padding
-        # rows' subtree up to `piece` rows, which turns a -0.0 root into +0.0.
-        roots[-1] = jnp.where(roots[-1] == 0, jnp.float32(0.0), roots[-1])
-    grad_weight = combine_roots(jnp.stack(roots), weight.dtype)
-    grad_residual = jnp.concatenate([grad[1] for grad in grads]) if kwargs["has_residual"] else None
-    return jnp.concatenate([grad[0] for grad in grads]), grad_residual, grad_weight
-
-
 @functools.lru_cache(maxsize=None)
 def _differentiable(eps: float, mode: str, weight_offset: float, interpret: bool, has_residual: bool,
-                    piece: Optional[int]):
+                    piece: Optional[int], kernel: str):
     """_rows_fn with the contract's gradients w.r.t. x, weight and the residual (jax.custom_vjp).
 
     The backward keeps what the forward normalised (x, or the new residual) and the weight, and
     recomputes inv from them (NUMERICS.md: the same bits). Forward mode (jax.jvp) is not defined.
-    piece: None for one call on all rows, else the rows of each piece of a split call.
+    piece: None for one call on all rows, else the rows of each piece of a split call. kernel: the
+    forward's ("mosaic" or "triton"); the backward is Pallas-Triton's either way (same bits).
     """
-    forward = _rows_fn(eps, mode, weight_offset, interpret, has_residual)
+    forward = _rows_fn(eps, mode, weight_offset, interpret, has_residual, NO_QUANT, kernel)
     if piece is not None:
-        forward = _split_forward(forward, has_residual, piece)
+        forward = split_forward(forward, has_residual, piece)
 
     @jax.custom_vjp
     def rows(*args):
@@ -212,7 +194,7 @@ def _differentiable(eps: float, mode: str, weight_offset: float, interpret: bool
             grads = fn(z2, weight, g, *(() if g_r is None else (g_r,)))
             grad_x, grad_residual, grad_weight = grads[0], grads[1] if has_residual else None, grads[-1]
         else:
-            grad_x, grad_residual, grad_weight = _split_backward(
+            grad_x, grad_residual, grad_weight = split_backward(
                 z2, weight, g, g_r, piece=piece, eps=eps, mode=mode, weight_offset=weight_offset,
                 interpret=interpret, has_residual=has_residual)
         return (grad_x, grad_weight) + ((grad_residual,) if has_residual else ())
@@ -227,7 +209,7 @@ def _fp8_fn(eps: float, mode: str, weight_offset: float, interpret: bool, has_re
     """_rows_fn with an FP8 out: no gradient (a clear error under jax.grad, bi_jax.fp8)."""
     forward = _rows_fn(eps, mode, weight_offset, interpret, has_residual, quant)
     if piece is not None:
-        forward = _split_forward(forward, has_residual, piece)
+        forward = split_forward(forward, has_residual, piece)
     return without_gradient(forward, quant.fmt_name)
 
 
@@ -243,14 +225,16 @@ def rms_norm(
     scale=None,
     group_size: Optional[int] = None,
     interpret: Optional[bool] = None,
+    pallas_backend: Optional[str] = None,
 ) -> Union[jax.Array, Tuple[jax.Array, ...]]:
     """Batch-invariant RMSNorm over the last axis (NUMERICS.md).
 
     Returns out, or (out, new_residual) when a residual (x's dtype or float32) is given. With a
-    residual the kernel writes out over x and the new residual over the residual: free inside a
-    jitted model (x and the residual dead after the norm, or carried through a loop over layers)
-    or when both are donated (jax.jit donate_argnums=(x, residual)); XLA copies an input that
-    is still alive or not donated first, so the caller's arrays never change.
+    residual the Pallas-Triton kernel writes out over x and the new residual over the residual:
+    free inside a jitted model (x and the residual dead after the norm, or carried through a loop
+    over layers) or when both are donated (jax.jit donate_argnums=(x, residual)); XLA copies an
+    input that is still alive or not donated first, so the caller's arrays never change. The
+    Mosaic GPU kernel writes new buffers (plgpu.kernel has no input_output_aliases).
 
     FP8 output (contract v1.2): out_dtype=jnp.float8_e4m3fn with either a static `scale` (a
     float32 array of shape () or (1,), or a Python float; an operand, traced under jit, its value
@@ -259,6 +243,10 @@ def rms_norm(
     (out, scales) or (out, scales, new_residual), scales of shape x.shape[:-1] + (n // group_size,).
     FP8 outputs have no gradient: jax.grad through one raises. out_dtype=None or x's dtype: no FP8.
     interpret=None picks the compiled GPU kernel when JAX's default backend is a GPU, else interpret mode.
+    pallas_backend: "auto", "mosaic" or "triton", the forward's kernel body; None reads the environment
+    variable BI_NORM_PALLAS_BACKEND, else "auto" (bi_jax.selection: Mosaic GPU on compute capability
+    9.0 and later where it can run, else Pallas-Triton). The backward and FP8 output are
+    Pallas-Triton's whatever the choice; interpret mode is the Pallas-Triton body.
     """
     for name, a in (("x", x), ("weight", weight), ("residual", residual)):
         if a is not None and not hasattr(a, "shape"):
@@ -276,19 +264,20 @@ def rms_norm(
     # Above the limit: pieces of piece_rows(n) rows (module docstring), the bits of one call.
     piece = piece_rows(n) if x.size > MAX_ELEMENTS else None
     interpret = default_interpret() if interpret is None else bool(interpret)
+    kernel = forward_kernel(pallas_backend, n, interpret, fp8=quant.kind != "none")
     return _apply(x, weight, residual, scale, eps=float(eps), mode=mode, weight_offset=float(weight_offset),
-                  interpret=interpret, piece=piece, quant=quant)
+                  interpret=interpret, piece=piece, quant=quant, kernel=kernel)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "mode", "weight_offset", "interpret", "piece", "quant"))
-def _apply(x, weight, residual, scale, *, eps, mode, weight_offset, interpret, piece, quant):
+@functools.partial(jax.jit, static_argnames=("eps", "mode", "weight_offset", "interpret", "piece", "quant", "kernel"))
+def _apply(x, weight, residual, scale, *, eps, mode, weight_offset, interpret, piece, quant, kernel):
     """Jitted so eager calls hit a compile cache; inlined into the caller's jit otherwise."""
     n = x.shape[-1]
     has_residual = residual is not None
     x2 = x.reshape(-1, n)
     args = (x2, weight) + ((residual.reshape(-1, n),) if has_residual else ())
     if quant.kind == "none":
-        fn = _differentiable(eps, mode, weight_offset, interpret, has_residual, piece)
+        fn = _differentiable(eps, mode, weight_offset, interpret, has_residual, piece, kernel)
     else:
         fn = _fp8_fn(eps, mode, weight_offset, interpret, has_residual, piece, quant)
         args += (scale,) if quant.kind == "static" else ()

@@ -116,7 +116,7 @@ def pallas_kernels(pass_: str, shape: tuple, residual: bool, dtype: str) -> list
     r = jnp.zeros(shape, dtype) if residual else None
 
     def out(a, b):
-        y = bi_jax.rms_norm(a, b, 1e-6, r, interpret=False)
+        y = bi_jax.rms_norm(a, b, 1e-6, r, interpret=False, pallas_backend="triton")
         return y[0] if isinstance(y, tuple) else y
 
     fn = out if pass_ == "forward" else lambda a, b: jax.vjp(out, a, b)[1](a)

@@ -107,7 +107,8 @@ def _time_config(cfg, args, w, sets, want, jsets, jw, case, copy_us):
         us, _ = bench.time_torch(fn, sets)
         if jsets is None:
             return us, ""
-        op = lambda x, r, w_: bi_jax.rms_norm(x, w_, bench.EPS, r)  # noqa: E731
+        # Pallas-Triton: the launch configuration is its own (the Mosaic GPU forward has none).
+        op = lambda x, r, w_: bi_jax.rms_norm(x, w_, bench.EPS, r, pallas_backend="triton")  # noqa: E731
         jgot = op(*jsets[0], jw)
         for a, b in zip(wants, jgot if args.residual else (jgot,)):
             assert_bitwise_equal(bi_torch.to_numpy(a), np.asarray(b), f"{cfg} (Pallas) vs shipped")

@@ -1,4 +1,8 @@
-"""bi_jax on a GPU: the compiled Pallas kernel (Triton lowering), bit for bit.
+"""bi_jax on a GPU: the compiled Pallas-Triton kernel (pallas_backend="triton"), bit for bit.
+
+The Mosaic GPU forward, which bi_jax picks by default on compute capability 9.0 and later, has its
+own file (tests/test_jax_mosaic_gpu.py); here the default selection runs only where a test says so
+(the eager default call of each corpus case, the sharded check).
 
 Skipped, with the reason, without a CUDA GPU (tests/conftest.py, through torch) or when JAX's
 default backend is not a GPU. Every numeric assertion is bitwise: against the golden corpus and
@@ -37,8 +41,9 @@ CASE_NAMES = [entry["name"] for entry in golden.load_manifest()["cases"]]
 JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NUMPY_DTYPES = {name: reference.numpy_dtype(name) for name in ("float32", "bfloat16", "float16")}
 STATIC = ("eps", "mode", "weight_offset")
-# The compiled kernel (interpret=False, explicitly) and interpret mode, each jitted once per shape.
-COMPILED = jax.jit(functools.partial(bi_jax.rms_norm, interpret=False), static_argnames=STATIC)
+# The compiled Pallas-Triton kernel (interpret=False, explicitly) and interpret mode, each jitted once per shape.
+COMPILED = jax.jit(functools.partial(bi_jax.rms_norm, interpret=False, pallas_backend="triton"),
+                   static_argnames=STATIC)
 INTERPRETED = jax.jit(functools.partial(bi_jax.rms_norm, interpret=True), static_argnames=STATIC)
 
 ROWS = 4096
@@ -101,7 +106,7 @@ def test_corpus_case_compiled(cases_by_name, name):
         assert_bits(expected, out, f"{what} out")
         if r is not None:
             assert_bits(case.new_residual, new_res, f"{what} new_residual")
-    # The default (interpret=None) picks the compiled kernel on a GPU: same bits, eagerly too.
+    # The default (interpret=None, the default selection) picks a compiled kernel on a GPU: same bits, eagerly too.
     mode, offset = next(iter(case.out))
     default = pair(bi_jax.rms_norm(x, w, case.spec.eps, r, mode=mode, weight_offset=offset), r is not None)
     assert_bits(case.out[(mode, offset)], default[0], f"{name} default interpret=None")
@@ -138,7 +143,7 @@ def test_batch_invariance_1_to_4096(n, dtype, kind):
             ok = []
             for part in (slice(None, batch), slice(ROWS - batch, None)):
                 got = pair(bi_jax.rms_norm(x[part], w, eps, None if r is None else r[part], mode=mode,
-                                           weight_offset=offset, interpret=False), has_r)
+                                           weight_offset=offset, interpret=False, pallas_backend="triton"), has_r)
                 ok.append(_same(got[0], full_out[part]))
                 if has_r:
                     ok.append(_same(got[1], full_res[part]))
@@ -185,7 +190,8 @@ def test_compiled_matches_interpret(dtype, kind, mode, offset, n):
 
 # --------------------------------------------------------------------------------------------
 # Donating x and the residual: out is written in x's buffer and the new residual in the residual's,
-# without a copy (jax.jit pairs x with `out` and the residual with the new residual).
+# without a copy (jax.jit pairs x with `out` and the residual with the new residual). Pallas-Triton
+# only: plgpu.kernel has no input_output_aliases, so the Mosaic GPU forward writes new buffers.
 # --------------------------------------------------------------------------------------------
 
 def _array_copies(hlo_text: str) -> list:
@@ -202,7 +208,7 @@ def test_donated_residual(dtype, rdtype, n):
     keys = jax.random.split(jax.random.key(_seed("gpu-donate", dtype, rdtype, n)), 3)
     x, w = gpu_rows(keys[0], (64, n), dtype), gpu_weight(keys[1], n, dtype)
     r = gpu_rows(keys[2], (64, n), rdtype)
-    fn = lambda a, b, c: bi_jax.rms_norm(a, b, 1e-6, c)  # noqa: E731
+    fn = lambda a, b, c: bi_jax.rms_norm(a, b, 1e-6, c, pallas_backend="triton")  # noqa: E731
     r_before = np.asarray(r)
     plain = jax.jit(fn)(x, w, r)
     assert_bits(r_before, r, "a residual that was not donated is unchanged")
@@ -231,7 +237,7 @@ def test_residual_in_a_layer_loop_is_not_copied(dtype, rdtype):
     ws = jnp.stack([gpu_weight(k, n, dtype) for k in jax.random.split(keys[2], layers)])
 
     def step(carry, w):
-        out, new_r = bi_jax.rms_norm(carry[0], w, 1e-6, carry[1])
+        out, new_r = bi_jax.rms_norm(carry[0], w, 1e-6, carry[1], pallas_backend="triton")
         return (out * 2, new_r), None  # `* 2` stands for the layer between two norms
 
     looped = jax.jit(lambda c, w: lax.scan(step, c, w)[0], donate_argnums=0)

@@ -40,6 +40,9 @@ class Backend:
     flushes_subnormals: bool = False
     # FP8 output (contract v1.2); raises report.Unavailable where the API has none.
     make_fp8_runner: Optional[Callable[[], Fp8Fn]] = None
+    # The widest row the forward's kernel takes (a callable: frameworks load only when the backend
+    # runs), None for no limit; wider forward cases are left out and counted in the pass's note.
+    max_n: Optional[Callable[[], int]] = None
 
 
 def _reference_fp8(x, weight, eps, residual, mode, weight_offset, quantization):
@@ -170,14 +173,40 @@ def _jax_put(interpret: bool) -> Callable[[np.ndarray], object]:
     return lambda a: jax.device_put(jnp.asarray(a), device)
 
 
-def _jax_runner(interpret: bool) -> RunFn:
+def _mosaic_probe() -> Optional[str]:
+    """_jax_probe on a GPU, then whether bi_jax's Mosaic GPU kernel can run there (jax's API, the GPU)."""
+    reason = _jax_probe(False)
+    if reason is not None:
+        return reason
+    from bi_jax import selection
+
+    return selection.jax_lacks() or selection.gpu_lacks()
+
+
+def _mosaic_max_n() -> int:
+    from bi_jax import mosaic_kernel
+
+    return mosaic_kernel.MAX_N
+
+
+def _mosaic_backward_runner() -> BackwardFn:
+    raise NotImplementedError("bi_jax's backward is the Pallas-Triton kernel whatever pallas_backend (Mosaic GPU: "
+                              "issue 26, stage 2); row pallas-triton-gpu checks it")
+
+
+def _mosaic_fp8_runner() -> Fp8Fn:
+    raise Unavailable("bi_jax's FP8 output is the Pallas-Triton kernel whatever pallas_backend (Mosaic GPU: issue "
+                      "26, stage 3); row pallas-triton-gpu checks it")
+
+
+def _jax_runner(interpret: bool, pallas_backend: str) -> RunFn:
     import bi_jax
 
     put = _jax_put(interpret)
 
     def run(x, weight, eps, residual, mode, weight_offset):
         result = bi_jax.rms_norm(put(x), put(weight), eps, None if residual is None else put(residual), mode=mode,
-                                 weight_offset=weight_offset, interpret=interpret)
+                                 weight_offset=weight_offset, interpret=interpret, pallas_backend=pallas_backend)
         if residual is None:
             return np.asarray(result)
         return np.asarray(result[0]), np.asarray(result[1])
@@ -185,7 +214,7 @@ def _jax_runner(interpret: bool) -> RunFn:
     return run
 
 
-def _jax_backward_runner(interpret: bool) -> BackwardFn:
+def _jax_backward_runner(interpret: bool, pallas_backend: str) -> BackwardFn:
     import jax
 
     import bi_jax
@@ -195,7 +224,7 @@ def _jax_backward_runner(interpret: bool) -> BackwardFn:
     def run(x, weight, grad_out, eps, residual, grad_new_residual, mode, weight_offset):
         def norm(*args):
             return bi_jax.rms_norm(args[0], args[1], eps, args[2] if len(args) > 2 else None, mode=mode,
-                                   weight_offset=weight_offset, interpret=interpret)
+                                   weight_offset=weight_offset, interpret=interpret, pallas_backend=pallas_backend)
 
         _, vjp = jax.vjp(norm, *(put(a) for a in (x, weight, residual) if a is not None))
         cotangent = put(grad_out)
@@ -210,7 +239,7 @@ def _jax_backward_runner(interpret: bool) -> BackwardFn:
     return run
 
 
-def _jax_fp8_runner(interpret: bool) -> Fp8Fn:
+def _jax_fp8_runner(interpret: bool, pallas_backend: str) -> Fp8Fn:
     """bi_jax.rms_norm(..., out_dtype=jnp.float8_e4m3fn, scale=<float32 jax array> | group_size=...)."""
     import jax.numpy as jnp
 
@@ -226,7 +255,8 @@ def _jax_fp8_runner(interpret: bool) -> Fp8Fn:
         else:
             kwargs["group_size"] = quantization["group_size"]
         result = bi_jax.rms_norm(put(x), put(weight), eps, None if residual is None else put(residual), mode=mode,
-                                 weight_offset=weight_offset, interpret=interpret, **kwargs)
+                                 weight_offset=weight_offset, interpret=interpret, pallas_backend=pallas_backend,
+                                 **kwargs)
         parts = split_fp8(result, "group_size" in quantization, residual is not None)
         return tuple(None if a is None else np.asarray(a) for a in parts)
 
@@ -243,10 +273,16 @@ BACKENDS: List[Backend] = [
     Backend("triton-gpu", "bi_torch on CUDA tensors (compiled Triton)",
             lambda: _torch_probe("cuda"), lambda: _torch_runner("cuda"), lambda: _torch_backward_runner("cuda"),
             make_fp8_runner=lambda: _torch_fp8_runner("cuda")),
-    Backend("pallas-interpret", "bi_jax with interpret=True on CPU",
-            lambda: _jax_probe(True), lambda: _jax_runner(True), lambda: _jax_backward_runner(True),
-            flushes_subnormals=True, make_fp8_runner=lambda: _jax_fp8_runner(True)),
-    Backend("pallas-gpu", "bi_jax compiled Pallas (Triton lowering) on GPU",
-            lambda: _jax_probe(False), lambda: _jax_runner(False), lambda: _jax_backward_runner(False),
-            make_fp8_runner=lambda: _jax_fp8_runner(False)),
+    # bi_jax's interpret mode is the Pallas-Triton body, named explicitly so that
+    # BI_NORM_PALLAS_BACKEND (bi_jax.selection) cannot change what a row runs.
+    Backend("pallas-interpret", "bi_jax with interpret=True on CPU (the Pallas-Triton body)",
+            lambda: _jax_probe(True), lambda: _jax_runner(True, "triton"), lambda: _jax_backward_runner(True, "triton"),
+            flushes_subnormals=True, make_fp8_runner=lambda: _jax_fp8_runner(True, "triton")),
+    Backend("pallas-triton-gpu", "bi_jax compiled Pallas-Triton on GPU (pallas_backend='triton')",
+            lambda: _jax_probe(False), lambda: _jax_runner(False, "triton"),
+            lambda: _jax_backward_runner(False, "triton"), make_fp8_runner=lambda: _jax_fp8_runner(False, "triton")),
+    # The forward only (stage 1): the backward and FP8 lines say which row checks their kernels.
+    Backend("pallas-mosaic-gpu", "bi_jax compiled Pallas Mosaic GPU forward (pallas_backend='mosaic')",
+            _mosaic_probe, lambda: _jax_runner(False, "mosaic"), _mosaic_backward_runner,
+            make_fp8_runner=_mosaic_fp8_runner, max_n=_mosaic_max_n),
 ]

@@ -62,6 +62,10 @@ def _select_cases(cases: Sequence, dtypes: Optional[Sequence[str]], quick: bool)
     return [c for c in cases if (not dtypes or c.spec.dtype in dtypes) and (not quick or c.spec.n <= QUICK_MAX_N)]
 
 
+def _up_to(cases: Sequence, max_n: Optional[int]) -> list:
+    return [c for c in cases if max_n is None or c.spec.n <= max_n]
+
+
 def run_backend(backend: Backend, plan: Plan, progress: Progress) -> BackendReport:
     report = BackendReport(backend.name, "ok")
     reason = backend.probe()
@@ -72,10 +76,15 @@ def run_backend(backend: Backend, plan: Plan, progress: Progress) -> BackendRepo
 
     def forward(r: PassReport) -> None:
         run = backend.make_runner()
-        _check_corpus(run, plan.cases, r, tick)
-        _sweep(plan.invariance_cases, plan.batches, r, tick, ("out", "new_residual"), lambda c: (c.x, c.residual),
+        max_n = None if backend.max_n is None else backend.max_n()
+        cases, invariance_cases = (_up_to(c, max_n) for c in (plan.cases, plan.invariance_cases))
+        _check_corpus(run, cases, r, tick)
+        _sweep(invariance_cases, plan.batches, r, tick, ("out", "new_residual"), lambda c: (c.x, c.residual),
                lambda c, rows: _outputs(run(rows[0], c.weight, c.spec.eps, rows[1], *c.spec.outputs[0]),
                                         rows[1] is not None))
+        left = len(plan.cases) - len(cases) + len(plan.invariance_cases) - len(invariance_cases)
+        if left:
+            r.reason = f"{left} corpus and sweep cases with n > {max_n} not run: the kernel's widest row"
 
     def backward(r: PassReport) -> None:
         run = backend.make_backward_runner()

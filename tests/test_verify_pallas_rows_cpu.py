@@ -1,0 +1,77 @@
+"""`bi-norm verify`'s rows of bi_jax's Pallas GPU backends, on the CPU: pallas-triton-gpu and
+pallas-mosaic-gpu (issue 26, stage 1) by name, unavailable here with the reason, and the Mosaic
+row's passes with a stand-in runner: the forward up to the kernel's widest row (wider cases
+counted in its note), the backward "not implemented" and the FP8 output "not available", each
+naming the row that checks the Pallas-Triton kernel it runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from bi_jax import mosaic_kernel
+from bridge.cli import main
+from bridge.numerics import reference
+from bridge.verify import backends
+from bridge.verify.run import BACKEND_BY_NAME, INVARIANCE_SIZES
+
+
+def test_each_pallas_gpu_backend_has_its_row():
+    names = [b.name for b in backends.BACKENDS]
+    assert names == ["reference", "triton-interpret", "triton-gpu", "pallas-interpret", "pallas-triton-gpu",
+                     "pallas-mosaic-gpu"]
+    assert BACKEND_BY_NAME["pallas-mosaic-gpu"].max_n() == mosaic_kernel.MAX_N
+    assert BACKEND_BY_NAME["pallas-triton-gpu"].max_n is None
+
+
+def test_the_old_name_is_gone(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["verify", "--backend", "pallas-gpu"])
+    assert exit_.value.code == 2 and "invalid choice: 'pallas-gpu'" in capsys.readouterr().err
+
+
+def test_both_rows_are_unavailable_without_a_gpu(capsys):
+    assert main(["verify", "--backend", "pallas-triton-gpu", "--backend", "pallas-mosaic-gpu", "--quick", "--jobs",
+                 "1", "--json"]) == 1  # a named backend that is unavailable fails
+    reports = json.loads(capsys.readouterr().out)["backends"]
+    assert [(r["backend"], r["status"], r["reason"]) for r in reports] == [
+        ("pallas-triton-gpu", "unavailable", "no GPU visible to JAX"),
+        ("pallas-mosaic-gpu", "unavailable", "no GPU visible to JAX")]
+
+
+def test_the_jax_runners_name_their_kernel_body():
+    """pallas-interpret runs the Pallas-Triton body in interpret mode, named explicitly."""
+    rng = np.random.default_rng(26)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    w = (1 + 0.25 * rng.standard_normal(64)).astype(np.float32)
+    got = backends._jax_runner(True, "triton")(x, w, 1e-6, None, "fp32", 1.0)
+    assert (reference.bits(got) == reference.bits(reference.rms_norm(x, w, 1e-6, mode="fp32",
+                                                                     weight_offset=1.0))).all()
+
+
+def test_the_mosaic_row_with_a_stand_in_forward(monkeypatch, capsys, corpus):
+    """The Mosaic row as a GPU would run it, its forward runner the reference's (no GPU here)."""
+    mosaic = BACKEND_BY_NAME["pallas-mosaic-gpu"]
+    monkeypatch.setitem(BACKEND_BY_NAME, "pallas-mosaic-gpu", dataclasses.replace(
+        mosaic, probe=lambda: None, make_runner=BACKEND_BY_NAME["reference"].make_runner))
+    argv = ["verify", "--backend", "reference", "--backend", "pallas-mosaic-gpu", "--dtype", "float32", "--jobs", "1"]
+    assert main(argv + ["--json"]) == 0
+    ref_report, report = json.loads(capsys.readouterr().out)["backends"]
+    forward, full = report["forward"], ref_report["forward"]
+    assert report["status"] == forward["status"] == "ok" and forward["mismatches"] == 0
+    # The corpus's float32 cases and sweeps at n = 65536 are past the kernel's 32768 columns.
+    assert 0 < forward["cases"] < full["cases"] and 0 < forward["invariance_checks"] < full["invariance_checks"]
+    wide = [c for c in corpus if c.spec.dtype == "float32" and c.spec.n > mosaic_kernel.MAX_N]
+    swept = [c for c in wide if c.spec.n in INVARIANCE_SIZES and c.spec.residual in ("none", "float32")]
+    assert full["cases"] - forward["cases"] == len(wide)
+    left = len(wide) + len(swept)
+    assert forward["reason"] == f"{left} corpus and sweep cases with n > 32768 not run: the kernel's widest row"
+    assert report["backward"]["status"] == "not implemented" and "row pallas-triton-gpu" in report["backward"]["reason"]
+    assert report["fp8"]["status"] == "not available" and "row pallas-triton-gpu" in report["fp8"]["reason"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "Backward not implemented (not a failure): pallas-mosaic-gpu" in lines
+    assert lines[-1] == "FP8 not available (not compared, not a failure): pallas-mosaic-gpu"
