@@ -1,11 +1,12 @@
 """FP8 output inside the Pallas forward kernel: NUMERICS.md contract v1.2, steps Q2-Q4.
 
-Mirrors bi_torch/triton_fp8.py line for line (clamp_fp8, encode_fp8, to_fp8, quantize_static,
-quantize_groups, quotient; its div_rn is ExactOps.div here). On the GPU, Q3-Q4 are one hardware conversion
-(cvt.rn.satfinite.e4m3x2.f32, as in the Triton kernel), equal to the contract's clamp and rnFP8 on
-all 2**32 float32 patterns (tests/test_jax_fp8_gpu.py); interpret mode rounds on the bit pattern
-(encode_fp8). A group's u / s is one reciprocal per group and a correction per element on the GPU
-(quotient), equal to IEEE division on every input the kernel meets; interpret mode divides. Below FP8's smallest normal encode_fp8 rounds with integer shifts:
+Mirrors bi_torch/triton_fp8.py line for line (quotient, clamp_fp8, encode_fp8, to_fp8,
+quantize_static, quantize_groups; its div_rn is ExactOps.div here). On the GPU, Q3-Q4 are one
+hardware conversion (cvt.rn.satfinite.e4m3x2.f32, as in the Triton kernel), equal to the contract's
+clamp and rnFP8 on all 2**32 float32 patterns (tests/test_jax_fp8_gpu.py); interpret mode rounds on
+the bit pattern (encode_fp8). A group's u / s is one reciprocal per group and a correction per
+element on the GPU (quotient), equal to IEEE division on every input the kernel meets; interpret
+mode divides. Below FP8's smallest normal encode_fp8 rounds with integer shifts:
 adding and subtracting 2**23 in float32 would be exact too, but XLA's CPU backend folds
 (a + 2**23) - 2**23 back into a (seen: jax 0.10.2).
 The kernel writes the FP8 codes as uint8; bi_jax.ops bitcasts them to the format outside it.
@@ -58,8 +59,8 @@ def quotient(ops, u: jax.Array, s: jax.Array) -> jax.Array:
     The residual is formed negated, m = fma(q0, s, -u), and added through -r, so that u = -0 gives
     -0 (fma(-q0, s, u) would give +0); s = +inf enters the residual as FLT_MAX, so that finite u
     give q0 = +-0 exactly (inf * 0 would be NaN) and an infinite u NaN, as u / inf. The GPU tests
-    compare it with division on every pair of float32 significands (bi_torch's twin) and on all
-    2**32 u at scales across the domain (tests/test_jax_fp8_gpu.py).
+    compare it with division on every pair of float32 significands (bi_torch's twin) and on every u the kernel
+    can meet at scales across the domain (tests/test_jax_fp8_gpu.py).
     """
     if ops.interpret:
         return ops.div(u, s)

@@ -5,8 +5,9 @@ cvt.rn.satfinite.e4m3x2.f32 (two elements per instruction), which equals the con
 rnFP8 on all 2**32 float32 patterns; the interpreter rounds on the bit pattern (encode_fp8).
 A group's u / s is compiled as one reciprocal per group and a correction per element (quotient),
 which equals IEEE division on every input the kernel meets (tests/test_torch_fp8_gpu.py, both
-frameworks); the interpreter divides. Like triton_kernel.py, this file is loaded twice by bi_torch/launch.py (compiled, and under the
-interpreter). The format's fields (bridge.numerics.contract.FP8_FORMATS) arrive as constexprs.
+frameworks); the interpreter divides. Like triton_kernel.py, this file is loaded twice by
+bi_torch/launch.py (compiled, and under the interpreter). The format's fields
+(bridge.numerics.contract.FP8_FORMATS) arrive as constexprs.
 """
 
 import triton
@@ -36,8 +37,8 @@ def quotient(u, s):
     The residual is formed negated, m = fma(q0, s, -u), and added through -r, so that u = -0 gives
     -0 (fma(-q0, s, u) would give +0); s = +inf enters the residual as FLT_MAX, so that finite u
     give q0 = +-0 exactly (inf * 0 would be NaN) and an infinite u NaN, as u / inf. The GPU tests
-    compare it with div_rn on every pair of float32 significands and on all 2**32 u at scales
-    across the domain (tests/test_torch_fp8_gpu.py).
+    compare it with div_rn on every pair of float32 significands and on every u the kernel can meet at
+    scales across the domain (tests/test_torch_fp8_gpu.py).
     """
     if INTERPRETED:
         return div_rn(u, s)

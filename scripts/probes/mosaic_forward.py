@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 from bi_jax import mosaic_kernel as mk  # noqa: E402
 from bridge.golden.forward import PATTERNS, as_dtype, pattern_row, random_weight  # noqa: E402
 from bridge.numerics import reference as ref  # noqa: E402
+from probe_timing import seconds  # noqa: E402  (scripts/probes/, on sys.path when run as a script)
 
 GPU = jax.default_backend() == "gpu"
 T0 = time.time()
@@ -182,17 +183,6 @@ def bits_section(budget: float):
         counts["fail" if line.startswith("FAIL") else "ok"] += 1
         say(f"[bits {label(c)}] {line}")
     say(f"[bits summary] {dict(counts)}" + ("" if GPU else " (no GPU: bits of the kernel not checked)"))
-
-
-def seconds(fn, *args, n=20, reps=5):
-    """Median over reps of the mean of n back-to-back calls."""
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready([fn(*args) for _ in range(n)])
-        ts.append((time.perf_counter() - t) / n)
-    return float(np.median(ts))
 
 
 def speed_section():

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from probe_timing import seconds  # scripts/probes/, on sys.path when run as a script
 
 GPU = jax.default_backend() == "gpu"
 T0, RESULTS, F32 = time.time(), [], np.float32
@@ -245,15 +246,6 @@ def bw_pipeline(kind, rb, blocks, stages):
                    interpret=i)
         return lambda x, w: k(x.reshape(shp), w.reshape(W // 256, 256)).reshape(R, W)
     return make
-
-def seconds(fn, *args, n=20, reps=5):  # median over reps of the mean of n back-to-back calls
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready([fn(*args) for _ in range(n)])
-        ts.append((time.perf_counter() - t) / n)
-    return float(np.median(ts))
 
 REF = {k: jax.jit(lambda x, w, k=k: row_op(k, x, w, lambda q: jnp.mean(q, -1, keepdims=True)))
        for k in ("x*2", "rms")}  # the same ops through XLA
