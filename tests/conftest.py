@@ -84,3 +84,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    """With $BI_NORM_TEST_TIMES (a folder), each test's call time goes to a file per process as it
+    finishes, so that a run cut short by its time limit still says where the time went
+    (scripts/gpu_suite.sh prints the slowest)."""
+    folder = os.environ.get("BI_NORM_TEST_TIMES")
+    if folder and report.when == "call":
+        os.makedirs(folder, exist_ok=True)
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        with open(os.path.join(folder, f"{worker}.tsv"), "a") as f:
+            f.write(f"{report.duration:.2f}\t{report.outcome}\t{report.nodeid}\n")

@@ -2,7 +2,8 @@
 
 Kernel names: rms_norm_kernel and rms_norm_backward_kernel (Triton), bi_norm_rms_norm and
 bi_norm_rms_norm_backward (Pallas), column_tree_kernel / bi_norm_column_tree, the long rows' stats passes.
-Usage: python3 scripts/probes/profile_shape.py forward|backward [16384x4096] [--residual]
+fp8-group: bi_torch's forward with FP8 output, a scale per token and 128 channels (torch only; issue 24).
+Usage: python3 scripts/probes/profile_shape.py forward|backward|fp8-group [16384x4096] [--residual]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import bi_torch  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("pass_", choices=("forward", "backward"), metavar="pass")
+    parser.add_argument("pass_", choices=("forward", "backward", "fp8-group"), metavar="pass")
     parser.add_argument("shape", nargs="?", default="16384x4096", help="TOKENSxHIDDEN")
     parser.add_argument("--residual", action="store_true")
     args = parser.parse_args()
@@ -39,7 +40,10 @@ def main() -> None:
 
     # Pallas-Triton's forward: scripts/gpu_suite.sh's ncu filter names its kernel (bi_norm_rms_norm).
     forward = lambda a, b, res: first(bi_jax.rms_norm(a, b, 1e-6, res, pallas_backend="triton"))  # noqa: E731
-    if args.pass_ == "forward":
+    if args.pass_ == "fp8-group":
+        run_torch = lambda: bi_torch.rms_norm(x, w, 1e-6, r, out_dtype=torch.float8_e4m3fn, group_size=128)  # noqa: E731
+        run_jax = lambda: None  # noqa: E731
+    elif args.pass_ == "forward":
         run_torch = lambda: bi_torch.rms_norm(x, w, 1e-6, r)  # noqa: E731
         jitted = jax.jit(forward)
         run_jax = lambda: jitted(jx, jw, jr)  # noqa: E731
