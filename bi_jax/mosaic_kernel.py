@@ -1,4 +1,8 @@
-"""A Pallas Mosaic GPU forward for NUMERICS.md's contract (stage 1 of issue 26; not wired into bi_jax yet).
+"""A Pallas Mosaic GPU forward for NUMERICS.md's contract (stage 1 of issue 26).
+
+bi_jax.rms_norm runs it where bi_jax.selection says "mosaic" (compiled, compute capability 9.0
+or later, rows of at most MAX_N columns); its backward is bi_jax/mosaic_backward.py, which
+recomputes v and inv with this module's inverse_rms.
 
 One program (one warpgroup, 128 threads) per row, the row held in registers in Mosaic's WG_STRIDED
 layout (mosaic_ops.RowLayout): GMEM -> registers -> GMEM, which ran at 98 % of an XLA copy in
