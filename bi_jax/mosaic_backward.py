@@ -35,10 +35,11 @@ from .mosaic_ops import NUMPY_DTYPES, THREADS, WARPS, RowLayout, row_layout
 from .pallas_kernel import encode
 
 
-def _backward_row(ops, lay: RowLayout, raw, step, refs, *, dtype: str, z_dtype: str, has_residual: bool,
-                  has_gr: bool, eps: float, weight_offset: float, llama: bool, width: int):
+def _backward_row(ops, lay: RowLayout, raw, step, refs, sink, *, dtype: str, z_dtype: str, has_residual: bool,
+                  has_gr: bool, eps: float, weight_offset: float, llama: bool, width: int) -> None:
     """B1-B6 of one row from its loaded vectors (z, g[, g_r] per register); stores grad_x (and
-    grad_residual) and returns the row's B7 leaves p[reg][j] (+0.0 for a row past the batch)."""
+    grad_residual) and hands the row's B7 leaves p[reg][j] (+0.0 for a row past the batch) to
+    sink before B4's tree, so that they are dead (in the counter) while the tree runs."""
     w_ref, dx_ref, dr_ref = refs
     regs = lay.regs
     # The forward's step 1 (z is the new residual, or x) and steps 2-4.
@@ -58,6 +59,7 @@ def _backward_row(ops, lay: RowLayout, raw, step, refs, *, dtype: str, z_dtype: 
         b.append(ops.mask_cols(reg, [ops.mul(ae, xe) for ae, xe in zip(ar, xh)]))
         a.append(ar)
         xhat.append(xh)
+    sink(p)
     c = ops.div(exact_row_tree(ops.exchange(1), lay, b, width), ops.f32(float(lay.n)))
     for reg in range(regs):
         # B5: dv = inv * (a - xhat * c). B6: an absent g_r is +0.0 and the add is kept.
@@ -67,7 +69,6 @@ def _backward_row(ops, lay: RowLayout, raw, step, refs, *, dtype: str, z_dtype: 
             dz = [ops.add(d, grs[j] if has_gr else ops.f32(0.0)) for j, d in enumerate(dz)]
             ops.store_row(dr_ref, step, reg, [ops.encode(d, z_dtype) for d in dz], valid)
         ops.store_row(dx_ref, step, reg, [ops.encode(d, dtype) for d in dz], valid)
-    return p
 
 
 def backward_block(ops, lay: RowLayout, z, g, gr, w, dx, dr, partial, *, steps: int, **row_args) -> None:
@@ -82,8 +83,8 @@ def backward_block(ops, lay: RowLayout, z, g, gr, w, dx, dr, partial, *, steps: 
     def loads(step):
         return [ops.load_row(ref, step, reg) for ref in inputs for reg in range(lay.regs)]
 
-    def row(step, raw):
-        return _backward_row(ops, lay, raw, step, (w, dx, dr), **row_args)
+    def row(step, raw, sink):
+        _backward_row(ops, lay, raw, step, (w, dx, dr), sink, **row_args)
 
     def flat(p):
         return [e for vals in p for e in vals]
@@ -96,24 +97,32 @@ def backward_block(ops, lay: RowLayout, z, g, gr, w, dx, dr, partial, *, steps: 
         return lambda values: flat([[ops.add(lf, e) for lf, e in zip(ops.level_load(k, reg), vals)]
                                     for reg, vals in enumerate(nested(values))])
 
+    def push(step):
+        def sink(p):
+            p = flat(p)
+            # The carry climbs while the step's low bits are ones, then parks at the first zero bit.
+            for k in range(levels):
+                p = ops.cond(ops.low_bits_ones(step, k + 1), merge(k), p)
+            for k in range(levels):
+                ops.when(ops.parks_at(step, k), lambda k=k, p=p: [ops.level_store(k, reg, vals)
+                                                                   for reg, vals in enumerate(nested(p))])
+        return sink
+
     def step_body(step, raw):
         following = loads(ops.add_step(step, 1))  # the next row's loads, before this row's trees
-        p = flat(row(step, raw))
-        # The carry climbs while the step's low bits are ones, then parks at the first zero bit.
-        for k in range(levels):
-            p = ops.cond(ops.low_bits_ones(step, k + 1), merge(k), p)
-        for k in range(levels):
-            ops.when(ops.parks_at(step, k), lambda k=k, p=p: [ops.level_store(k, reg, vals)
-                                                               for reg, vals in enumerate(nested(p))])
+        row(step, raw, push(step))
         return following
 
+    def root(p):
+        # The last step: every low bit is one, so the carry climbs through every level: the root.
+        p = flat(p)
+        for k in range(levels):
+            p = merge(k)(p)
+        for reg, vals in enumerate(nested(p)):
+            ops.store_block(partial, reg, vals)
+
     raw = ops.loop(steps - 1, loads(ops.step_at(0)), step_body)
-    # The last step: every low bit is one, so the carry climbs through every level: the root.
-    p = flat(row(ops.last_step(), raw))
-    for k in range(levels):
-        p = merge(k)(p)
-    for reg, vals in enumerate(nested(p)):
-        ops.store_block(partial, reg, vals)
+    row(ops.last_step(), raw, root)
 
 
 def block_tree(partials, xp=jnp):
