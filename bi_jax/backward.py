@@ -1,5 +1,8 @@
 """Running the Pallas backward kernels on (rows, n) arrays: bi_torch.launch.launch_backward's twin.
 
+On a GPU that runs Mosaic GPU (bi_jax.selection) backward_rows hands the rows to
+bi_jax/mosaic_backward.py instead: the same results, bit for bit.
+
 The launch configuration is bridge.numerics.tiling.backward_config, the one the Triton launcher takes.
 `backward_rows` returns grad_weight rounded to the weight's dtype, or the float32 root of the row
 tree (NUMERICS.md B7's `T`), which a batch sharded over rows combines across shards.
@@ -27,9 +30,10 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bridge.numerics.contract import as_float32, next_power_of_two
+from bridge.numerics.contract import as_float32
 from bridge.numerics.tiling import backward_config, column_tree_width
 
+from . import mosaic_backward
 from .deprecation import quiet_call
 from .pallas_backward import column_tree_kernel, rms_norm_backward_kernel, row_stats_kernel
 from .pallas_kernel import encode
@@ -54,13 +58,19 @@ def backward_rows(
     interpret: bool,
     has_residual: bool,
     root: bool = False,
+    kernel: str = "triton",
 ) -> Tuple[jax.Array, Optional[jax.Array], jax.Array]:
     """(grad_x, grad_residual or None, grad_weight) of (rows, n) arrays; inputs already validated.
 
     z2 is what the forward normalised (x, or the new residual when has_residual); g2 the gradient
     of out; gr2 that of the new residual, None when absent (+0.0, NUMERICS.md B6). root=True gives
     the float32 tree root T instead of grad_weight = rnD(T) (NaNs canonical, which rnD keeps NaN).
+    kernel: "mosaic" (bi_jax/mosaic_backward.py, compiled on a GPU that runs it: bi_jax.selection)
+    or "triton" (the kernels below, interpret mode included); the same bits either way.
     """
+    if kernel == "mosaic":
+        return mosaic_backward.rms_norm_backward(z2, weight, g2, gr2, eps=eps, mode=mode, weight_offset=weight_offset,
+                                                 has_residual=has_residual, root=root)
     n_rows, n = z2.shape
     dtype = weight.dtype
     dw_dtype = jnp.float32 if root else dtype
@@ -135,12 +145,7 @@ def combine_roots(roots: jax.Array, dtype) -> jax.Array:
     When every block has the same power-of-two row count this is B7's tree over all their rows
     (NUMERICS.md: aligned blocks are subtrees); +0.0 roots pad the count to a power of two.
     """
-    blocks, n = roots.shape
-    tree = jnp.concatenate([roots, jnp.zeros((next_power_of_two(blocks) - blocks, n), jnp.float32)])
-    # Plain XLA adds of slices, outside any kernel: no product to fuse, and slices are not reordered.
-    while tree.shape[0] > 1:
-        tree = tree[0::2] + tree[1::2]
-    return encode(tree[0], dtype)
+    return encode(mosaic_backward.block_tree(roots), dtype)
 
 
 def _row_axes(mesh, shape) -> Optional[Tuple[str, ...]]:
@@ -215,12 +220,14 @@ def _batched(fn):
 
 @functools.lru_cache(maxsize=None)
 def backward_fn(eps: float, mode: str, weight_offset: float, interpret: bool, has_residual: bool,
-                has_grad_residual: bool) -> Callable:
-    """(z2, weight, g2[, gr2]) -> (grad_x, [grad_residual,] grad_weight), partitioned and batched."""
+                has_grad_residual: bool, kernel: str = "triton") -> Callable:
+    """(z2, weight, g2[, gr2]) -> (grad_x, [grad_residual,] grad_weight), partitioned and batched.
+
+    kernel: backward_rows's ("mosaic" or "triton")."""
 
     def rows_fn(z2, weight, g2, *gr2, root):
         return backward_rows(z2, weight, g2, gr2[0] if gr2 else None, eps=eps, mode=mode,
                              weight_offset=weight_offset, interpret=interpret, has_residual=has_residual,
-                             root=root)
+                             root=root, kernel=kernel)
 
     return _batched(_sharded(rows_fn, has_residual, 3 + has_grad_residual))

@@ -1,4 +1,8 @@
-"""A Pallas Mosaic GPU forward for NUMERICS.md's contract (stage 1 of issue 26; not wired into bi_jax yet).
+"""A Pallas Mosaic GPU forward for NUMERICS.md's contract (stage 1 of issue 26).
+
+bi_jax.rms_norm runs it where bi_jax.selection says "mosaic" (compiled, compute capability 9.0
+or later, rows of at most MAX_N columns); its backward is bi_jax/mosaic_backward.py, which
+recomputes v and inv with this module's inverse_rms.
 
 One program (one warpgroup, 128 threads) per row, the row held in registers in Mosaic's WG_STRIDED
 layout (mosaic_ops.RowLayout): GMEM -> registers -> GMEM, which ran at 98 % of an XLA copy in
@@ -39,6 +43,23 @@ def _name(dtype) -> str:
     return jnp.dtype(dtype).name
 
 
+def inverse_rms(ops, lay: RowLayout, v, eps: float):
+    """Steps 2-4 on a row held as v[reg][j]: squares, the pairwise tree (row_tree), mean, root, inverse.
+
+    The backward recomputes inv with this very function, so its bits are the forward's.
+    """
+    s = row_tree(ops, lay, [[ops.mul(a, a) for a in vr] for vr in v])
+    # IEEE division and square root, once per thread.
+    mean = ops.div(s, ops.f32(float(lay.n)))
+    return ops.div(ops.f32(1.0), ops.sqrt(ops.add(mean, ops.f32(eps))))
+
+
+def effective_weight(ops, e, dtype: str, weight_offset: float):
+    """Step 5 on one loaded weight element: the offset is added only when it is non-zero in float32."""
+    wf = ops.widen(e, dtype)
+    return ops.add(wf, ops.f32(weight_offset)) if weight_offset != 0 else wf
+
+
 def normalize_row(ops, lay: RowLayout, x, w, res, out, new_res, *, dtype: str, res_dtype: Optional[str],
                   eps: float, weight_offset: float, llama: bool) -> None:
     """NUMERICS.md steps 1-6 for one row (per thread of its warpgroup): refs in, refs out.
@@ -59,18 +80,11 @@ def normalize_row(ops, lay: RowLayout, x, w, res, out, new_res, *, dtype: str, r
     # long ones after it, when the row's floats no longer need their registers (fewer spills).
     early = lay.regs * lay.vec <= EARLY_WEIGHT
     ws = [ops.load(w, reg) for reg in range(lay.regs)] if early else None
-    # 2. squares, 3. the pairwise tree.
-    s = row_tree(ops, lay, [[ops.mul(a, a) for a in vr] for vr in v])
-    # 4. mean, root, inverse: IEEE division and square root, once per thread.
-    mean = ops.div(s, ops.f32(float(lay.n)))
-    inv = ops.div(ops.f32(1.0), ops.sqrt(ops.add(mean, ops.f32(eps))))
+    inv = inverse_rms(ops, lay, v, eps)
     for reg in range(lay.regs):
         outs = []
         for a, e in zip(v[reg], ws[reg] if early else ops.load(w, reg)):
-            # 5. the effective weight: the offset is added only when it is non-zero in float32.
-            wf = ops.widen(e, dtype)
-            if weight_offset != 0:
-                wf = ops.add(wf, ops.f32(weight_offset))
+            wf = effective_weight(ops, e, dtype, weight_offset)
             # 6. llama: y = rnD(v * inv), out = rnD(f32(y) * w); fp32: out = rnD((v * inv) * w).
             y = ops.mul(a, inv)
             if llama and dtype != "float32":  # rnD to float32 changes only NaN bits, which are never stored
@@ -200,4 +214,5 @@ def mosaic_modules(lowered) -> List[str]:
     return texts
 
 
-__all__ = ["MAX_N", "SEMANTICS", "mosaic_modules", "normalize_row", "rms_norm", "rms_norm_emulated"]
+__all__ = ["MAX_N", "SEMANTICS", "effective_weight", "inverse_rms", "mosaic_modules", "normalize_row", "rms_norm",
+           "rms_norm_emulated"]

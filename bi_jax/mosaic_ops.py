@@ -115,6 +115,9 @@ class NumpyOps:
     def add(self, a, b):
         return np.add(a, b, dtype=np.float32)
 
+    def sub(self, a, b):
+        return np.subtract(a, b, dtype=np.float32)
+
     def div(self, a, b):
         return np.divide(a, b, dtype=np.float32)
 
@@ -195,6 +198,9 @@ class MosaicOps:
 
     def add(self, a, b):
         return self._asm(self.f32t, "add.rn.f32 $0, $1, $2;", "=f,f,f", a, b)
+
+    def sub(self, a, b):
+        return self._asm(self.f32t, "sub.rn.f32 $0, $1, $2;", "=f,f,f", a, b)
 
     def div(self, a, b):
         return self._asm(self.f32t, "div.rn.f32 $0, $1, $2;", "=f,f,f", a, b)

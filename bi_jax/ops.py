@@ -1,8 +1,9 @@
 """bi_jax's public function: validation at trace time, then one kernel call over row blocks.
 
-The forward without FP8 runs the Mosaic GPU kernel (bi_jax/mosaic_kernel.py) or the Pallas-Triton
-one (bi_jax/pallas_kernel.py), as bi_jax.selection picks; the backward and the FP8 output run
-Pallas-Triton. Both bodies give the contract's bits, so the choice changes no result.
+The forward without FP8 and its backward run the Mosaic GPU kernels (bi_jax/mosaic_kernel.py,
+bi_jax/mosaic_backward.py) or the Pallas-Triton ones (bi_jax/pallas_kernel.py,
+bi_jax/pallas_backward.py), as bi_jax.selection picks; the FP8 output runs Pallas-Triton. Both
+bodies give the contract's bits, so the choice changes no result.
 
 Rows are independent, so a batch sharded over its leading axes runs the kernel on each shard's
 rows (custom_partitioning, no gather), and jax.vmap batches the kernel call itself: either
@@ -43,7 +44,7 @@ from .fp8 import fp8_arguments, without_gradient
 from .pallas_fp8 import NO_QUANT, Quant
 from .pallas_kernel import rms_norm_kernel
 from .pieces import split_backward, split_forward
-from .selection import forward_kernel
+from .selection import backward_kernel, forward_kernel
 from .transforms import batched, sharded
 
 # Pallas-Triton indexes with int32: a larger call is split into row pieces (piece_rows).
@@ -161,13 +162,14 @@ def _rows_fn(eps: float, mode: str, weight_offset: float, interpret: bool, has_r
 
 @functools.lru_cache(maxsize=None)
 def _differentiable(eps: float, mode: str, weight_offset: float, interpret: bool, has_residual: bool,
-                    piece: Optional[int], kernel: str):
+                    piece: Optional[int], kernel: str, backward: str = "triton"):
     """_rows_fn with the contract's gradients w.r.t. x, weight and the residual (jax.custom_vjp).
 
     The backward keeps what the forward normalised (x, or the new residual) and the weight, and
     recomputes inv from them (NUMERICS.md: the same bits). Forward mode (jax.jvp) is not defined.
     piece: None for one call on all rows, else the rows of each piece of a split call. kernel: the
-    forward's ("mosaic" or "triton"); the backward is Pallas-Triton's either way (same bits).
+    forward's ("mosaic" or "triton"); backward: the backward's (bi_jax.selection.backward_kernel).
+    Either body gives the same bits.
     """
     forward = _rows_fn(eps, mode, weight_offset, interpret, has_residual, NO_QUANT, kernel)
     if piece is not None:
@@ -190,13 +192,13 @@ def _differentiable(eps: float, mode: str, weight_offset: float, interpret: bool
         # An unused new residual has a symbolic-zero gradient: absent, which B6 counts as +0.0.
         g_r = None if isinstance(g_r, SymbolicZero) else g_r
         if piece is None:
-            fn = backward_fn(eps, mode, weight_offset, interpret, has_residual, g_r is not None)
+            fn = backward_fn(eps, mode, weight_offset, interpret, has_residual, g_r is not None, backward)
             grads = fn(z2, weight, g, *(() if g_r is None else (g_r,)))
             grad_x, grad_residual, grad_weight = grads[0], grads[1] if has_residual else None, grads[-1]
         else:
             grad_x, grad_residual, grad_weight = split_backward(
                 z2, weight, g, g_r, piece=piece, eps=eps, mode=mode, weight_offset=weight_offset,
-                interpret=interpret, has_residual=has_residual)
+                interpret=interpret, has_residual=has_residual, kernel=backward)
         return (grad_x, grad_weight) + ((grad_residual,) if has_residual else ())
 
     rows.defvjp(rows_fwd, rows_bwd, symbolic_zeros=True)
@@ -245,8 +247,8 @@ def rms_norm(
     interpret=None picks the compiled GPU kernel when JAX's default backend is a GPU, else interpret mode.
     pallas_backend: "auto", "mosaic" or "triton", the forward's kernel body; None reads the environment
     variable BI_NORM_PALLAS_BACKEND, else "auto" (bi_jax.selection: Mosaic GPU on compute capability
-    9.0 and later where it can run, else Pallas-Triton). The backward and FP8 output are
-    Pallas-Triton's whatever the choice; interpret mode is the Pallas-Triton body.
+    9.0 and later where it can run, else Pallas-Triton), for the forward and its backward. The FP8
+    output is Pallas-Triton's whatever the choice; interpret mode is the Pallas-Triton body.
     """
     for name, a in (("x", x), ("weight", weight), ("residual", residual)):
         if a is not None and not hasattr(a, "shape"):
@@ -265,19 +267,21 @@ def rms_norm(
     piece = piece_rows(n) if x.size > MAX_ELEMENTS else None
     interpret = default_interpret() if interpret is None else bool(interpret)
     kernel = forward_kernel(pallas_backend, n, interpret, fp8=quant.kind != "none")
+    backward = backward_kernel(pallas_backend, n, interpret) if quant.kind == "none" else "triton"
     return _apply(x, weight, residual, scale, eps=float(eps), mode=mode, weight_offset=float(weight_offset),
-                  interpret=interpret, piece=piece, quant=quant, kernel=kernel)
+                  interpret=interpret, piece=piece, quant=quant, kernel=kernel, backward=backward)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "mode", "weight_offset", "interpret", "piece", "quant", "kernel"))
-def _apply(x, weight, residual, scale, *, eps, mode, weight_offset, interpret, piece, quant, kernel):
+@functools.partial(jax.jit, static_argnames=("eps", "mode", "weight_offset", "interpret", "piece", "quant", "kernel",
+                                             "backward"))
+def _apply(x, weight, residual, scale, *, eps, mode, weight_offset, interpret, piece, quant, kernel, backward):
     """Jitted so eager calls hit a compile cache; inlined into the caller's jit otherwise."""
     n = x.shape[-1]
     has_residual = residual is not None
     x2 = x.reshape(-1, n)
     args = (x2, weight) + ((residual.reshape(-1, n),) if has_residual else ())
     if quant.kind == "none":
-        fn = _differentiable(eps, mode, weight_offset, interpret, has_residual, piece, kernel)
+        fn = _differentiable(eps, mode, weight_offset, interpret, has_residual, piece, kernel, backward)
     else:
         fn = _fp8_fn(eps, mode, weight_offset, interpret, has_residual, piece, quant)
         args += (scale,) if quant.kind == "static" else ()

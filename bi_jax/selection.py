@@ -1,4 +1,5 @@
-"""Which kernel body runs bi_jax's forward: Mosaic GPU (bi_jax/mosaic_kernel.py) or Pallas-Triton.
+"""Which kernel body runs bi_jax's forward and backward: Mosaic GPU (bi_jax/mosaic_kernel.py,
+bi_jax/mosaic_backward.py) or Pallas-Triton.
 
 The choice: `pallas_backend=` of bi_jax.rms_norm, else the environment variable
 BI_NORM_PALLAS_BACKEND (read at each call of bi_jax.rms_norm: under jax.jit, when it is traced),
@@ -10,9 +11,10 @@ else "auto".
 - "mosaic": Mosaic GPU, or a ValueError that says why it cannot run here.
 - "triton": Pallas-Triton.
 
-Only the forward without FP8 has a Mosaic GPU kernel (issue 26, stage 1): the backward and the
-FP8 output run Pallas-Triton whatever the choice (stages 2 and 3). Interpret mode (the CPU) is
-always the Pallas-Triton body: Mosaic GPU's interpreter has no rule for inline_mgpu.
+The forward without FP8 (issue 26, stage 1) and the backward (stage 2) have Mosaic GPU kernels,
+chosen by the same rule; the FP8 output runs Pallas-Triton whatever the choice (stage 3).
+Interpret mode (the CPU) is always the Pallas-Triton body: Mosaic GPU's interpreter has no rule
+for inline_mgpu.
 """
 
 from __future__ import annotations
@@ -131,3 +133,9 @@ def forward_kernel(pallas_backend: Optional[str], n: int, interpret: bool, fp8: 
     if not interpret:
         _warn_once(key, reason)
     return "triton"
+
+
+def backward_kernel(pallas_backend: Optional[str], n: int, interpret: bool) -> str:
+    """"mosaic" or "triton": the body that runs the backward of a (non-FP8) forward call, by the
+    forward's rule (both Mosaic kernels hold rows of up to MAX_N columns); either gives the same bits."""
+    return forward_kernel(pallas_backend, n, interpret, fp8=False)

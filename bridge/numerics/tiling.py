@@ -242,3 +242,25 @@ def _slab_config(width: int, n_rows: int, rows_pow2: int, itemsize: int) -> Back
     warps = max(1, min(16, rows * chunk * itemsize // (32 * BACKWARD_THREAD_BYTES)))
     return BackwardConfig(rows, steps, blocks, chunk, width // chunk, width, warps, split_width(width, itemsize),
                           column_tree_groups(blocks))
+
+
+# The Mosaic GPU backward (bi_jax/mosaic_backward.py): one warpgroup per aligned block of `steps`
+# rows, one row at a time, the binary counter's levels in shared memory (level k: one float32 per
+# column of the padded row). Aim for about two programs per H100 SM (132): each has the next row's
+# loads in flight while it reduces the current one, and fewer, longer blocks mean fewer float32
+# partial rows for the tree over blocks (XLA adds outside the kernel). At most MOSAIC_COUNTER_BYTES
+# of shared memory for the levels, so that two programs fit an SM (228 KiB): bf16 rows of 4096
+# take up to 6 levels (64 steps), 8192 up to 3 (8 steps). Not yet measured on a GPU.
+MOSAIC_BACKWARD_PROGRAMS = 256
+MOSAIC_COUNTER_BYTES = 96 * 1024
+MOSAIC_MAX_STEPS = 64
+
+
+def mosaic_backward_steps(n_rows: int, row_floats: int) -> int:
+    """Rows per program of the Mosaic GPU backward, a power of two, never more than the row count's
+    power of two (the block is then a subtree of B7's tree; never changes bits). row_floats: the
+    floats of one counter level (the row's columns as the kernel's layout pads them)."""
+    rows_pow2 = next_power_of_two(max(n_rows, 1))
+    levels = MOSAIC_COUNTER_BYTES // (4 * row_floats)  # log2(steps) levels
+    wanted = max(1, rows_pow2 // MOSAIC_BACKWARD_PROGRAMS)
+    return min(wanted, 1 << min(levels, MOSAIC_MAX_STEPS.bit_length() - 1), MOSAIC_MAX_STEPS)
