@@ -166,13 +166,17 @@ TORCH_FWD_BWD: Dict[str, Callable[..., TorchBackward]] = {
 # ---------------------------------------------------------------------------------------------
 
 def bi_jax_backward(eps: float, residual: bool) -> Callable:
-    """bi_jax.backward.backward_fn, what bi_jax.rms_norm's custom_vjp calls (below 2**31 elements)."""
+    """bi_jax.backward.backward_fn, what bi_jax.rms_norm's custom_vjp calls (below 2**31 elements),
+    with the kernel bi_jax.rms_norm would pick (bi_jax.selection: Mosaic GPU on Hopper)."""
     from bi_jax.backward import backward_fn
     from bi_jax.ops import default_interpret
+    from bi_jax.selection import backward_kernel
 
-    fn = backward_fn(eps, "llama", 0.0, default_interpret(), residual, residual)
+    interpret = default_interpret()
 
     def grads(z, g, gr, w):
+        fn = backward_fn(eps, "llama", 0.0, interpret, residual, residual,
+                         kernel=backward_kernel(None, z.shape[-1], interpret))
         result = fn(z, w, g, *(() if gr is None else (gr,)))
         return result[0], result[1] if residual else None, result[-1]
     return grads
