@@ -30,7 +30,7 @@ for step in "${steps[@]}"; do
     tests)
       # Several processes when pytest-xdist is there (compiles dominate a cold run): one per 6 GB of
       # free GPU memory, at most 12. The `bigmem` tests (tests/conftest.py) next: the wide sweeps on a
-      # worker per 20 GB, then the ones over 2**31 elements (24-50 GB) one at a time.
+      # worker per 20 GB, then the ones over 2**31 elements (24-50 GB) one at a time, each in its own process.
       free=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -n 1)
       xdist() { $py -c "import xdist" 2>/dev/null && echo "-n $(( free / $1 > $2 ? $2 : (free / $1 < 1 ? 1 : free / $1) ))"; }
       opts=(-p no:cacheprovider -v -rfE --tb=short --durations=20)
@@ -39,8 +39,14 @@ for step in "${steps[@]}"; do
         | tee "$out/gpu-tests.txt" | tail -n 40 || status=1
       $py -m pytest -m "gpu and bigmem" -k "not ($huge)" "${opts[@]}" $(xdist 20480 4) tests 2>&1 \
         | tee "$out/gpu-tests-bigmem.txt" | tail -n 20 || status=1
-      $py -m pytest -m "gpu and bigmem" -k "$huge" "${opts[@]}" tests 2>&1 | tee "$out/gpu-tests-huge.txt" | tail -n 10 \
-        || status=1 ;;
+      # One process each: memory a finished test's framework keeps pooled (JAX's allocator holds
+      # what the 2**31 split test used) would leave the next one short of its 24-50 GB.
+      : > "$out/gpu-tests-huge.txt"; passed=0; failed=0
+      for id in $($py -m pytest -m "gpu and bigmem" -k "$huge" --collect-only -q -p no:cacheprovider tests | grep "::"); do
+        if $py -m pytest "${opts[@]}" "$id" >> "$out/gpu-tests-huge.txt" 2>&1; then passed=$((passed + 1))
+        else failed=$((failed + 1)); status=1; echo "FAILED $id"; fi
+      done
+      echo "huge tests, one process each: $passed passed, $failed failed" | tee -a "$out/gpu-tests-huge.txt" ;;
     bench)
       if [ -f bridge/bench/__init__.py ]; then
         $py -m bridge.cli bench --out "$out" 2>&1 | tee "$out/bench.txt" || status=1

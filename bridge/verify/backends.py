@@ -189,11 +189,6 @@ def _mosaic_max_n() -> int:
     return mosaic_kernel.MAX_N
 
 
-def _mosaic_backward_runner() -> BackwardFn:
-    raise NotImplementedError("bi_jax's backward is the Pallas-Triton kernel whatever pallas_backend (Mosaic GPU: "
-                              "issue 26, stage 2); row pallas-triton-gpu checks it")
-
-
 def _mosaic_fp8_runner() -> Fp8Fn:
     raise Unavailable("bi_jax's FP8 output is the Pallas-Triton kernel whatever pallas_backend (Mosaic GPU: issue "
                       "26, stage 3); row pallas-triton-gpu checks it")
@@ -281,8 +276,8 @@ BACKENDS: List[Backend] = [
     Backend("pallas-triton-gpu", "bi_jax compiled Pallas-Triton on GPU (pallas_backend='triton')",
             lambda: _jax_probe(False), lambda: _jax_runner(False, "triton"),
             lambda: _jax_backward_runner(False, "triton"), make_fp8_runner=lambda: _jax_fp8_runner(False, "triton")),
-    # The forward only (stage 1): the backward and FP8 lines say which row checks their kernels.
-    Backend("pallas-mosaic-gpu", "bi_jax compiled Pallas Mosaic GPU forward (pallas_backend='mosaic')",
-            _mosaic_probe, lambda: _jax_runner(False, "mosaic"), _mosaic_backward_runner,
+    # The forward and the backward (stages 1 and 2): the FP8 line says which row checks its kernel.
+    Backend("pallas-mosaic-gpu", "bi_jax compiled Pallas Mosaic GPU forward and backward (pallas_backend='mosaic')",
+            _mosaic_probe, lambda: _jax_runner(False, "mosaic"), lambda: _jax_backward_runner(False, "mosaic"),
             make_fp8_runner=_mosaic_fp8_runner, max_n=_mosaic_max_n),
 ]

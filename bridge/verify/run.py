@@ -12,7 +12,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from .. import golden
 from .backends import BACKENDS, Backend
@@ -74,23 +74,30 @@ def run_backend(backend: Backend, plan: Plan, progress: Progress) -> BackendRepo
         return report
     tick = Ticker(backend.name, plan.steps(), progress)
 
+    max_n = None if backend.max_n is None else backend.max_n()
+
+    def up_to_max_n(r: PassReport, all_cases: Sequence, all_swept: Sequence) -> Tuple[list, list]:
+        """The pass's corpus and sweep cases the kernel takes; the reason counts the others."""
+        cases, swept = _up_to(all_cases, max_n), _up_to(all_swept, max_n)
+        left = len(all_cases) - len(cases) + len(all_swept) - len(swept)
+        if left:
+            r.reason = f"{left} corpus and sweep cases with n > {max_n} not run: the kernel's widest row"
+        return cases, swept
+
     def forward(r: PassReport) -> None:
         run = backend.make_runner()
-        max_n = None if backend.max_n is None else backend.max_n()
-        cases, invariance_cases = (_up_to(c, max_n) for c in (plan.cases, plan.invariance_cases))
+        cases, invariance_cases = up_to_max_n(r, plan.cases, plan.invariance_cases)
         _check_corpus(run, cases, r, tick)
         _sweep(invariance_cases, plan.batches, r, tick, ("out", "new_residual"), lambda c: (c.x, c.residual),
                lambda c, rows: _outputs(run(rows[0], c.weight, c.spec.eps, rows[1], *c.spec.outputs[0]),
                                         rows[1] is not None))
-        left = len(plan.cases) - len(cases) + len(plan.invariance_cases) - len(invariance_cases)
-        if left:
-            r.reason = f"{left} corpus and sweep cases with n > {max_n} not run: the kernel's widest row"
 
     def backward(r: PassReport) -> None:
         run = backend.make_backward_runner()
-        _check_backward_corpus(run, plan.backward_cases, r, tick, backend.flushes_subnormals)
+        cases, invariance_cases = up_to_max_n(r, plan.backward_cases, plan.backward_invariance_cases)
+        _check_backward_corpus(run, cases, r, tick, backend.flushes_subnormals)
         # grad_x and grad_residual only: grad_weight sums every row of the batch.
-        _sweep(plan.backward_invariance_cases, plan.backward_batches, r, tick, ("grad_x", "grad_residual"),
+        _sweep(invariance_cases, plan.backward_batches, r, tick, ("grad_x", "grad_residual"),
                lambda c: (c.x, c.grad_out, c.residual, c.grad_new_residual),
                lambda c, rows: run(rows[0], c.weight, rows[1], c.spec.eps, *rows[2:], *c.spec.outputs[0])[:-1])
 
