@@ -38,23 +38,25 @@ def assert_bits(expected, actual, what: str = "") -> None:
     assert_bitwise_equal(np.asarray(expected), np.asarray(actual), what)
 
 
-def norm_fn(eps: float, mode: str, offset: float, uses: str, interpret: Optional[bool] = None):
+def norm_fn(eps: float, mode: str, offset: float, uses: str, interpret: Optional[bool] = None,
+            pallas_backend: Optional[str] = None):
     """bi_jax.rms_norm of (x, weight[, residual]) returning what a loss uses: "none" (no residual),
-    "both" (out and the new residual) or "out" (the new residual unused: its gradient is a symbolic zero)."""
+    "both" (out and the new residual) or "out" (the new residual unused: its gradient is a symbolic zero).
+    pallas_backend: bi_jax.rms_norm's (None: bi_jax.selection's choice)."""
     def f(*args):
         result = bi_jax.rms_norm(args[0], args[1], eps, *args[2:], mode=mode, weight_offset=offset,
-                                 interpret=interpret)
+                                 interpret=interpret, pallas_backend=pallas_backend)
         return result[0] if uses == "out" else result
     return f
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "mode", "offset", "uses", "interpret"))
-def _vjp(primals, cotangent, *, eps, mode, offset, uses, interpret):
-    return jax.vjp(norm_fn(eps, mode, offset, uses, interpret), *primals)[1](cotangent)
+@functools.partial(jax.jit, static_argnames=("eps", "mode", "offset", "uses", "interpret", "pallas_backend"))
+def _vjp(primals, cotangent, *, eps, mode, offset, uses, interpret, pallas_backend):
+    return jax.vjp(norm_fn(eps, mode, offset, uses, interpret, pallas_backend), *primals)[1](cotangent)
 
 
 def grads(x, w, g, eps=1e-6, r=None, gr=None, *, mode="llama", offset=0.0, zeros_for_absent=False,
-          interpret: Optional[bool] = None) -> Tuple[jax.Array, ...]:
+          interpret: Optional[bool] = None, pallas_backend: Optional[str] = None) -> Tuple[jax.Array, ...]:
     """bi_jax's gradients by a jitted jax.vjp, in reference.rms_norm_backward's order.
 
     Without gr the new residual is left unused (JAX's symbolic zero: absent), or with
@@ -67,7 +69,8 @@ def grads(x, w, g, eps=1e-6, r=None, gr=None, *, mode="llama", offset=0.0, zeros
         uses, cotangent = "out", jnp.asarray(g)
     else:
         uses, cotangent = "both", (jnp.asarray(g), jnp.zeros(r.shape, r.dtype) if gr is None else jnp.asarray(gr))
-    result = _vjp(primals, cotangent, eps=eps, mode=mode, offset=offset, uses=uses, interpret=interpret)
+    result = _vjp(primals, cotangent, eps=eps, mode=mode, offset=offset, uses=uses, interpret=interpret,
+                  pallas_backend=pallas_backend)
     return tuple(result) if r is None else (result[0], result[2], result[1])
 
 

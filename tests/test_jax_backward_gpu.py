@@ -1,4 +1,4 @@
-"""bi_jax's gradients on a GPU: the compiled Pallas backward (Triton lowering), bit for bit.
+"""bi_jax's gradients on a GPU: the compiled Pallas-Triton backward (pallas_backend="triton"), bit for bit.
 
 Skipped, with the reason, without a CUDA GPU (tests/conftest.py, through torch) or when JAX's
 default backend is not a GPU. Every numeric assertion is bitwise: the whole gradient corpus
@@ -37,7 +37,8 @@ JNP_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.f
 ROWS = 4096
 SIZES = tuple(range(1, 65)) + (127, 128, 129, 255, 256, 1000, 1023, 1024, 4095, 4096)
 SIZES_LONG = (1, 2, 3, 5, 8, 16, 17, 64, 129, 1000, 4095, 4096)  # n = 65536: 1 GiB per float32 array
-compiled_grads = functools.partial(grads, interpret=False)
+# The Pallas-Triton kernels, named (tests/test_jax_mosaic_backward_gpu.py checks the Mosaic GPU ones).
+compiled_grads = functools.partial(grads, interpret=False, pallas_backend="triton")
 
 
 def _seed(*parts) -> int:
@@ -92,7 +93,7 @@ def test_grad_x_invariance_1_to_4096(n, dtype, kind):
 
     def row_grads(x_, g_, r_, gr_):
         primals = (x_, w) if r_ is None else (x_, w, r_)
-        out = jax.vjp(norm_fn(1e-6, "llama", 0.0, uses, interpret=False), *primals)[1](g_ if r_ is None else (g_, gr_))
+        out = jax.vjp(norm_fn(1e-6, "llama", 0.0, uses, interpret=False, pallas_backend="triton"), *primals)[1](g_ if r_ is None else (g_, gr_))
         return (out[0],) if r_ is None else (out[0], out[2])
 
     full = jax.jit(row_grads)(x, g, r, gr)
