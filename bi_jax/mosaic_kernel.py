@@ -12,22 +12,26 @@ from in-thread adds, lane shuffles and one shared-memory exchange (mosaic_ops.ro
 
 `normalize_row` is the kernel body, written once: `rms_norm` lowers it to MLIR for the GPU,
 `rms_norm_emulated` runs it on numpy (mosaic_ops.NumpyOps) so that a CPU can check its tree,
-masks and steps against bridge.numerics.reference bit for bit.
+masks and steps against bridge.numerics.reference bit for bit. With an FP8 output (stage 3,
+a pallas_fp8.Quant) step 6 stops at u and bi_jax/mosaic_fp8.py's quantize_row writes the codes.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bridge.numerics.contract import as_float32, check_rms_norm_args
+from bridge.numerics.contract import as_float32, check_fp8_args, check_rms_norm_args
+from bridge.numerics.reference_fp8 import fp8_numpy_dtype
 
-from .mosaic_ops import NUMPY_DTYPES, WARPS, MosaicOps, NumpyOps, RowLayout, row_layout, row_tree
+from .mosaic_fp8 import MosaicFp8Ops, NumpyFp8Ops, quantize_row
+from .mosaic_ops import NUMPY_DTYPES, WARPS, RowLayout, row_layout, row_tree
+from .pallas_fp8 import NO_QUANT, Quant
 
 # Every thread keeps its whole share of the row in registers (n / 128 floats, plus the weight's):
 # past this the row needs chunks (a later stage), as the Pallas-Triton kernel's num_chunks > 1.
@@ -61,11 +65,26 @@ def effective_weight(ops, e, dtype: str, weight_offset: float):
 
 
 def normalize_row(ops, lay: RowLayout, x, w, res, out, new_res, *, dtype: str, res_dtype: Optional[str],
-                  eps: float, weight_offset: float, llama: bool) -> None:
+                  eps: float, weight_offset: float, llama: bool, quant: Quant = NO_QUANT, scale=None,
+                  scales=None) -> None:
     """NUMERICS.md steps 1-6 for one row (per thread of its warpgroup): refs in, refs out.
 
     x, out: the row; w: the weight; res, new_res: the residual row and the new one, or None.
+    With an FP8 quant, out takes the codes (uint8), and scale (static) or scales (the row's group
+    scales) are refs as mosaic_fp8.quantize_row takes them.
     """
+    us = step6_values(ops, lay, x, w, res, new_res, dtype=dtype, res_dtype=res_dtype, eps=eps,
+                      weight_offset=weight_offset, llama=llama)
+    if quant.kind != "none":
+        quantize_row(ops, lay, us, out, scale, scales, quant)
+        return
+    for reg, u in us:
+        ops.store(out, reg, [ops.encode(a, dtype) for a in u])
+
+
+def step6_values(ops, lay: RowLayout, x, w, res, new_res, *, dtype: str, res_dtype: Optional[str], eps: float,
+                 weight_offset: float, llama: bool) -> Iterator[Tuple[int, List]]:
+    """Steps 1-5 and step 6 up to its final rnD (Q1's u): (reg, u values) per register, in order."""
     # 1. z = rnR(x + residual), stored as the new residual; v = f32(z).
     v = []
     for reg in range(lay.regs):
@@ -82,18 +101,18 @@ def normalize_row(ops, lay: RowLayout, x, w, res, out, new_res, *, dtype: str, r
     ws = [ops.load(w, reg) for reg in range(lay.regs)] if early else None
     inv = inverse_rms(ops, lay, v, eps)
     for reg in range(lay.regs):
-        outs = []
+        us = []
         for a, e in zip(v[reg], ws[reg] if early else ops.load(w, reg)):
             wf = effective_weight(ops, e, dtype, weight_offset)
-            # 6. llama: y = rnD(v * inv), out = rnD(f32(y) * w); fp32: out = rnD((v * inv) * w).
+            # 6. llama: y = rnD(v * inv), u = f32(y) * w; fp32: u = (v * inv) * w; out = rnD(u).
             y = ops.mul(a, inv)
             if llama and dtype != "float32":  # rnD to float32 changes only NaN bits, which are never stored
                 y = ops.round_to(y, dtype)
-            outs.append(ops.encode(ops.mul(y, wf), dtype))
-        ops.store(out, reg, outs)
+            us.append(ops.mul(y, wf))
+        yield reg, us
 
 
-def _check(x, weight, eps, residual, mode, weight_offset) -> None:
+def _check(x, weight, eps, residual, mode, weight_offset, quant: Quant = NO_QUANT, scale=None) -> None:
     check_rms_norm_args(
         x_shape=x.shape, x_dtype=_name(x.dtype), weight_shape=weight.shape, weight_dtype=_name(weight.dtype),
         eps=eps, residual_shape=None if residual is None else residual.shape,
@@ -102,40 +121,59 @@ def _check(x, weight, eps, residual, mode, weight_offset) -> None:
         raise ValueError(f"x: the Mosaic kernel takes (rows, n) arrays; got shape {x.shape}")
     if x.shape[1] > MAX_N:
         raise NotImplementedError(f"x: rows of at most {MAX_N} columns in this stage; got {x.shape[1]}")
+    if quant.kind != "none":
+        # Its value is not read: the kernels follow Q2-Q4 for whatever the scale holds.
+        check_fp8_args(n=x.shape[1], out_dtype=quant.fmt_name, x_dtype=_name(x.dtype),
+                       scale_shape=None if scale is None else tuple(scale.shape),
+                       scale_dtype=None if scale is None else _name(scale.dtype),
+                       group_size=quant.group if quant.kind == "group" else None)
+
+
+def _outputs(rows: int, n: int, dtype: str, res_dtype: Optional[str], quant: Quant) -> List[Tuple[tuple, str]]:
+    """(shape, dtype) of each output, in order: out (FP8 as its uint8 codes), the group scales, the new residual."""
+    outputs = [((rows, n), dtype if quant.kind == "none" else "uint8")]
+    if quant.kind == "group":
+        outputs.append(((rows, n // quant.group), "float32"))
+    if res_dtype is not None:
+        outputs.append(((rows, n), res_dtype))
+    return outputs
+
+
+def _results(results: Sequence, quant: Quant):
+    """The kernel's outputs as rms_norm returns them: FP8 codes viewed as the format, one output alone."""
+    results = list(results)
+    if quant.kind != "none":
+        results[0] = (results[0].view(fp8_numpy_dtype(quant.fmt_name)) if isinstance(results[0], np.ndarray)
+                      else lax.bitcast_convert_type(results[0], jnp.dtype(quant.fmt_name)))
+    return results[0] if len(results) == 1 else tuple(results)
 
 
 @functools.lru_cache(maxsize=None)
 def _kernel(rows: int, n: int, dtype: str, res_dtype: Optional[str], eps: float, weight_offset: float,
-            llama: bool, interpret=None, semantics: str = SEMANTICS):
+            llama: bool, interpret=None, semantics: str = SEMANTICS, quant: Quant = NO_QUANT):
     """The plgpu.kernel for one shape and set of arguments: grid of one program per row.
 
     interpret: Mosaic GPU's interpret params, for a probe (jax 0.10.2's interpreter has no rule for
-    inline_mgpu); semantics: "Warpgroup" or "Lane".
+    inline_mgpu); semantics: "Warpgroup" or "Lane"; quant: the FP8 output, if any.
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     lay = row_layout(n, NUMPY_DTYPES[dtype].itemsize)
-    has_res = res_dtype is not None
-    out_type = [jax.ShapeDtypeStruct((rows, n), jnp.dtype(dtype))]
-    if has_res:
-        out_type.append(jax.ShapeDtypeStruct((rows, n), jnp.dtype(res_dtype)))
+    out_type = [jax.ShapeDtypeStruct(shape, jnp.dtype(dt)) for shape, dt in _outputs(rows, n, dtype, res_dtype, quant)]
+    names = ["x", "w"] + ["res"] * (res_dtype is not None) + ["scale"] * (quant.kind == "static")
+    names += ["out"] + ["scales"] * (quant.kind == "group") + ["new_res"] * (res_dtype is not None)
 
     def body(*refs):
-        if has_res:
-            x_ref, w_ref, r_ref, out_ref, new_r_ref, smem = refs
-        else:
-            (x_ref, w_ref, out_ref, smem), r_ref, new_r_ref = refs, None, None
         row = lax.axis_index("rows")
-        # The row's refs are sliced here (memrefs with the row's offset); the weight is whole.
-        args = [x_ref.at[row], w_ref, out_ref.at[row], smem]
-        if has_res:
-            args += [r_ref.at[row], new_r_ref.at[row]]
+        # The row's refs are sliced here (memrefs with the row's offset); the weight and scale are whole.
+        args = [ref if name in ("w", "scale") else ref.at[row] for name, ref in zip(names, refs)] + [refs[-1]]
 
         @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(args), return_type=None)
-        def emit(ctx, x, w, out, sm, *rest):
-            res, new_res = rest if has_res else (None, None)
-            normalize_row(MosaicOps(lay, sm), lay, x, w, res, out, new_res, dtype=dtype, res_dtype=res_dtype,
-                          eps=eps, weight_offset=weight_offset, llama=llama)
+        def emit(ctx, *mems):
+            m = dict(zip(names, mems))
+            normalize_row(MosaicFp8Ops(lay, mems[-1]), lay, m["x"], m["w"], m.get("res"), m["out"], m.get("new_res"),
+                          dtype=dtype, res_dtype=res_dtype, eps=eps, weight_offset=weight_offset, llama=llama,
+                          quant=quant, scale=m.get("scale"), scales=m.get("scales"))
 
         emit(*args)
 
@@ -146,45 +184,49 @@ def _kernel(rows: int, n: int, dtype: str, res_dtype: Optional[str], eps: float,
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float = 1e-6, residual: Optional[jax.Array] = None, *,
-             mode: str = "llama", weight_offset: float = 0.0, semantics: str = SEMANTICS
-             ) -> Union[jax.Array, Tuple[jax.Array, jax.Array]]:
-    """The contract's forward on a (rows, n) x through the Mosaic GPU kernel: out, or (out, new_residual).
+             mode: str = "llama", weight_offset: float = 0.0, semantics: str = SEMANTICS, quant: Quant = NO_QUANT,
+             scale: Optional[jax.Array] = None) -> Union[jax.Array, Tuple[jax.Array, ...]]:
+    """The contract's forward on a (rows, n) x through the Mosaic GPU kernel: out, [scales,] [new_residual].
 
     semantics: Mosaic GPU's lowering semantics ("Warpgroup" or "Lane"), the same kernel either way.
+    quant: an FP8 output (pallas_fp8.Quant.fp8), with scale a (1,) float32 array for kind "static";
+    out is then FP8, and kind "group" returns the (rows, n / group) float32 scales after it.
 
     Needs a Hopper GPU to run; on a CPU it can only be lowered
     (jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))). Unlike bi_jax.rms_norm the
     outputs do not alias the inputs.
     """
-    _check(x, weight, eps, residual, mode, weight_offset)
+    _check(x, weight, eps, residual, mode, weight_offset, quant, scale)
     rows, n = x.shape
     res_dtype = None if residual is None else _name(residual.dtype)
     if rows == 0:
-        out = jnp.empty(x.shape, x.dtype)
-        return out if residual is None else (out, jnp.empty(residual.shape, residual.dtype))
+        return _results([jnp.empty(shape, dt) for shape, dt in _outputs(rows, n, _name(x.dtype), res_dtype, quant)],
+                        quant)
     kernel = _kernel(rows, n, _name(x.dtype), res_dtype, as_float32(eps), as_float32(weight_offset),
-                     mode == "llama", semantics=semantics)
-    results = kernel(x, weight, *(() if residual is None else (residual,)))
-    return results[0] if residual is None else tuple(results)
+                     mode == "llama", semantics=semantics, quant=quant)
+    inputs = [x, weight] + ([] if residual is None else [residual]) + ([] if scale is None else [jnp.reshape(scale, (1,))])
+    return _results(kernel(*inputs), quant)
 
 
 def rms_norm_emulated(x: np.ndarray, weight: np.ndarray, eps: float = 1e-6, residual: Optional[np.ndarray] = None,
-                      *, mode: str = "llama", weight_offset: float = 0.0
-                      ) -> Union[np.ndarray, Tuple[np.ndarray, np.ndarray]]:
-    """normalize_row on numpy (NumpyOps), all rows at once: the schedule the GPU runs, not its bits.
+                      *, mode: str = "llama", weight_offset: float = 0.0, quant: Quant = NO_QUANT,
+                      scale: Optional[np.ndarray] = None) -> Union[np.ndarray, Tuple[np.ndarray, ...]]:
+    """normalize_row on numpy (mosaic_fp8.NumpyFp8Ops), all rows at once: the schedule the GPU runs,
+    not its bits (but for the FP8 conversion and quotient, see mosaic_fp8).
 
     Takes numpy arrays (bfloat16 as ml_dtypes.bfloat16), returns what the kernel would write.
     """
-    _check(x, weight, eps, residual, mode, weight_offset)
+    _check(x, weight, eps, residual, mode, weight_offset, quant, scale)
     rows, n = x.shape
     dtype, res_dtype = x.dtype.name, None if residual is None else residual.dtype.name
     lay = row_layout(n, x.dtype.itemsize)
-    out = np.zeros_like(x)
-    new_res = None if residual is None else np.zeros_like(residual)
+    outputs = [np.zeros(shape, NUMPY_DTYPES.get(dt, dt)) for shape, dt in _outputs(rows, n, dtype, res_dtype, quant)]
     with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
-        normalize_row(NumpyOps(lay, rows), lay, x, weight, residual, out, new_res, dtype=dtype, res_dtype=res_dtype,
-                      eps=as_float32(eps), weight_offset=as_float32(weight_offset), llama=mode == "llama")
-    return out if residual is None else (out, new_res)
+        normalize_row(NumpyFp8Ops(lay, rows), lay, x, weight, residual, outputs[0],
+                      outputs[-1] if residual is not None else None, dtype=dtype, res_dtype=res_dtype,
+                      eps=as_float32(eps), weight_offset=as_float32(weight_offset), llama=mode == "llama",
+                      quant=quant, scale=scale, scales=outputs[1] if quant.kind == "group" else None)
+    return _results(outputs, quant)
 
 
 def mosaic_modules(lowered) -> List[str]:

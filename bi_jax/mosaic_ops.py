@@ -269,12 +269,20 @@ class MosaicOps:
         return [vector.extract(v, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([j]))
                 for j in range(self.lay.vec)]
 
-    def store(self, ref, reg: int, values: List) -> None:
+    def pack(self, values: List):
+        """values (SSA scalars of one type) as one vector value."""
         vector, ir = self.vector, self.ir
-        vec_ty = ir.VectorType.get((self.lay.vec,), values[0].type)
-        v = self.llvm.mlir_undef(vec_ty)
+        v = self.llvm.mlir_undef(ir.VectorType.get((len(values),), values[0].type))
         for j, e in enumerate(values):
             v = vector.insert(e, v, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([j]))
+        return v
+
+    def store(self, ref, reg: int, values: List) -> None:
+        self.store_vector(ref, reg, self.pack(values))
+
+    def store_vector(self, ref, reg: int, v) -> None:
+        """v, one vector of this thread's register `reg` (its vec elements), to ref; skipped past n."""
+        vector = self.vector
         col, inside = self._start(reg)
         if inside is None:
             vector.store(v, ref, [col])

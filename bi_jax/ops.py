@@ -144,7 +144,7 @@ def _rows_fn(eps: float, mode: str, weight_offset: float, interpret: bool, has_r
              quant: Quant = NO_QUANT, kernel: str = "triton"):
     """The kernel on (x2, weight[, residual2][, scale]), partitioned over sharded rows and batched under vmap.
 
-    kernel: "mosaic" (the forward without FP8 only) or "triton" (bi_jax.selection.forward_kernel).
+    kernel: "mosaic" or "triton" (bi_jax.selection.forward_kernel).
     """
     static = quant.kind == "static"
     args = "rw" + "r" * has_residual + "s" * static
@@ -154,7 +154,8 @@ def _rows_fn(eps: float, mode: str, weight_offset: float, interpret: bool, has_r
         residual2 = rest[0] if has_residual else None
         scale = rest[-1] if static else None
         if kernel == "mosaic":
-            return mosaic_kernel.rms_norm(x2, weight, eps, residual2, mode=mode, weight_offset=weight_offset)
+            return mosaic_kernel.rms_norm(x2, weight, eps, residual2, mode=mode, weight_offset=weight_offset,
+                                          quant=quant, scale=scale)
         return _rows_call(x2, weight, residual2, scale, eps=eps, mode=mode, weight_offset=weight_offset,
                           interpret=interpret, quant=quant)
     return batched(sharded(fn, args, results), args)
@@ -207,9 +208,9 @@ def _differentiable(eps: float, mode: str, weight_offset: float, interpret: bool
 
 @functools.lru_cache(maxsize=None)
 def _fp8_fn(eps: float, mode: str, weight_offset: float, interpret: bool, has_residual: bool, piece: Optional[int],
-            quant: Quant):
+            quant: Quant, kernel: str):
     """_rows_fn with an FP8 out: no gradient (a clear error under jax.grad, bi_jax.fp8)."""
-    forward = _rows_fn(eps, mode, weight_offset, interpret, has_residual, quant)
+    forward = _rows_fn(eps, mode, weight_offset, interpret, has_residual, quant, kernel)
     if piece is not None:
         forward = split_forward(forward, has_residual, piece)
     return without_gradient(forward, quant.fmt_name)
@@ -247,8 +248,8 @@ def rms_norm(
     interpret=None picks the compiled GPU kernel when JAX's default backend is a GPU, else interpret mode.
     pallas_backend: "auto", "mosaic" or "triton", the forward's kernel body; None reads the environment
     variable BI_NORM_PALLAS_BACKEND, else "auto" (bi_jax.selection: Mosaic GPU on compute capability
-    9.0 and later where it can run, else Pallas-Triton), for the forward and its backward. The FP8
-    output is Pallas-Triton's whatever the choice; interpret mode is the Pallas-Triton body.
+    9.0 and later where it can run, else Pallas-Triton), for the forward (FP8 output included) and
+    its backward; interpret mode is the Pallas-Triton body.
     """
     for name, a in (("x", x), ("weight", weight), ("residual", residual)):
         if a is not None and not hasattr(a, "shape"):
@@ -266,7 +267,7 @@ def rms_norm(
     # Above the limit: pieces of piece_rows(n) rows (module docstring), the bits of one call.
     piece = piece_rows(n) if x.size > MAX_ELEMENTS else None
     interpret = default_interpret() if interpret is None else bool(interpret)
-    kernel = forward_kernel(pallas_backend, n, interpret, fp8=quant.kind != "none")
+    kernel = forward_kernel(pallas_backend, n, interpret)
     backward = backward_kernel(pallas_backend, n, interpret) if quant.kind == "none" else "triton"
     return _apply(x, weight, residual, scale, eps=float(eps), mode=mode, weight_offset=float(weight_offset),
                   interpret=interpret, piece=piece, quant=quant, kernel=kernel, backward=backward)
@@ -283,7 +284,7 @@ def _apply(x, weight, residual, scale, *, eps, mode, weight_offset, interpret, p
     if quant.kind == "none":
         fn = _differentiable(eps, mode, weight_offset, interpret, has_residual, piece, kernel, backward)
     else:
-        fn = _fp8_fn(eps, mode, weight_offset, interpret, has_residual, piece, quant)
+        fn = _fp8_fn(eps, mode, weight_offset, interpret, has_residual, piece, quant, kernel)
         args += (scale,) if quant.kind == "static" else ()
     results = fn(*args)
     if not isinstance(results, tuple):

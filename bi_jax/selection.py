@@ -11,9 +11,8 @@ else "auto".
 - "mosaic": Mosaic GPU, or a ValueError that says why it cannot run here.
 - "triton": Pallas-Triton.
 
-The forward without FP8 (issue 26, stage 1) and the backward (stage 2) have Mosaic GPU kernels,
-chosen by the same rule; the FP8 output runs Pallas-Triton whatever the choice (stage 3).
-Interpret mode (the CPU) is always the Pallas-Triton body: Mosaic GPU's interpreter has no rule
+The forward (issue 26, stage 1), its FP8 output (stage 3, bi_jax/mosaic_fp8.py) and the
+backward (stage 2) have Mosaic GPU kernels, chosen by the same rule. Interpret mode (the CPU) is always the Pallas-Triton body: Mosaic GPU's interpreter has no rule
 for inline_mgpu.
 """
 
@@ -120,10 +119,10 @@ def _warn_once(key: str, reason: str) -> None:
                       PallasBackendWarning, stacklevel=4)
 
 
-def forward_kernel(pallas_backend: Optional[str], n: int, interpret: bool, fp8: bool) -> str:
-    """"mosaic" or "triton": the body that runs a forward call (see the module docstring)."""
+def forward_kernel(pallas_backend: Optional[str], n: int, interpret: bool) -> str:
+    """"mosaic" or "triton": the body that runs a forward call, FP8 output or not (see the module docstring)."""
     choice, source = requested(pallas_backend)
-    if fp8 or choice == "triton":
+    if choice == "triton":
         return "triton"
     reason, key = mosaic_unavailable(n, interpret)
     if reason is None:
@@ -138,4 +137,4 @@ def forward_kernel(pallas_backend: Optional[str], n: int, interpret: bool, fp8: 
 def backward_kernel(pallas_backend: Optional[str], n: int, interpret: bool) -> str:
     """"mosaic" or "triton": the body that runs the backward of a (non-FP8) forward call, by the
     forward's rule (both Mosaic kernels hold rows of up to MAX_N columns); either gives the same bits."""
-    return forward_kernel(pallas_backend, n, interpret, fp8=False)
+    return forward_kernel(pallas_backend, n, interpret)

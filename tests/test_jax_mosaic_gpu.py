@@ -76,7 +76,7 @@ def _targets(fn, *args) -> set:
 def test_mosaic_by_default_and_triton_by_the_environment(monkeypatch):
     monkeypatch.delenv(selection.ENV_VAR, raising=False)
     x, w, r = jnp.ones((8, 4096), jnp.bfloat16), jnp.ones(4096, jnp.bfloat16), jnp.ones((8, 4096), jnp.float32)
-    assert selection.forward_kernel(None, 4096, interpret=False, fp8=False) == "mosaic"
+    assert selection.forward_kernel(None, 4096, interpret=False) == "mosaic"
     plain = _targets(lambda a, b: bi_jax.rms_norm(a, b), x, w)
     assert plain and all("mosaic_gpu" in t for t in plain), plain
     # The gradient's forward and backward are Mosaic's (stages 1 and 2); the FP8 output stays Pallas-Triton's.

@@ -16,34 +16,41 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 from jax_backward_helpers import assert_grads
+from jax_fp8_helpers import FP8_JIT, QUANTS, assert_fp8_result, call, expected, quant_kwargs
 from jax_helpers import N, _seed, assert_pair_bits, pair, random_rows, random_weight, ref
 
 import bi_jax
 from bi_jax import mosaic_kernel, ops
+from bi_jax.pallas_fp8 import NO_QUANT
 
 
 def _stand_in(built: list, body: str):
     """A stand-in for mosaic_kernel._kernel: "emulated" (the kernel's body on numpy, through
     jax.pure_callback) or "triton" (the Pallas-Triton body in interpret mode, for the sharded test:
     a host callback inside custom_partitioning's per-shard lowering segfaulted XLA:CPU, jax 0.10.2)."""
-    def kernel(rows, n, dtype, res_dtype, eps, weight_offset, llama, interpret=None, semantics=None):
+    def kernel(rows, n, dtype, res_dtype, eps, weight_offset, llama, interpret=None, semantics=None, quant=NO_QUANT):
         built.append((rows, n))
         mode = "llama" if llama else "fp32"
         if body == "triton":
+            assert quant == NO_QUANT, "the sharded test runs no FP8 output"
+
             def run(x, w, *r):
                 got = ops._rows_call(x, w, r[0] if r else None, None, eps=eps, mode=mode, weight_offset=weight_offset,
                                      interpret=True)
                 return list(got) if r else [got]
 
             return run
-        shapes = [jax.ShapeDtypeStruct((rows, n), jnp.dtype(dtype))]
-        if res_dtype is not None:
-            shapes.append(jax.ShapeDtypeStruct((rows, n), jnp.dtype(res_dtype)))
+        # The kernel's own outputs (FP8 as uint8 codes), in its order.
+        shapes = [jax.ShapeDtypeStruct(shape, jnp.dtype(dt))
+                  for shape, dt in mosaic_kernel._outputs(rows, n, dtype, res_dtype, quant)]
 
-        def host(x, w, *r):
-            got = mosaic_kernel.rms_norm_emulated(np.asarray(x), np.asarray(w), eps, np.asarray(r[0]) if r else None,
-                                                  mode=mode, weight_offset=weight_offset)
-            return list(got) if r else [got]
+        def host(x, w, *rest):
+            r = np.asarray(rest[0]) if res_dtype is not None else None
+            scale = np.asarray(rest[-1]) if quant.kind == "static" else None
+            got = mosaic_kernel.rms_norm_emulated(np.asarray(x), np.asarray(w), eps, r, mode=mode,
+                                                  weight_offset=weight_offset, quant=quant, scale=scale)
+            got = list(got) if isinstance(got, tuple) else [got]
+            return [np.asarray(a).view(np.uint8) if a.dtype.itemsize == 1 else a for a in got]
 
         return lambda *args: jax.pure_callback(host, shapes, *args)
 
@@ -55,14 +62,14 @@ def emulated(monkeypatch):
     """The forward's selection forced to "mosaic", its kernel a stand-in; the (rows, n) of each kernel built."""
     built = []
     monkeypatch.setattr(mosaic_kernel, "_kernel", _stand_in(built, "emulated"))
-    monkeypatch.setattr(ops, "forward_kernel", lambda backend, n, interpret, fp8: "triton" if fp8 else "mosaic")
+    monkeypatch.setattr(ops, "forward_kernel", lambda backend, n, interpret: "mosaic")
     _clear()
     yield built
     _clear()  # no trace of a stand-in outlives the test
 
 
 def _clear() -> None:
-    for fn in (ops._rows_fn, ops._differentiable):
+    for fn in (ops._rows_fn, ops._differentiable, ops._fp8_fn):
         fn.cache_clear()
     jax.clear_caches()
 
@@ -89,6 +96,18 @@ def test_call_shapes_reach_the_kernel_as_rows(emulated, shape, residual):
     rows = int(np.prod(shape[:-1]))
     # 0 rows: mosaic_kernel.rms_norm returns empty arrays before building a kernel.
     assert emulated == ([] if rows == 0 else [(rows, shape[-1])] * 2)
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("shape,residual", [((2, 3, 256), "float32"), ((5, 128), None), ((0, 128), "bfloat16")])
+def test_fp8_output_reaches_the_kernel(emulated, quant, shape, residual):
+    """bi_jax.rms_norm's FP8 output through the Mosaic path: the reference's codes, scales and new residual."""
+    x, w, r = _inputs("fp8", shape, residual=residual)
+    kwargs = quant_kwargs(quant, np.float32(0.0125))
+    want = expected(x, w, r, mode="fp32", weight_offset=1.0, **kwargs)
+    assert_fp8_result(want, call(FP8_JIT, x, w, r, mode="fp32", weight_offset=1.0, **kwargs), f"{quant} {shape}")
+    rows = int(np.prod(shape[:-1]))
+    assert emulated == ([] if rows == 0 else [(rows, shape[-1])])
 
 
 def test_jit_and_vmap(emulated):
@@ -125,7 +144,7 @@ def test_grad_uses_the_mosaic_forward_and_the_triton_backward(emulated, monkeypa
 
     with_mosaic = grads()
     assert emulated, "the forward did not run the (emulated) Mosaic kernel"
-    monkeypatch.setattr(ops, "forward_kernel", lambda backend, n, interpret, fp8: "triton")
+    monkeypatch.setattr(ops, "forward_kernel", lambda backend, n, interpret: "triton")
     assert_grads(tuple(np.asarray(a) for a in grads()), tuple(np.asarray(a) for a in with_mosaic),
                  "mosaic forward vs triton forward")
 

@@ -92,28 +92,25 @@ def test_rms_norm_names_a_bad_argument():
 def test_mosaic_by_default_on_a_hopper_gpu(hopper):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert forward_kernel(None, 4096, interpret=False, fp8=False) == "mosaic"
-        assert forward_kernel(None, mosaic_kernel.MAX_N, interpret=False, fp8=False) == "mosaic"
-        assert forward_kernel("mosaic", 1, interpret=False, fp8=False) == "mosaic"
+        assert forward_kernel(None, 4096, interpret=False) == "mosaic"
+        assert forward_kernel(None, mosaic_kernel.MAX_N, interpret=False) == "mosaic"
+        assert forward_kernel("mosaic", 1, interpret=False) == "mosaic"
 
 
-def test_triton_when_chosen_or_for_fp8(hopper, monkeypatch):
+def test_triton_when_chosen(hopper, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert forward_kernel("triton", 4096, interpret=False, fp8=False) == "triton"
-        # FP8 has no Mosaic kernel yet (stage 3): Pallas-Triton whatever the choice, without a warning.
-        assert forward_kernel(None, 4096, interpret=False, fp8=True) == "triton"
-        assert forward_kernel("mosaic", 4096, interpret=False, fp8=True) == "triton"
+        assert forward_kernel("triton", 4096, interpret=False) == "triton"
         monkeypatch.setenv(ENV_VAR, "triton")
-        assert forward_kernel(None, 4096, interpret=False, fp8=False) == "triton"
+        assert forward_kernel(None, 4096, interpret=False) == "triton"
 
 
 def test_interpret_mode_is_the_triton_body_without_a_warning(hopper):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert forward_kernel(None, 4096, interpret=True, fp8=False) == "triton"
+        assert forward_kernel(None, 4096, interpret=True) == "triton"
     with pytest.raises(ValueError, match="pallas_backend='mosaic': .*interpret mode .*inline_mgpu"):
-        forward_kernel("mosaic", 4096, interpret=True, fp8=False)
+        forward_kernel("mosaic", 4096, interpret=True)
 
 
 def test_mosaic_on_this_cpu_raises_naming_the_source(monkeypatch):
@@ -123,33 +120,34 @@ def test_mosaic_on_this_cpu_raises_naming_the_source(monkeypatch):
     monkeypatch.setenv(ENV_VAR, "mosaic")
     with pytest.raises(ValueError, match=f"{ENV_VAR}='mosaic': the Mosaic GPU kernel cannot run"):
         bi_jax.rms_norm(x, w)
-    # The FP8 output is Pallas-Triton's whatever the choice: no error.
-    bi_jax.rms_norm(x, w, out_dtype=jnp.float8_e4m3fn, scale=1.0)
+    # The FP8 output follows the same choice (issue 26, stage 3).
+    with pytest.raises(ValueError, match=f"{ENV_VAR}='mosaic': the Mosaic GPU kernel cannot run"):
+        bi_jax.rms_norm(x, w, out_dtype=jnp.float8_e4m3fn, scale=1.0)
 
 
 def test_wide_rows_fall_back_with_one_warning(hopper):
     n = mosaic_kernel.MAX_N + 1
     with pytest.warns(PallasBackendWarning, match=f"rows of {n} columns: .* up to {mosaic_kernel.MAX_N} columns"):
-        assert forward_kernel(None, n, interpret=False, fp8=False) == "triton"
+        assert forward_kernel(None, n, interpret=False) == "triton"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert forward_kernel(None, 2 * n, interpret=False, fp8=False) == "triton"
+        assert forward_kernel(None, 2 * n, interpret=False) == "triton"
     with pytest.raises(ValueError, match=f"pallas_backend='mosaic': .*rows of {n} columns"):
-        forward_kernel("mosaic", n, interpret=False, fp8=False)
+        forward_kernel("mosaic", n, interpret=False)
 
 
 def test_an_older_gpu_falls_back_with_one_warning_per_reason(monkeypatch):
     _devices(monkeypatch, compute_capability="8.0")
     monkeypatch.setattr(selection, "jax_lacks", lambda: None)
     with pytest.warns(PallasBackendWarning, match=r"compute capability 8\.0; the Mosaic GPU kernel needs 9\.0") as got:
-        assert forward_kernel(None, 4096, interpret=False, fp8=False) == "triton"
+        assert forward_kernel(None, 4096, interpret=False) == "triton"
     assert "pallas_backend='triton' or BI_NORM_PALLAS_BACKEND=triton" in str(got[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert forward_kernel(None, 100, interpret=False, fp8=False) == "triton"  # the same reason: once
-        assert forward_kernel("triton", 100, interpret=False, fp8=False) == "triton"
+        assert forward_kernel(None, 100, interpret=False) == "triton"  # the same reason: once
+        assert forward_kernel("triton", 100, interpret=False) == "triton"
     with pytest.raises(ValueError, match=r"compute capability 8\.0"):
-        forward_kernel("mosaic", 4096, interpret=False, fp8=False)
+        forward_kernel("mosaic", 4096, interpret=False)
 
 
 @pytest.mark.parametrize("capability,ok", [("9.0", True), ("10.0", True), ("12.0", True), ("8.9", False),

@@ -1,8 +1,7 @@
 """`bi-norm verify`'s rows of bi_jax's Pallas GPU backends, on the CPU: pallas-triton-gpu and
 pallas-mosaic-gpu (issue 26, stages 1 and 2) by name, unavailable here with the reason, and the
-Mosaic row's passes with stand-in runners: the forward and the backward up to the kernels' widest
-row (wider cases counted in the notes), the FP8 output "not available", naming the row that
-checks the Pallas-Triton kernel it runs."""
+Mosaic row's passes with stand-in runners: the forward, the backward and the FP8 output (stage 3)
+up to the kernels' widest row (wider cases counted in the notes)."""
 
 from __future__ import annotations
 
@@ -56,7 +55,8 @@ def test_the_mosaic_row_with_a_stand_in_forward(monkeypatch, capsys, corpus):
     """The Mosaic row as a GPU would run it, its runners the reference's (no GPU here)."""
     mosaic, ref = BACKEND_BY_NAME["pallas-mosaic-gpu"], BACKEND_BY_NAME["reference"]
     monkeypatch.setitem(BACKEND_BY_NAME, "pallas-mosaic-gpu", dataclasses.replace(
-        mosaic, probe=lambda: None, make_runner=ref.make_runner, make_backward_runner=ref.make_backward_runner))
+        mosaic, probe=lambda: None, make_runner=ref.make_runner, make_backward_runner=ref.make_backward_runner,
+        make_fp8_runner=ref.make_fp8_runner))
     argv = ["verify", "--backend", "reference", "--backend", "pallas-mosaic-gpu", "--dtype", "float32", "--jobs", "1"]
     assert main(argv + ["--json"]) == 0
     ref_report, report = json.loads(capsys.readouterr().out)["backends"]
@@ -72,8 +72,19 @@ def test_the_mosaic_row_with_a_stand_in_forward(monkeypatch, capsys, corpus):
     backward, full_backward = report["backward"], ref_report["backward"]
     assert backward["status"] == "ok" and backward["mismatches"] == 0
     assert 0 < backward["cases"] <= full_backward["cases"]
-    assert report["fp8"]["status"] == "not available" and "row pallas-triton-gpu" in report["fp8"]["reason"]
+    fp8, full_fp8 = report["fp8"], ref_report["fp8"]
+    # Every FP8 case is within the kernel's widest row (n <= 20480).
+    assert fp8["status"] == "ok" and fp8["mismatches"] == 0 and fp8["cases"] == full_fp8["cases"] > 0
+    assert fp8["invariance_checks"] == full_fp8["invariance_checks"] > 0 and not fp8.get("reason")
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert not any(line.startswith("Backward not implemented") for line in lines)
-    assert lines[-1] == "FP8 not available (not compared, not a failure): pallas-mosaic-gpu"
+    assert not any(line.startswith(("Backward not implemented", "FP8 not available")) for line in lines)
+
+
+def test_the_mosaic_row_runs_the_fp8_output_through_mosaic(monkeypatch):
+    """Its FP8 runner is bi_jax.rms_norm compiled with pallas_backend='mosaic' (stage 3)."""
+    made = []
+    monkeypatch.setattr(backends, "_jax_fp8_runner", lambda interpret, pallas_backend: made.append(
+        (interpret, pallas_backend)))
+    BACKEND_BY_NAME["pallas-mosaic-gpu"].make_fp8_runner()
+    assert made == [(False, "mosaic")]

@@ -189,11 +189,6 @@ def _mosaic_max_n() -> int:
     return mosaic_kernel.MAX_N
 
 
-def _mosaic_fp8_runner() -> Fp8Fn:
-    raise Unavailable("bi_jax's FP8 output is the Pallas-Triton kernel whatever pallas_backend (Mosaic GPU: issue "
-                      "26, stage 3); row pallas-triton-gpu checks it")
-
-
 def _jax_runner(interpret: bool, pallas_backend: str) -> RunFn:
     import bi_jax
 
@@ -276,8 +271,9 @@ BACKENDS: List[Backend] = [
     Backend("pallas-triton-gpu", "bi_jax compiled Pallas-Triton on GPU (pallas_backend='triton')",
             lambda: _jax_probe(False), lambda: _jax_runner(False, "triton"),
             lambda: _jax_backward_runner(False, "triton"), make_fp8_runner=lambda: _jax_fp8_runner(False, "triton")),
-    # The forward and the backward (stages 1 and 2): the FP8 line says which row checks its kernel.
-    Backend("pallas-mosaic-gpu", "bi_jax compiled Pallas Mosaic GPU forward and backward (pallas_backend='mosaic')",
+    # The forward, the backward and the FP8 output (issue 26, stages 1-3), rows of up to MAX_N columns.
+    Backend("pallas-mosaic-gpu",
+            "bi_jax compiled Pallas Mosaic GPU forward, backward and FP8 output (pallas_backend='mosaic')",
             _mosaic_probe, lambda: _jax_runner(False, "mosaic"), lambda: _jax_backward_runner(False, "mosaic"),
-            make_fp8_runner=_mosaic_fp8_runner, max_n=_mosaic_max_n),
+            make_fp8_runner=lambda: _jax_fp8_runner(False, "mosaic"), max_n=_mosaic_max_n),
 ]

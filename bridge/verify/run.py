@@ -105,8 +105,9 @@ def run_backend(backend: Backend, plan: Plan, progress: Progress) -> BackendRepo
         if backend.make_fp8_runner is None:
             raise Unavailable(f"{backend.name} has no FP8 runner")
         run = backend.make_fp8_runner()
-        _check_fp8_corpus(run, plan.fp8_cases, r, tick)
-        _sweep(plan.fp8_invariance_cases, plan.fp8_batches, r, tick, ("out", "scales", "new_residual"),
+        cases, invariance_cases = up_to_max_n(r, plan.fp8_cases, plan.fp8_invariance_cases)
+        _check_fp8_corpus(run, cases, r, tick)
+        _sweep(invariance_cases, plan.fp8_batches, r, tick, ("out", "scales", "new_residual"),
                lambda c: (c.x, c.residual),
                lambda c, rows: run(rows[0], c.weight, c.spec.eps, rows[1], *c.spec.outputs[0], c.quantization()))
 
