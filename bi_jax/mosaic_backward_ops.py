@@ -225,21 +225,9 @@ class MosaicBackwardOps(MosaicOps):
         zero = self.f32(0.0)
         return [self.arith.select(inside, v, zero) for v in values]
 
-    def _vector_load(self, ref, indices: List, reg: int):
-        arith, vector, ir = self.arith, self.vector, self.ir
-        elem = ir.MemRefType(ref.type).element_type
-        vec_ty = ir.VectorType.get((self.lay.vec,), elem)
-        col, inside = self._start(reg)
-        if inside is not None:
-            col = arith.select(inside, col, self._idx(0))
-        v = vector.load(vec_ty, ref, indices + [col])
-        if inside is not None:
-            v = arith.select(inside, v, vector.broadcast(vec_ty, arith.constant(elem, 0.0)))
-        return v
-
     def load_row(self, ref, step, reg: int):
         """The raw vector of this thread's columns in register `reg` (the loop carries it)."""
-        return self._vector_load(ref, [self._row(step)], reg)
+        return self.load_vector(ref, reg, [self._row(step)])
 
     def unpack(self, raw) -> List:
         ir = self.ir

@@ -255,18 +255,24 @@ class MosaicOps:
         inside = None if self.lay.full(reg) else arith.cmpi(arith.CmpIPredicate.ult, col, self._idx(self.lay.n))
         return col, inside
 
-    def load(self, ref, reg: int) -> List:
-        """ref: a (n,) memref (one row, or the weight). Past n: zeros, read from column 0 instead."""
+    def load_vector(self, ref, reg: int, indices: Sequence = ()):
+        """This thread's vector of register `reg` of a row of ref (indices: those before the row's,
+        e.g. the row of a (rows, n) memref). Past n: zeros, read from column 0 instead."""
         arith, vector, ir = self.arith, self.vector, self.ir
         elem = ir.MemRefType(ref.type).element_type
         vec_ty = ir.VectorType.get((self.lay.vec,), elem)
         col, inside = self._start(reg)
         if inside is not None:
             col = arith.select(inside, col, self._idx(0))
-        v = vector.load(vec_ty, ref, [col])
+        v = vector.load(vec_ty, ref, list(indices) + [col])
         if inside is not None:
             v = arith.select(inside, v, vector.broadcast(vec_ty, arith.constant(elem, 0.0)))
-        return [vector.extract(v, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([j]))
+        return v
+
+    def load(self, ref, reg: int) -> List:
+        """ref: a (n,) memref (one row, or the weight): load_vector's elements."""
+        v = self.load_vector(ref, reg)
+        return [self.vector.extract(v, dynamic_position=[], static_position=self.ir.DenseI64ArrayAttr.get([j]))
                 for j in range(self.lay.vec)]
 
     def store(self, ref, reg: int, values: List) -> None:
