@@ -49,10 +49,17 @@ def exact_row_tree(ops, lay: RowLayout, q: Sequence[Sequence], width: int) -> ob
 class NumpyBackwardOps(NumpyOps):
     """NumpyOps for a block walk: a row ref is a (blocks, steps, n) array, the step a Python int."""
 
+    rows_per_step = 1
+
     def __init__(self, lay: RowLayout, blocks: int, steps: int, n_rows: int):
         super().__init__(lay, blocks)
         self.steps, self.n_rows = steps, n_rows
         self.levels = {}
+        self.slots = lay.regs  # vectors of B7 leaves per thread and step (the counter's registers)
+
+    def leaves(self, p: List, step) -> List:
+        """The step's B7 leaves from the row's p[reg]: the row's own with one row per step."""
+        return p
 
     def exchange(self, i: int) -> "NumpyBackwardOps":
         return self
@@ -72,7 +79,7 @@ class NumpyBackwardOps(NumpyOps):
         return step + k
 
     def last_step(self) -> int:
-        return self.steps - 1
+        return self.steps // self.rows_per_step - 1
 
     def low_bits_ones(self, step: int, k: int) -> bool:
         return step & ((1 << k) - 1) == (1 << k) - 1
@@ -126,6 +133,8 @@ class MosaicBackwardOps(MosaicOps):
     levels, each thread reading back only what it wrote (no barrier).
     """
 
+    rows_per_step = 1
+
     def __init__(self, lay: RowLayout, trees, counter, steps: int, n_rows: int):
         super().__init__(lay, trees[0])
         from jaxlib.mlir.dialects import gpu, scf
@@ -133,6 +142,10 @@ class MosaicBackwardOps(MosaicOps):
         # A one-dimensional grid is blockIdx.x (Pallas Mosaic GPU's lowering of axis_index).
         self.block = gpu.block_id(gpu.Dimension.x)
         self.first_row = self.arith.muli(self.block, self._idx(steps))
+        self.slots = lay.regs
+
+    def leaves(self, p: List, step) -> List:
+        return p
 
     def exchange(self, i: int) -> "MosaicBackwardOps":
         ops = copy.copy(self)
@@ -159,7 +172,7 @@ class MosaicBackwardOps(MosaicOps):
         return self.arith.addi(step, self._idx(k))
 
     def last_step(self):
-        return self._idx(self.steps - 1)
+        return self._idx(self.steps // self.rows_per_step - 1)
 
     def low_bits_ones(self, step, k: int):
         arith, ones = self.arith, self._idx((1 << k) - 1)
@@ -184,15 +197,19 @@ class MosaicBackwardOps(MosaicOps):
         with self.utils.when(pred):
             then()
 
+    def _index(self, step):
+        """The batch row this thread handles at `step`."""
+        return self.arith.addi(self.first_row, step)
+
     def _row(self, step):
-        """This block's row `step`, clamped to the last row (its loads stay inside the batch)."""
-        row = self.arith.addi(self.first_row, step)
+        """This thread's row at `step`, clamped to the last row (its loads stay inside the batch)."""
+        row = self._index(step)
         return row if self.n_rows % self.steps == 0 else self.arith.minui(row, self._idx(self.n_rows - 1))
 
     def row_valid(self, step):
         if self.n_rows % self.steps == 0:
             return None
-        row = self.arith.addi(self.first_row, step)
+        row = self._index(step)
         return self.arith.cmpi(self.arith.CmpIPredicate.ult, row, self._idx(self.n_rows))
 
     def keep(self, valid, values: List) -> List:

@@ -41,12 +41,13 @@ def _bits_equal(expected, got, what):
     assert not bad, f"{what}: {len(bad)} differ, first {bad[0]}: got {g[bad[0]]:#x}, want {e[bad[0]]:#x}"
 
 
-def check(x, w, g, eps, r, gr, mode, offset, steps, what, want=None):
-    """The emulated kernel (with `steps` rows per block) against the reference, every output."""
+def check(x, w, g, eps, r, gr, mode, offset, steps, what, want=None, **variant):
+    """The emulated kernel (with `steps` rows per block, and the variant's keywords: reload,
+    warpgroups) against the reference, every output."""
     want = want or ref.rms_norm_backward(x, w, g, eps, r, gr, mode=mode, weight_offset=offset)
     z = x if r is None else ref.rms_norm(x, w, eps, r)[1]
     got = mb.rms_norm_backward_emulated(z, w, g, gr, eps=eps, mode=mode, weight_offset=offset,
-                                        has_residual=r is not None, steps=steps)
+                                        has_residual=r is not None, steps=steps, **variant)
     got = [a for a in got if a is not None]
     names = ("grad_x", "grad_residual", "grad_weight") if r is not None else ("grad_x", "grad_weight")
     for name, e, a in zip(names, want, got):

@@ -20,7 +20,8 @@ from bi_jax import mosaic_backward, ops
 
 
 def _stand_in(built: list):
-    def kernel(n_rows, n, dtype, z_dtype, has_residual, has_gr, eps, weight_offset, llama, steps, semantics=None):
+    def kernel(n_rows, n, dtype, z_dtype, has_residual, has_gr, eps, weight_offset, llama, steps, reload, warpgroups,
+               semantics=None):
         built.append((n_rows, n, steps))
         blocks = -(-n_rows // steps)
         shapes = [jax.ShapeDtypeStruct((n_rows, n), jnp.dtype(dtype))]
@@ -33,7 +34,7 @@ def _stand_in(built: list):
             return mosaic_backward.emulate_kernel(
                 np.asarray(z), np.asarray(w), np.asarray(g), None if gr is None else np.asarray(gr), eps=eps,
                 mode="llama" if llama else "fp32", weight_offset=weight_offset, has_residual=has_residual,
-                steps=steps)
+                steps=steps, reload=reload, warpgroups=warpgroups)
 
         return lambda *args: jax.pure_callback(host, shapes, *args)
 

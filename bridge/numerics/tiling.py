@@ -254,13 +254,34 @@ def _slab_config(width: int, n_rows: int, rows_pow2: int, itemsize: int) -> Back
 MOSAIC_BACKWARD_PROGRAMS = 256
 MOSAIC_COUNTER_BYTES = 96 * 1024
 MOSAIC_MAX_STEPS = 64
+# Variants (scripts/probes/mosaic_backward.py --sweep compares them; not yet measured). Past this
+# many floats per thread per row (regs * vec) B5 reloads z, g and w from global memory (L1/L2 hits)
+# instead of holding xhat and a in registers across B4's tree: the H100 probe's hold form took 187
+# registers at 32 floats (4096 bf16) and spilled at 64 (8192 bf16).
+MOSAIC_BACKWARD_RELOAD_FLOATS = 32
+# Warpgroups per program: 2 walks two rows at a time (one each), the pair's B7 leaves added first.
+MOSAIC_BACKWARD_WARPGROUPS = 1
 
 
-def mosaic_backward_steps(n_rows: int, row_floats: int) -> int:
+def mosaic_backward_steps(n_rows: int, row_floats: int, warpgroups: int = 1) -> int:
     """Rows per program of the Mosaic GPU backward, a power of two, never more than the row count's
     power of two (the block is then a subtree of B7's tree; never changes bits). row_floats: the
-    floats of one counter level (the row's columns as the kernel's layout pads them)."""
+    floats of one counter level (the row's columns as the kernel's layout pads them). Two
+    warpgroups need a pair of rows (0 when they cannot have one or their shared memory does not fit):
+    their counter has one level fewer and they exchange leaves through two more rows of floats."""
     rows_pow2 = next_power_of_two(max(n_rows, 1))
-    levels = MOSAIC_COUNTER_BYTES // (4 * row_floats)  # log2(steps) levels
-    wanted = max(1, rows_pow2 // MOSAIC_BACKWARD_PROGRAMS)
+    levels = MOSAIC_COUNTER_BYTES // (4 * row_floats) - (warpgroups - 1)  # log2(steps) levels
+    if warpgroups > 1 and (rows_pow2 < 2 or levels < 1):
+        return 0
+    wanted = max(warpgroups, rows_pow2 // MOSAIC_BACKWARD_PROGRAMS)
     return min(wanted, 1 << min(levels, MOSAIC_MAX_STEPS.bit_length() - 1), MOSAIC_MAX_STEPS)
+
+
+def mosaic_backward_variant(n_rows: int, thread_floats: int, pair_floats: int) -> Tuple[bool, int]:
+    """(reload, warpgroups) of the Mosaic GPU backward: the launch rule over its variants (the
+    same bits, other registers and occupancy). thread_floats: one row's floats per thread;
+    pair_floats: a counter level's floats with two warpgroups (registers rounded up to even)."""
+    warpgroups = MOSAIC_BACKWARD_WARPGROUPS
+    if warpgroups > 1 and not mosaic_backward_steps(n_rows, pair_floats, warpgroups):
+        warpgroups = 1
+    return thread_floats > MOSAIC_BACKWARD_RELOAD_FLOATS, warpgroups

@@ -14,8 +14,14 @@
            probe_timing.seconds. The Mosaic and Pallas-Triton results are compared bit for bit.
 (c) ptxas: registers and spills of the 4096 and 8192 bf16 kernels (MOSAIC_GPU_DUMP_PTXAS).
 
+--sweep instead: the variants (reload x warpgroups, bi_jax.mosaic_backward._kernel) x steps in
+SWEEP_STEPS whose shared memory fits an H100 block, on SWEEP_SHAPES (bf16, no residual): per
+combination ptxas registers/spills, shared memory, time as % of copy, and grad_x / grad_weight
+bit-equal to the launch rule's choice. Stops starting combinations after --budget seconds.
+
 Without a GPU it says so and exits 1 after checking the emulated body on two cases.
 Run: python3 scripts/probes/mosaic_backward.py [--budget SECONDS]   (H100: about 1-2 minutes)
+     python3 scripts/probes/mosaic_backward.py --sweep [--budget 160]   (H100: about 3 minutes)
 """
 from __future__ import annotations
 
@@ -35,6 +41,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bi_jax import backward, mosaic_backward  # noqa: E402
+from bi_jax.mosaic_backward_pairs import pair_regs  # noqa: E402
+from bi_jax.mosaic_ops import row_layout  # noqa: E402
 from bridge.golden.forward import PATTERNS, as_dtype, pattern_row, random_weight  # noqa: E402
 from bridge.numerics import reference as ref  # noqa: E402
 from probe_timing import seconds  # noqa: E402  (scripts/probes/, on sys.path when run as a script)
@@ -46,6 +54,10 @@ ROWS = (1, 3, 300, 2, 17, 255, 5, 100, 33, 7, 256, 129)
 DTYPES = ("bfloat16", "float16", "float32")
 MODES = (("llama", 0.0), ("fp32", 1.0), ("fp32", -0.5), ("llama", 1.0))
 SPEED = ((16384, 4096, False), (4096, 8192, False), (1024, 4096, False), (65536, 4096, False), (16384, 4096, True))
+SWEEP_SHAPES = ((16384, 4096), (4096, 8192), (65536, 4096))  # the last has the first's registers: last
+SWEEP_STEPS = (8, 16, 32, 64)
+VARIANTS = ((False, 1), (True, 1), (False, 2), (True, 2))  # (reload, warpgroups)
+SMEM_LIMIT = 227 * 1024  # an H100 block's shared memory
 
 
 def say(line: str) -> None:
@@ -154,33 +166,82 @@ def speed_section():
             say(f"[speed {rows}x{n}] FAIL {type(e).__name__}: {' '.join(str(e).split())[:300]}")
 
 
+def ptxas_lines(fn, *args):
+    """Calls fn (its first call compiles) with Mosaic's ptxas report captured from stdout."""
+    sys.stdout.flush()
+    saved, tmp = os.dup(1), tempfile.TemporaryFile()
+    os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
+    os.dup2(tmp.fileno(), 1)
+    try:
+        out = jax.block_until_ready(fn(*args))
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.environ.pop("MOSAIC_GPU_DUMP_PTXAS")
+    tmp.seek(0)
+    lines = [ln.strip() for ln in tmp.read().decode(errors="replace").splitlines()
+             if re.search(r"registers|spill|smem", ln)]
+    return out, lines
+
+
 def ptxas_section():
     for rows, n in ((1024, 4096), (1024, 8192)):
         try:
             z = jnp.ones((rows, n), jnp.bfloat16)
-            sys.stdout.flush()
-            saved, tmp = os.dup(1), tempfile.TemporaryFile()
-            os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
-            os.dup2(tmp.fileno(), 1)
-            try:
-                jax.block_until_ready(mosaic_backward.rms_norm_backward(
-                    z, z[0], z, eps=1e-6, mode="fp32", weight_offset=0.0, has_residual=False, steps=8))
-            finally:
-                sys.stdout.flush()
-                os.dup2(saved, 1)
-                os.close(saved)
-                os.environ.pop("MOSAIC_GPU_DUMP_PTXAS")
-            tmp.seek(0)
-            lines = [ln.strip() for ln in tmp.read().decode(errors="replace").splitlines()
-                     if re.search(r"registers|spill|smem", ln)]
+            _, lines = ptxas_lines(functools.partial(mosaic_backward.rms_norm_backward, eps=1e-6, mode="fp32",
+                                                     weight_offset=0.0, has_residual=False, steps=8), z, z[0], z)
             say(f"[ptxas {rows}x{n} bf16 steps 8] {lines[:4] or '(no lines)'}")
         except Exception as e:  # noqa: BLE001
             say(f"[ptxas {rows}x{n}] FAIL {type(e).__name__}: {' '.join(str(e).split())[:300]}")
 
 
+def smem_bytes(n: int, steps: int, warpgroups: int) -> int:
+    """The counter's levels and, with two warpgroups, the pair exchange's two rows (bf16 layout)."""
+    lay = row_layout(n, 2)
+    floats = (pair_regs(lay) if warpgroups == 2 else lay.regs) * 128 * lay.vec
+    return 4 * floats * ((steps // warpgroups).bit_length() - 1 + (2 if warpgroups == 2 else 0))
+
+
+def sweep_section(budget: float) -> None:
+    bits = jax.jit(lambda a: jax.lax.bitcast_convert_type(a, jnp.uint16))
+    for rows, n in SWEEP_SHAPES:
+        k1, k2, k3 = jax.random.split(jax.random.key(rows + n), 3)
+        z, g = (jax.random.normal(k, (rows, n), jnp.bfloat16) for k in (k1, k3))
+        w = (1.0 + 0.1 * jax.random.normal(k2, (n,))).astype(jnp.bfloat16)
+        t_copy = seconds(jax.jit(lambda z, g: z + g), z, g)
+        _, steps0, _, reload0, wgs0 = mosaic_backward._plan(rows, n, 2, None)
+        default = None
+        for steps, (reload, wgs) in [(None, (None, None))] + [(s, v) for v in VARIANTS for s in SWEEP_STEPS]:
+            label = (f"[sweep {rows}x{n} bf16 "
+                     + (f"rule: reload={reload0} warpgroups={wgs0} steps={steps0}]" if steps is None else
+                        f"reload={reload} warpgroups={wgs} steps={steps} smem={smem_bytes(n, steps, wgs) // 1024} KiB]"))
+            if steps is not None and smem_bytes(n, steps, wgs) > SMEM_LIMIT:
+                continue
+            if time.time() - T0 > budget:
+                say(f"{label} skipped (budget)")
+                continue
+            try:
+                fn = jax.jit(functools.partial(mosaic_backward.rms_norm_backward, eps=1e-6, mode="llama",
+                                               weight_offset=0.0, has_residual=False, steps=steps, reload=reload,
+                                               warpgroups=wgs))
+                (dx, _, dw), lines = ptxas_lines(fn, z, w, g)
+                t = seconds(fn, z, w, g)
+                if default is None:
+                    default, same = (bits(dx), bits(dw)), "(the reference)"
+                else:
+                    same = f"bits == rule's: {bool(jnp.all(bits(dx) == default[0]) & jnp.all(bits(dw) == default[1]))}"
+                regs = "; ".join(ln for ln in lines if "Used" in ln or "spill stores" in ln) or "(no ptxas lines)"
+                say(f"{label} {t * 1e6:.1f} us = {100 * t_copy / t:.0f} % of copy ({t_copy * 1e6:.1f} us); {same}; {regs}")
+            except Exception as e:  # noqa: BLE001 - one line per failing combination, and go on
+                say(f"{label} FAIL {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=float, default=50.0, help="seconds after which no new bit-check case starts")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds after which no new bit-check case (or sweep combination) starts; 50 (160)")
+    parser.add_argument("--sweep", action="store_true", help="time the variants x steps instead (see above)")
     args = parser.parse_args()
     say(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
     if not GPU:
@@ -193,8 +254,11 @@ def main() -> int:
             say(f"[emulated n={c['n']} {c['dtype']}] {'FAIL ' + '; '.join(bad) if bad else 'ok (== reference)'}")
         say("no GPU: this probe needs a Hopper GPU (jax's default backend is not 'gpu'); nothing timed")
         return 1
+    if args.sweep:
+        sweep_section(160.0 if args.budget is None else args.budget)
+        return 0
     ptxas_section()
-    bits_section(args.budget)
+    bits_section(50.0 if args.budget is None else args.budget)
     speed_section()
     return 0
 
