@@ -59,6 +59,18 @@ def test_table_labels_unfused_residual_peers(tmp_path: Path) -> None:
     assert "torch-eager (add+norm)" in table and "1.20" in table and "bi-jax" in table
 
 
+def test_table_carries_our_timing_notes(tmp_path: Path) -> None:
+    """A note on our time (an unrolled loop, host-bound) is printed under its pass; a peer's is not."""
+    case = bench.Case(16384, 4096, "bfloat16", False, "backward")
+    timings = [bench.Timing(case, "bi-torch", 160.0), bench.Timing(case, "bi-jax", 280.0, "unrolled: XLA kept 2 "
+                                                                                       "array copies in the loop"),
+               bench.Timing(case, "xla", 240.0, "peer note"), bench.Timing(case, "copy", 137.0)]
+    lines = bench.write_report(timings, tmp_path, "test device").splitlines()
+    notes = [ln for ln in lines if ln.startswith("note ")]
+    assert notes == ["note  16384x4096 bfloat16 no  bi-jax: unrolled: XLA kept 2 array copies in the loop"]
+    assert lines.index(notes[0]) > max(i for i, ln in enumerate(lines) if ln.startswith("targets bi-jax backward"))
+
+
 def test_png_written_when_matplotlib_imports(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     bench.write_report(_synthetic(), tmp_path, "test device")

@@ -137,8 +137,16 @@ def format_table(summary: Dict[Case, Dict[str, Row]], device: str, determinism: 
         if cases:
             targets = target_lines(summary, phase)
             lines += ["", f"## {_TITLES[phase]}", head, "-" * len(head),
-                      *(_table_line(case, rows) for case, rows in cases.items()), *([""] + targets if targets else [])]
+                      *(_table_line(case, rows) for case, rows in cases.items()), *([""] + targets if targets else []),
+                      *_note_lines(cases)]
     return "\n".join(lines + determinism_lines(determinism)) + "\n"
+
+
+def _note_lines(cases: Dict[Case, Dict[str, Row]]) -> List[str]:
+    """Our kernels' timing notes (an unrolled loop, host-bound, one sample), which qualify their numbers."""
+    notes = [f"note {_case_cells(case)} {name}: {rows[name].timing.note}" for case, rows in cases.items()
+             for name in ("bi-torch", "bi-jax") if name in rows and rows[name].timing.note]
+    return [""] + notes if notes else []
 
 
 def _ours_cells(rows: Dict[str, Row], name: str) -> str:
