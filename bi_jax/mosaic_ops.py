@@ -269,21 +269,33 @@ class MosaicOps:
             v = arith.select(inside, v, vector.broadcast(vec_ty, arith.constant(elem, 0.0)))
         return v
 
-    def load(self, ref, reg: int) -> List:
-        """ref: a (n,) memref (one row, or the weight): load_vector's elements."""
-        v = self.load_vector(ref, reg)
+    def unpack(self, v) -> List:
+        """A vector's elements."""
         return [self.vector.extract(v, dynamic_position=[], static_position=self.ir.DenseI64ArrayAttr.get([j]))
                 for j in range(self.lay.vec)]
 
-    def store(self, ref, reg: int, values: List) -> None:
-        vector, ir = self.vector, self.ir
-        vec_ty = ir.VectorType.get((self.lay.vec,), values[0].type)
-        v = self.llvm.mlir_undef(vec_ty)
+    def pack(self, values: List):
+        """One vector of a register's values."""
+        v = self.llvm.mlir_undef(self.ir.VectorType.get((self.lay.vec,), values[0].type))
         for j, e in enumerate(values):
-            v = vector.insert(e, v, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([j]))
+            v = self.vector.insert(e, v, dynamic_position=[], static_position=self.ir.DenseI64ArrayAttr.get([j]))
+        return v
+
+    def load(self, ref, reg: int) -> List:
+        """ref: a (n,) memref (one row, or the weight): load_vector's elements."""
+        return self.unpack(self.load_vector(ref, reg))
+
+    def store_vector(self, ref, reg: int, values: List, indices: Sequence = (), valid=None) -> None:
+        """Store this thread's vector of register `reg` (indices as load_vector's); columns past n,
+        and lanes where `valid` (an i1, or None) is false, store nothing."""
+        v = self.pack(values)
         col, inside = self._start(reg)
-        if inside is None:
-            vector.store(v, ref, [col])
+        pred = inside if valid is None else (valid if inside is None else self.arith.andi(valid, inside))
+        if pred is None:
+            self.vector.store(v, ref, list(indices) + [col])
         else:
-            with self.utils.when(inside):
-                vector.store(v, ref, [col])
+            with self.utils.when(pred):
+                self.vector.store(v, ref, list(indices) + [col])
+
+    def store(self, ref, reg: int, values: List) -> None:
+        self.store_vector(ref, reg, values)
