@@ -229,32 +229,11 @@ class MosaicBackwardOps(MosaicOps):
         """The raw vector of this thread's columns in register `reg` (the loop carries it)."""
         return self.load_vector(ref, reg, [self._row(step)])
 
-    def unpack(self, raw) -> List:
-        ir = self.ir
-        return [self.vector.extract(raw, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([j]))
-                for j in range(self.lay.vec)]
-
-    def _vector(self, values: List):
-        v = self.llvm.mlir_undef(self.ir.VectorType.get((self.lay.vec,), values[0].type))
-        for j, e in enumerate(values):
-            v = self.vector.insert(e, v, dynamic_position=[], static_position=self.ir.DenseI64ArrayAttr.get([j]))
-        return v
-
-    def _store_at(self, ref, indices: List, reg: int, values: List, valid) -> None:
-        col, inside = self._start(reg)
-        pred = inside if valid is None else (valid if inside is None else self.arith.andi(valid, inside))
-        v = self._vector(values)
-        if pred is None:
-            self.vector.store(v, ref, indices + [col])
-        else:
-            with self.utils.when(pred):
-                self.vector.store(v, ref, indices + [col])
-
     def store_row(self, ref, step, reg: int, values: List, valid) -> None:
-        self._store_at(ref, [self._row(step)], reg, values, valid)
+        self.store_vector(ref, reg, self.pack(values), [self._row(step)], valid)
 
     def store_block(self, ref, reg: int, values: List) -> None:
-        self._store_at(ref, [self.block], reg, values, None)
+        self.store_vector(ref, reg, self.pack(values), [self.block])
 
     def _level_index(self, k: int, reg: int):
         vec = self.lay.vec
@@ -266,4 +245,4 @@ class MosaicBackwardOps(MosaicOps):
         return self.unpack(self.vector.load(vec_ty, self.counter, [self._level_index(k, reg)]))
 
     def level_store(self, k: int, reg: int, values: List) -> None:
-        self.vector.store(self._vector(values), self.counter, [self._level_index(k, reg)])
+        self.vector.store(self.pack(values), self.counter, [self._level_index(k, reg)])

@@ -111,7 +111,7 @@ class MosaicPairOps(MosaicBackwardOps):
         parity = arith.andi(step, self._idx(1))
         for h, vals in enumerate(vectors):  # slot h sends register 2h + 1 - warpgroup
             col = self._column(arith.subi(self._idx(2 * h + 1), self.wg))
-            self.vector.store(self._vector(vals), self.exchange_buf, [parity, col])
+            self.vector.store(self.pack(vals), self.exchange_buf, [parity, col])
         self.gpu.barrier()  # all 256 threads (bar.sync 0)
         return [self.unpack(self.vector.load(vec_ty, self.exchange_buf, [parity, self._kept(h)]))
                 for h in range(len(vectors))]
@@ -126,4 +126,4 @@ class MosaicPairOps(MosaicBackwardOps):
         col = self._kept(slot)
         inside = self.arith.cmpi(self.arith.CmpIPredicate.ult, col, self._idx(self.lay.n))
         with self.utils.when(inside):
-            self.vector.store(self._vector(values), ref, [self.block, col])
+            self.vector.store(self.pack(values), ref, [self.block, col])

@@ -269,11 +269,14 @@ class MosaicOps:
             v = arith.select(inside, v, vector.broadcast(vec_ty, arith.constant(elem, 0.0)))
         return v
 
-    def load(self, ref, reg: int) -> List:
-        """ref: a (n,) memref (one row, or the weight): load_vector's elements."""
-        v = self.load_vector(ref, reg)
+    def unpack(self, v) -> List:
+        """A vector's elements."""
         return [self.vector.extract(v, dynamic_position=[], static_position=self.ir.DenseI64ArrayAttr.get([j]))
                 for j in range(self.lay.vec)]
+
+    def load(self, ref, reg: int) -> List:
+        """ref: a (n,) memref (one row, or the weight): load_vector's elements."""
+        return self.unpack(self.load_vector(ref, reg))
 
     def pack(self, values: List):
         """values (SSA scalars of one type) as one vector value."""
@@ -283,15 +286,16 @@ class MosaicOps:
             v = vector.insert(e, v, dynamic_position=[], static_position=ir.DenseI64ArrayAttr.get([j]))
         return v
 
+    def store_vector(self, ref, reg: int, v, indices: Sequence = (), valid=None) -> None:
+        """v, one vector of this thread's register `reg`, to ref (indices as load_vector's); columns
+        past n, and lanes where `valid` (an i1, or None) is false, store nothing."""
+        col, inside = self._start(reg)
+        pred = inside if valid is None else (valid if inside is None else self.arith.andi(valid, inside))
+        if pred is None:
+            self.vector.store(v, ref, list(indices) + [col])
+        else:
+            with self.utils.when(pred):
+                self.vector.store(v, ref, list(indices) + [col])
+
     def store(self, ref, reg: int, values: List) -> None:
         self.store_vector(ref, reg, self.pack(values))
-
-    def store_vector(self, ref, reg: int, v) -> None:
-        """v, one vector of this thread's register `reg` (its vec elements), to ref; skipped past n."""
-        vector = self.vector
-        col, inside = self._start(reg)
-        if inside is None:
-            vector.store(v, ref, [col])
-        else:
-            with self.utils.when(inside):
-                vector.store(v, ref, [col])
