@@ -6,7 +6,7 @@ import jax
 import pytest
 
 
-def _jax_gpu() -> bool:
+def jax_gpu() -> bool:
     try:
         return jax.default_backend() == "gpu"
     except RuntimeError:
@@ -15,5 +15,5 @@ def _jax_gpu() -> bool:
 
 JAX_GPU_MARKS = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not _jax_gpu(), reason="JAX's default backend is not a GPU (no CUDA jaxlib or no device)"),
+    pytest.mark.skipif(not jax_gpu(), reason="JAX's default backend is not a GPU (no CUDA jaxlib or no device)"),
 ]

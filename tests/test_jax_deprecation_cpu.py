@@ -124,7 +124,7 @@ def test_bi_jax_forward_and_backward_lower_without_it(warning_triton_lowering, n
 
     _lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), x, w, r)
     _lower_for_cuda(lambda a, b: bi_jax.rms_norm(a, b, out_dtype=jnp.float8_e4m3fn, group_size=128,
-                                                 interpret=False), x, w)
+                                                 interpret=False, pallas_backend="triton"), x, w)
 
 
 def test_bi_jax_on_this_cpu_warns_nothing():

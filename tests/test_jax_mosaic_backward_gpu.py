@@ -23,14 +23,14 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax import lax  # noqa: E402
 from jax_backward_helpers import assert_bits, assert_grads, expected, grads, random_rows, random_weight  # noqa: E402
-from jax_gpu_marks import JAX_GPU_MARKS, _jax_gpu  # noqa: E402
+from jax_gpu_marks import JAX_GPU_MARKS, jax_gpu  # noqa: E402
 
 import bi_jax  # noqa: E402
 from bi_jax import backward, mosaic_backward, mosaic_kernel, selection  # noqa: E402
 from bridge import golden  # noqa: E402
 from bridge.numerics import reference as ref  # noqa: E402
 
-_WHY_NOT = (selection.jax_lacks() or selection.gpu_lacks()) if _jax_gpu() else None
+_WHY_NOT = (selection.jax_lacks() or selection.gpu_lacks()) if jax_gpu() else None
 pytestmark = JAX_GPU_MARKS + [pytest.mark.skipif(_WHY_NOT is not None, reason=f"no Mosaic GPU here: {_WHY_NOT}")]
 
 BACKWARD_NAMES = [e["name"] for e in golden.load_manifest()["backward_cases"]]

@@ -21,13 +21,13 @@ import pytest  # noqa: E402
 from fp8_helpers import FP8_CASE_NAMES  # noqa: E402
 from jax_fp8_helpers import (COMBOS, HUGE_WEIGHT_COLUMN, QUANTS, assert_fp8_result, call,  # noqa: E402
                              check_fp8_corpus_case, expected, fp8_rows, fp8_weight, quant_kwargs)
-from jax_gpu_marks import JAX_GPU_MARKS, _jax_gpu  # noqa: E402
+from jax_gpu_marks import JAX_GPU_MARKS, jax_gpu  # noqa: E402
 from jax_helpers import _seed, residual_dtype  # noqa: E402
 
 import bi_jax  # noqa: E402
 from bi_jax import selection  # noqa: E402
 
-_WHY_NOT = (selection.jax_lacks() or selection.gpu_lacks()) if _jax_gpu() else None
+_WHY_NOT = (selection.jax_lacks() or selection.gpu_lacks()) if jax_gpu() else None
 pytestmark = JAX_GPU_MARKS + [pytest.mark.skipif(_WHY_NOT is not None, reason=f"no Mosaic GPU here: {_WHY_NOT}")]
 
 STATIC = ("eps", "mode", "weight_offset", "out_dtype", "group_size")

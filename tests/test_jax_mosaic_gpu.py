@@ -16,7 +16,7 @@ import re
 import warnings
 import zlib
 
-# torch and JAX may share the GPU in one pytest process (see tests/test_jax_gpu.py).
+# torch and JAX may share the GPU in one pytest process (see tests/testjax_gpu.py).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from jax import lax  # noqa: E402
 from jax_backward_helpers import assert_grads  # noqa: E402
-from jax_gpu_marks import JAX_GPU_MARKS, _jax_gpu  # noqa: E402
+from jax_gpu_marks import JAX_GPU_MARKS, jax_gpu  # noqa: E402
 from jax_helpers import pair, random_weight, ref, special_rows  # noqa: E402
 
 import bi_jax  # noqa: E402
@@ -33,7 +33,7 @@ from bi_jax import mosaic_kernel, selection  # noqa: E402
 from bridge import golden  # noqa: E402
 from bridge.verify.compare import assert_bitwise_equal  # noqa: E402
 
-_WHY_NOT = (selection.jax_lacks() or selection.gpu_lacks()) if _jax_gpu() else None
+_WHY_NOT = (selection.jax_lacks() or selection.gpu_lacks()) if jax_gpu() else None
 pytestmark = JAX_GPU_MARKS + [pytest.mark.skipif(_WHY_NOT is not None, reason=f"no Mosaic GPU here: {_WHY_NOT}")]
 
 CASE_NAMES = [entry["name"] for entry in golden.load_manifest()["cases"]]
@@ -79,12 +79,12 @@ def test_mosaic_by_default_and_triton_by_the_environment(monkeypatch):
     assert selection.forward_kernel(None, 4096, interpret=False) == "mosaic"
     plain = _targets(lambda a, b: bi_jax.rms_norm(a, b), x, w)
     assert plain and all("mosaic_gpu" in t for t in plain), plain
-    # The gradient's forward and backward are Mosaic's (stages 1 and 2); the FP8 output stays Pallas-Triton's.
+    # The gradient's forward and backward are Mosaic's (stages 1 and 2), and so is the FP8 output (stage 3).
     grad = _targets(jax.grad(lambda a, b, c: jnp.sum(bi_jax.rms_norm(a, b, 1e-6, c)[0].astype(jnp.float32)),
                              argnums=(0, 1)), x, w, r)
     assert grad and all("mosaic_gpu" in t for t in grad), grad
     fp8 = _targets(lambda a, b: bi_jax.rms_norm(a, b, out_dtype=jnp.float8_e4m3fn, scale=0.5), x, w)
-    assert fp8 and all("triton" in t for t in fp8), fp8
+    assert fp8 and all("mosaic_gpu" in t for t in fp8), fp8
     monkeypatch.setenv(selection.ENV_VAR, "triton")
     plain = _targets(lambda a, b: bi_jax.rms_norm(a, b), x, w)
     assert plain and all("triton" in t for t in plain), plain
@@ -114,7 +114,7 @@ def test_no_pallas_triton_deprecation_warning_from_bi_jax(monkeypatch):
 def test_corpus_case(cases_by_name, name):
     case = cases_by_name[name]
     if case.spec.n > mosaic_kernel.MAX_N:
-        pytest.skip(f"n = {case.spec.n} > {mosaic_kernel.MAX_N}: Pallas-Triton's (tests/test_jax_gpu.py)")
+        pytest.skip(f"n = {case.spec.n} > {mosaic_kernel.MAX_N}: Pallas-Triton's (tests/testjax_gpu.py)")
     x, w = jnp.asarray(case.x), jnp.asarray(case.weight)
     r = None if case.residual is None else jnp.asarray(case.residual)
     for (mode, offset), expected in case.out.items():
