@@ -255,12 +255,13 @@ def _slab_config(width: int, n_rows: int, rows_pow2: int, itemsize: int) -> Back
 MOSAIC_BACKWARD_PROGRAMS = 256
 MOSAIC_COUNTER_BYTES = 96 * 1024
 MOSAIC_MAX_STEPS = 64
-# Variants (scripts/probes/mosaic_backward.py --sweep compares them; not yet measured). Past this
+# Variants (scripts/probes/mosaic_backward.py --sweep; BENCHMARKS.md has the H100 sweep). Past this
 # many floats per thread per row (regs * vec) B5 reloads z, g and w from global memory (L1/L2 hits)
 # instead of holding xhat and a in registers across B4's tree: the H100 probe's hold form took 187
 # registers at 32 floats (4096 bf16) and spilled at 64 (8192 bf16).
 MOSAIC_BACKWARD_RELOAD_FLOATS = 32
-# Warpgroups per program: 2 walks two rows at a time (one each), the pair's B7 leaves added first.
+# Warpgroups per program: 2 walks two rows at a time (one each), the pair's B7 leaves added first;
+# one H100 sweep: no gain at 4096 columns, 6-9 % at 8192 only with a counter above the 96 KiB cap.
 MOSAIC_BACKWARD_WARPGROUPS = 1
 
 

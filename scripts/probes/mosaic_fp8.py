@@ -111,8 +111,9 @@ def speed() -> None:
                 # The kernel's bytes: read x [and r], write codes [+ new residual] [+ scales].
                 read = 2 * rows * n * (1 if res is None else 2)
                 write = rows * n + (0 if res is None else 2 * rows * n) + (4 * rows * n // 128 if q != "static" else 0)
-                # A copy moving the same bytes: (read + write) / 2 read and as many written.
-                copy = seconds(jax.jit(lambda a: a + 1), jnp.zeros(((read + write) // 2,), jnp.uint8))
+                # A copy moving the same bytes: (read + write) / 2 read and as many written (float32
+                # elements: a uint8 add does not run at the copy's bandwidth).
+                copy = seconds(jax.jit(lambda a: a + 1), jnp.zeros(((read + write) // 8,), jnp.float32))
                 times = {b: seconds(lambda a, b=b: fn(a, w, 1e-6, res, **kwargs), x) for b, fn in fns.items()}
                 say(f"{rows}x{n} bf16 {q} res={'bf16' if res is not None else 'none'}: copy {copy * 1e6:.1f} us; "
                     + "; ".join(f"{b} {t * 1e6:.1f} us ({100 * copy / t:.1f} % of copy)" for b, t in times.items()))
