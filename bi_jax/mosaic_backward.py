@@ -33,6 +33,7 @@ from bridge.numerics.contract import as_float32, next_power_of_two
 from bridge.numerics.reference import encode as encode_np
 from bridge.numerics.tiling import mosaic_backward_steps, mosaic_backward_variant
 
+from . import mosaic_call
 from .mosaic_backward_ops import MosaicBackwardOps, NumpyBackwardOps, exact_row_tree
 from .mosaic_backward_pairs import MosaicPairOps, NumpyPairOps, pair_regs
 from .mosaic_kernel import MAX_N, SEMANTICS, effective_weight, inverse_rms
@@ -184,7 +185,7 @@ def _check(z, weight, g, gr, has_residual: bool) -> None:
 @functools.lru_cache(maxsize=None)
 def _kernel(n_rows: int, n: int, dtype: str, z_dtype: str, has_residual: bool, has_gr: bool, eps: float,
             weight_offset: float, llama: bool, steps: int, reload: bool, warpgroups: int, semantics: str = SEMANTICS):
-    """The plgpu.kernel for one shape: (z, g[, gr], w) -> [dx, [dr,] partials (blocks, n) float32]."""
+    """The kernel for one shape: (z, g[, gr], w) -> [dx, [dr,] partials (blocks, n) float32]."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     lay, steps, blocks, _, _ = _plan(n_rows, n, NUMPY_DTYPES[z_dtype].itemsize, steps, reload, warpgroups)
@@ -220,9 +221,14 @@ def _kernel(n_rows: int, n: int, dtype: str, z_dtype: str, has_residual: bool, h
     if pairs:  # the pair's leaves, two rows used in turn
         scratch.append(plgpu.SMEM((2, level_floats), jnp.float32))
     params = plgpu.CompilerParams(lowering_semantics=getattr(plgpu.LoweringSemantics, semantics))
-    threads = dict(num_threads=2, thread_name="warpgroup") if pairs else {}
-    return plgpu.kernel(body, out_type=out_type, grid=(blocks,), grid_names=("blocks",), compiler_params=params,
-                        scratch_types=scratch, **threads)
+    if pairs:  # plgpu.kernel has num_threads, but no aliases: grad_x and grad_residual in new buffers
+        return plgpu.kernel(body, out_type=out_type, grid=(blocks,), grid_names=("blocks",), compiler_params=params,
+                            scratch_types=scratch, num_threads=2, thread_name="warpgroup")
+    # The Pallas-Triton backward's aliases (bi_jax.backward): grad_x over g, grad_residual over
+    # g_r; every stored element is computed from the one loaded at its address.
+    aliases = {1: 0} | ({2: 1} if has_gr else {})
+    return mosaic_call.kernel(body, out_type, aliases=aliases, grid=(blocks,), scratch_types=scratch,
+                              compiler_params=params, name="bi_norm_rms_norm_backward")
 
 
 def rms_norm_backward(z: jax.Array, weight: jax.Array, g: jax.Array, gr: Optional[jax.Array] = None, *,

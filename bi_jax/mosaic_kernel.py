@@ -29,6 +29,7 @@ from jax import lax
 from bridge.numerics.contract import as_float32, check_fp8_args, check_rms_norm_args
 from bridge.numerics.reference_fp8 import fp8_numpy_dtype
 
+from . import mosaic_call
 from .mosaic_fp8 import MosaicFp8Ops, NumpyFp8Ops, quantize_row
 from .mosaic_ops import NUMPY_DTYPES, WARPS, RowLayout, row_layout, row_tree
 from .pallas_fp8 import NO_QUANT, Quant
@@ -150,37 +151,43 @@ def _results(results: Sequence, quant: Quant):
 
 @functools.lru_cache(maxsize=None)
 def _kernel(rows: int, n: int, dtype: str, res_dtype: Optional[str], eps: float, weight_offset: float,
-            llama: bool, interpret=None, semantics: str = SEMANTICS, quant: Quant = NO_QUANT):
-    """The plgpu.kernel for one shape and set of arguments: grid of one program per row.
+            llama: bool, semantics: str = SEMANTICS, quant: Quant = NO_QUANT):
+    """The kernel for one shape and set of arguments: grid of one program per row.
 
-    interpret: Mosaic GPU's interpret params, for a probe (jax 0.10.2's interpreter has no rule for
-    inline_mgpu); semantics: "Warpgroup" or "Lane"; quant: the FP8 output, if any.
+    semantics: "Warpgroup" or "Lane"; quant: the FP8 output, if any.
     """
+    from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     lay = row_layout(n, NUMPY_DTYPES[dtype].itemsize)
     out_type = [jax.ShapeDtypeStruct(shape, jnp.dtype(dt)) for shape, dt in _outputs(rows, n, dtype, res_dtype, quant)]
-    names = ["x", "w"] + ["res"] * (res_dtype is not None) + ["scale"] * (quant.kind == "static")
-    names += ["out"] + ["scales"] * (quant.kind == "group") + ["new_res"] * (res_dtype is not None)
+    ins = ["x", "w"] + ["res"] * (res_dtype is not None) + ["scale"] * (quant.kind == "static")
+    outs = ["out"] + ["scales"] * (quant.kind == "group") + ["new_res"] * (res_dtype is not None)
 
     def body(*refs):
-        row = lax.axis_index("rows")
+        row = pl.program_id(0)
         # The row's refs are sliced here (memrefs with the row's offset); the weight and scale are whole.
-        args = [ref if name in ("w", "scale") else ref.at[row] for name, ref in zip(names, refs)] + [refs[-1]]
+        args = [ref if name in ("w", "scale") else ref.at[row] for name, ref in zip(ins + outs, refs)] + [refs[-1]]
 
         @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(args), return_type=None)
         def emit(ctx, *mems):
-            m = dict(zip(names, mems))
+            m = dict(zip(ins + outs, mems))
             normalize_row(MosaicFp8Ops(lay, mems[-1]), lay, m["x"], m["w"], m.get("res"), m["out"], m.get("new_res"),
                           dtype=dtype, res_dtype=res_dtype, eps=eps, weight_offset=weight_offset, llama=llama,
                           quant=quant, scale=m.get("scale"), scales=m.get("scales"))
 
         emit(*args)
 
-    # Shared memory: one float32 per warp and register (the tree's levels above a warp).
+    # The Pallas-Triton forward's aliases (bi_jax.ops), safe here too: every stored element is
+    # computed from the element loaded at its address, a data dependency no compiler reorders.
+    aliases = {ins.index("res"): outs.index("new_res")} if res_dtype is not None else {}
+    if res_dtype is not None and quant.kind == "none":
+        aliases[ins.index("x")] = outs.index("out")
     params = plgpu.CompilerParams(lowering_semantics=getattr(plgpu.LoweringSemantics, semantics))
-    return plgpu.kernel(body, out_type=out_type, grid=(rows,), grid_names=("rows",), compiler_params=params,
-                        scratch_types=[plgpu.SMEM((WARPS * lay.regs,), jnp.float32)], interpret=interpret)
+    # Shared memory: one float32 per warp and register (the tree's levels above a warp).
+    return mosaic_call.kernel(body, out_type, aliases=aliases, grid=(rows,),
+                              scratch_types=[plgpu.SMEM((WARPS * lay.regs,), jnp.float32)], compiler_params=params,
+                              name="bi_norm_rms_norm")
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float = 1e-6, residual: Optional[jax.Array] = None, *,
@@ -193,8 +200,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float = 1e-6, residual: Optio
     out is then FP8, and kind "group" returns the (rows, n / group) float32 scales after it.
 
     Needs a Hopper GPU to run; on a CPU it can only be lowered
-    (jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))). Unlike bi_jax.rms_norm the
-    outputs do not alias the inputs.
+    (jax.jit(...).trace(...).lower(lowering_platforms=("cuda",))). With a residual, out and the
+    new residual are written over x and the residual, as bi_jax.rms_norm's Pallas-Triton kernel does.
     """
     _check(x, weight, eps, residual, mode, weight_offset, quant, scale)
     rows, n = x.shape

@@ -233,11 +233,10 @@ def rms_norm(
     """Batch-invariant RMSNorm over the last axis (NUMERICS.md).
 
     Returns out, or (out, new_residual) when a residual (x's dtype or float32) is given. With a
-    residual the Pallas-Triton kernel writes out over x and the new residual over the residual:
+    residual the kernel (either body) writes out over x and the new residual over the residual:
     free inside a jitted model (x and the residual dead after the norm, or carried through a loop
     over layers) or when both are donated (jax.jit donate_argnums=(x, residual)); XLA copies an
-    input that is still alive or not donated first, so the caller's arrays never change. The
-    Mosaic GPU kernel writes new buffers (plgpu.kernel has no input_output_aliases).
+    input that is still alive or not donated first, so the caller's arrays never change.
 
     FP8 output (contract v1.2): out_dtype=jnp.float8_e4m3fn with either a static `scale` (a
     float32 array of shape () or (1,), or a Python float; an operand, traced under jit, its value

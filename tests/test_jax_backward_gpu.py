@@ -158,14 +158,13 @@ def _array_copies(hlo_text: str) -> list:
     return [line.strip() for line in hlo_text.splitlines() if re.search(r"= \w+\[[0-9,]+\]\S* copy\(", line)]
 
 
-@pytest.mark.parametrize("n", [4096, 65536])
-def test_train_step_copies_no_array(n):
+@pytest.mark.parametrize("n,backend", [(4096, "triton"), (4096, "mosaic"), (65536, "triton")])  # Mosaic: n <= 32768
+def test_train_step_copies_no_array(n, backend):
     """Forward and backward in one jitted step with the weight donated: out is written over x, the new
     residual over the residual, grad_x over the gradient of out, grad_residual over that of the new
     residual. Each of those is an intermediate, as inside a model: the kernels write over their
     operands, so an operand that is a live step input (not donated, or a donation JAX cannot pair
-    with an output) would be copied first. The forward is pinned to Pallas-Triton: the Mosaic GPU
-    forward writes new buffers (plgpu.kernel has no input_output_aliases)."""
+    with an output) would be copied first. Either kernel body."""
     keys = jax.random.split(jax.random.key(_seed("gpu-step", n)), 5)
     inp, r_in = gpu_rows(keys[0], (64, n), "float32"), gpu_rows(keys[1], (64, n), "float32")
     w = (1.0 + 0.25 * jax.random.normal(keys[2], (n,), jnp.float32)).astype(jnp.bfloat16)
@@ -174,7 +173,7 @@ def test_train_step_copies_no_array(n):
     def loss(w_, inp_, r_, g_out_, g_res_):
         # x and the residual stand for the layer above's outputs.
         out, res = bi_jax.rms_norm((inp_ * 2).astype(jnp.bfloat16), w_, 1e-6, r_ * 2, interpret=False,
-                                   pallas_backend="triton")
+                                   pallas_backend=backend)
         return jnp.sum(out.astype(jnp.float32) * g_out_) + jnp.sum(res * g_res_ * 0.5)
 
     def step(w_, inp_, r_, g_out_, g_res_):
@@ -190,9 +189,10 @@ def test_train_step_copies_no_array(n):
         assert_bits(a, b, f"donated vs not: {name}")
 
 
-def test_layer_loop_backward_copies_no_array():
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_layer_loop_backward_copies_no_array(backend):
     """jax.grad through lax.scan over layers: each layer's grad_x and grad_residual are written over
-    the loop's carried gradients, in place (the forward pinned to Pallas-Triton, as above)."""
+    the loop's carried gradients, in place (either kernel body, as above)."""
     n, layers = 4096, 3
     keys = jax.random.split(jax.random.key(_seed("gpu-scan-grad")), 4)
     h, r = gpu_rows(keys[0], (64, n), "float32"), gpu_rows(keys[1], (64, n), "float32")
@@ -200,7 +200,7 @@ def test_layer_loop_backward_copies_no_array():
     ws = (1.0 + 0.25 * jax.random.normal(keys[3], (layers, n), jnp.float32)).astype(jnp.bfloat16)
 
     def layer(carry, w):
-        return bi_jax.rms_norm(carry[0], w, 1e-6, carry[1], interpret=False, pallas_backend="triton"), None
+        return bi_jax.rms_norm(carry[0], w, 1e-6, carry[1], interpret=False, pallas_backend=backend), None
 
     def loss(h_, r_, ws_, g_, unrolled):
         carry = ((h_ * 2).astype(jnp.bfloat16), r_ * 2)  # the embedding's outputs, say

@@ -190,8 +190,8 @@ def test_compiled_matches_interpret(dtype, kind, mode, offset, n):
 
 # --------------------------------------------------------------------------------------------
 # Donating x and the residual: out is written in x's buffer and the new residual in the residual's,
-# without a copy (jax.jit pairs x with `out` and the residual with the new residual). Pallas-Triton
-# only: plgpu.kernel has no input_output_aliases, so the Mosaic GPU forward writes new buffers.
+# without a copy (jax.jit pairs x with `out` and the residual with the new residual), from
+# either kernel body (the Mosaic GPU one aliases through bi_jax.mosaic_call).
 # --------------------------------------------------------------------------------------------
 
 def _array_copies(hlo_text: str) -> list:
@@ -203,12 +203,13 @@ DONATE = [("bfloat16", "float32", 4096), ("bfloat16", "float32", 65536), ("bfloa
           ("float32", "float32", 4096)]
 
 
-@pytest.mark.parametrize("dtype,rdtype,n", DONATE)
-def test_donated_residual(dtype, rdtype, n):
+@pytest.mark.parametrize("dtype,rdtype,n,backend", [c + (b,) for c in DONATE for b in ("triton", "mosaic")
+                                                     if b == "triton" or c[2] <= 32768])  # Mosaic's widest row
+def test_donated_residual(dtype, rdtype, n, backend):
     keys = jax.random.split(jax.random.key(_seed("gpu-donate", dtype, rdtype, n)), 3)
     x, w = gpu_rows(keys[0], (64, n), dtype), gpu_weight(keys[1], n, dtype)
     r = gpu_rows(keys[2], (64, n), rdtype)
-    fn = lambda a, b, c: bi_jax.rms_norm(a, b, 1e-6, c, pallas_backend="triton")  # noqa: E731
+    fn = lambda a, b, c: bi_jax.rms_norm(a, b, 1e-6, c, pallas_backend=backend)  # noqa: E731
     r_before = np.asarray(r)
     plain = jax.jit(fn)(x, w, r)
     assert_bits(r_before, r, "a residual that was not donated is unchanged")
@@ -228,8 +229,9 @@ def test_donated_residual(dtype, rdtype, n):
     assert not copies, copies
 
 
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
 @pytest.mark.parametrize("dtype,rdtype", [("bfloat16", "bfloat16"), ("bfloat16", "float32")])
-def test_residual_in_a_layer_loop_is_not_copied(dtype, rdtype):
+def test_residual_in_a_layer_loop_is_not_copied(dtype, rdtype, backend):
     """A residual carried through lax.scan over layers is updated in place: no copy in the loop."""
     n, layers = 4096, 3
     keys = jax.random.split(jax.random.key(_seed("gpu-scan", dtype, rdtype)), 3)
@@ -237,7 +239,7 @@ def test_residual_in_a_layer_loop_is_not_copied(dtype, rdtype):
     ws = jnp.stack([gpu_weight(k, n, dtype) for k in jax.random.split(keys[2], layers)])
 
     def step(carry, w):
-        out, new_r = bi_jax.rms_norm(carry[0], w, 1e-6, carry[1], pallas_backend="triton")
+        out, new_r = bi_jax.rms_norm(carry[0], w, 1e-6, carry[1], pallas_backend=backend)
         return (out * 2, new_r), None  # `* 2` stands for the layer between two norms
 
     looped = jax.jit(lambda c, w: lax.scan(step, c, w)[0], donate_argnums=0)

@@ -1,12 +1,12 @@
 """A pre-norm residual stream of layers (`x, r = rms_norm(x, w, residual=r)`), differentiated through
 lax.scan and unrolled: every gradient equals the numpy reference run layer by layer, bit for bit.
 
-This is how models call the norm: each call's outputs are the next call's inputs (the Pallas-Triton
-kernels write them in place, over x and the residual, and grad_x and grad_residual over the
-incoming gradients; the Mosaic GPU ones write new buffers that XLA copies into the loop's carry),
-and with a loss on both outputs the two incoming gradients are equal. On the CPU: interpret mode;
-on a GPU: each kernel body (Mosaic GPU where this GPU and jax run it). In-place Mosaic GPU calls
-through jax refs (pl.kernel) failed this test inside lax.scan on the H100: see README.
+This is how models call the norm: each call's outputs are the next call's inputs, written in
+place by both kernel bodies (out over x, the new residual over the residual; grad_x and
+grad_residual over the incoming gradients), and with a loss on both outputs the two incoming
+gradients are equal. On the CPU: interpret mode; on a GPU: each kernel body (Mosaic GPU where this
+GPU and jax run it). In-place Mosaic GPU calls through jax refs (pl.kernel) failed this test
+inside lax.scan on the H100: see README.
 """
 
 from __future__ import annotations

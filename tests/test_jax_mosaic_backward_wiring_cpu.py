@@ -1,6 +1,6 @@
 """bi_jax.rms_norm's gradients through the Mosaic GPU backward on the CPU, its body emulated on the host.
 
-mosaic_backward._kernel (the plgpu.kernel for one shape) is replaced by a jax.pure_callback into
+mosaic_backward._kernel (the kernel for one shape) is replaced by a jax.pure_callback into
 mosaic_backward.emulate_kernel, the body the GPU runs on numpy (tests/test_jax_mosaic_backward.py
 checks it against the reference), and the selection is forced to "mosaic" for the backward. What
 this checks is the wiring: jax.grad through the custom_vjp, a residual with and without the new

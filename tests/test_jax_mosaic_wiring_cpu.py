@@ -1,6 +1,6 @@
 """bi_jax.rms_norm's Mosaic GPU path on the CPU, with the kernel's body emulated on the host.
 
-No CPU runs the Mosaic GPU kernel, so mosaic_kernel._kernel (the plgpu.kernel for one shape) is
+No CPU runs the Mosaic GPU kernel, so mosaic_kernel._kernel (the kernel for one shape) is
 replaced by a jax.pure_callback into mosaic_kernel.rms_norm_emulated: the very body the GPU runs,
 on numpy (tests/test_jax_mosaic_cpu.py checks it against the corpus). What this checks is the
 wiring around the kernel: that every call shape rms_norm takes (1-D x, leading batch dims, 0 rows,

@@ -241,20 +241,6 @@ def ptx_section():
             say(f"[ptx {label(c)}] FAIL {type(e).__name__}: {' '.join(str(e).split())[:300]}")
 
 
-def interpret_section():
-    """Mosaic GPU's interpret mode on the CPU: jax 0.10.2 has no rule for inline_mgpu (one line either way)."""
-    try:
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-        kernel = mk._kernel(3, 256, "float32", None, 1e-6, 0.0, True, interpret=InterpretGPUParams())
-        x = np.linspace(-2, 2, 768, dtype=np.float32).reshape(3, 256)
-        w = np.ones(256, np.float32)
-        got = kernel(jnp.asarray(x), jnp.asarray(w))[0]
-        d = first_diff("interpret out", got, ref.rms_norm(x, w, 1e-6), x, None)
-        say(f"[interpret] runs; {d or 'bits == reference (CPU bits)'}")
-    except Exception as e:  # noqa: BLE001
-        say(f"[interpret] cannot run the kernel: {type(e).__name__}: {' '.join(str(e).split())[-200:]}")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=60.0 if GPU else 600.0,
@@ -267,8 +253,6 @@ def main():
         f"{SEMANTICS[0]}")
     if GPU:
         ptx_section()
-    else:
-        interpret_section()
     bits_section(args.budget)
     if GPU:
         speed_section()
