@@ -68,17 +68,18 @@ def test_fp8_kernel_lowers_to_exact_integer_work(n, quant, divisions, monkeypatc
     r = jax.ShapeDtypeStruct((8, n), jnp.float32)
     s = jax.ShapeDtypeStruct((), jnp.float32)
     if quant is None:
-        # Pallas-Triton's: on a GPU of compute capability 9.0 or later the default is the Mosaic kernel.
         text = _triton_module(lambda a, b, c: bi_jax.rms_norm(a, b, 1e-6, c, interpret=False,
                                                               pallas_backend="triton"), x, w, r,
                               monkeypatch=monkeypatch)
     elif quant == "static":
         text = _triton_module(lambda a, b, c, d: bi_jax.rms_norm(a, b, 1e-6, c, out_dtype=jnp.float8_e4m3fn,
-                                                                 scale=d, interpret=False), x, w, r, s,
+                                                                 scale=d, interpret=False, pallas_backend="triton"),
+                              x, w, r, s,
                               monkeypatch=monkeypatch)
     else:
         text = _triton_module(lambda a, b, c: bi_jax.rms_norm(a, b, 1e-6, c, out_dtype=jnp.float8_e4m3fn,
-                                                              group_size=quant, interpret=False), x, w, r,
+                                                              group_size=quant, interpret=False,
+                                                              pallas_backend="triton"), x, w, r,
                               monkeypatch=monkeypatch)
     if quant is None:
         assert not re.search(r"f8E4M3|tt\.fp_to_fp", text), "an FP8 conversion in the bf16 output's IR"

@@ -1,4 +1,4 @@
-"""bi_jax's FP8 output (contract v1.2) on a GPU: the compiled Pallas kernel (Triton lowering), bit for bit.
+"""bi_jax's FP8 output (contract v1.2) on a GPU: the compiled Pallas-Triton kernel, bit for bit.
 
 Skipped without a GPU as JAX's default backend (jax_gpu_marks.py). The FP8 golden corpus;
 bridge.reference on the CPU tests' inputs (and a float32-subnormal scale, which XLA:CPU would
@@ -35,7 +35,10 @@ from jax_helpers import _seed, residual_dtype  # noqa: E402
 pytestmark = JAX_GPU_MARKS
 
 STATIC = ("eps", "mode", "weight_offset", "out_dtype", "group_size")
-COMPILED = jax.jit(functools.partial(bi_jax.rms_norm, interpret=False), static_argnames=STATIC)
+# The Pallas-Triton kernel, named: on compute capability 9.0 and later the FP8 output's default is the
+# Mosaic GPU kernel (tests/test_jax_mosaic_fp8_gpu.py).
+COMPILED = jax.jit(functools.partial(bi_jax.rms_norm, interpret=False, pallas_backend="triton"),
+                   static_argnames=STATIC)
 INTERPRETED = jax.jit(functools.partial(bi_jax.rms_norm, interpret=True), static_argnames=STATIC)
 
 # FP8's normal range, its subnormals, 2**-126 (t overflows) and 2**-127, a float32 subnormal whose
