@@ -1,8 +1,8 @@
 """bi_jax's public function: validation at trace time, then one kernel call over row blocks.
 
-The forward without FP8 and its backward run the Mosaic GPU kernels (bi_jax/mosaic_kernel.py,
-bi_jax/mosaic_backward.py) or the Pallas-Triton ones (bi_jax/pallas_kernel.py,
-bi_jax/pallas_backward.py), as bi_jax.selection picks; the FP8 output runs Pallas-Triton. Both
+The forward (FP8 output included) and its backward run the Mosaic GPU kernels
+(bi_jax/mosaic_kernel.py, mosaic_fp8.py, mosaic_backward.py) or the Pallas-Triton ones
+(bi_jax/pallas_kernel.py, pallas_fp8.py, pallas_backward.py), as bi_jax.selection picks. Both
 bodies give the contract's bits, so the choice changes no result.
 
 Rows are independent, so a batch sharded over its leading axes runs the kernel on each shard's
