@@ -32,7 +32,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -45,10 +44,9 @@ from bi_jax.mosaic_backward_pairs import pair_regs  # noqa: E402
 from bi_jax.mosaic_ops import row_layout  # noqa: E402
 from bridge.golden.forward import PATTERNS, as_dtype, pattern_row, random_weight  # noqa: E402
 from bridge.numerics import reference as ref  # noqa: E402
-from probe_timing import seconds  # noqa: E402  (scripts/probes/, on sys.path when run as a script)
+from probe_timing import elapsed, say, seconds  # noqa: E402  (scripts/probes/, on sys.path when run as a script)
 
 GPU = jax.default_backend() == "gpu"
-T0 = time.time()
 NS = (1, 3, 7, 100, 1000, 2048, 4096, 5120, 8192, 20000)
 ROWS = (1, 3, 300, 2, 17, 255, 5, 100, 33, 7, 256, 129)
 DTYPES = ("bfloat16", "float16", "float32")
@@ -58,10 +56,6 @@ SWEEP_SHAPES = ((16384, 4096), (4096, 8192), (65536, 4096))  # the last has the 
 SWEEP_STEPS = (8, 16, 32, 64)
 VARIANTS = ((False, 1), (True, 1), (False, 2), (True, 2))  # (reload, warpgroups)
 SMEM_LIMIT = 227 * 1024  # an H100 block's shared memory
-
-
-def say(line: str) -> None:
-    print(f"[{time.time() - T0:6.1f} s] {line}", flush=True)
 
 
 def case_list():
@@ -103,7 +97,7 @@ def first_diff(name, got, want):
 def bits_section(budget: float):
     counts = collections.Counter()
     for c in case_list():
-        if time.time() - T0 > budget:
+        if elapsed() > budget:
             counts["skipped (budget)"] += 1
             continue
         label = (f"n={c['n']} rows={c['rows']} {c['dtype']} res={c['res']} gr={c['gr']} {c['mode']} "
@@ -218,7 +212,7 @@ def sweep_section(budget: float) -> None:
                         f"reload={reload} warpgroups={wgs} steps={steps} smem={smem_bytes(n, steps, wgs) // 1024} KiB]"))
             if steps is not None and smem_bytes(n, steps, wgs) > SMEM_LIMIT:
                 continue
-            if time.time() - T0 > budget:
+            if elapsed() > budget:
                 say(f"{label} skipped (budget)")
                 continue
             try:

@@ -30,7 +30,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -41,10 +40,9 @@ import numpy as np  # noqa: E402
 from bi_jax import mosaic_kernel as mk  # noqa: E402
 from bridge.golden.forward import PATTERNS, as_dtype, pattern_row, random_weight  # noqa: E402
 from bridge.numerics import reference as ref  # noqa: E402
-from probe_timing import seconds  # noqa: E402  (scripts/probes/, on sys.path when run as a script)
+from probe_timing import elapsed, say, seconds  # noqa: E402  (scripts/probes/, on sys.path when run as a script)
 
 GPU = jax.default_backend() == "gpu"
-T0 = time.time()
 NS = (1, 2, 3, 7, 64, 100, 1000, 4096, 5120, 8192, 16384, 20000)
 ROWS = (1, 3, 300, 2, 17, 255, 5, 100, 33, 7, 256, 129)
 DTYPES = ("bfloat16", "float16", "float32")
@@ -57,10 +55,6 @@ PTX_OPS = ("fma.rn.f32", "div.full.f32", "div.approx", "rcp.", "sqrt.approx", "r
 FLOAT_OPS = re.compile(r'"(?:stable_mosaic_gpu\.)?(arith\.(?:add|sub|mul|div|neg|rem|max|min|cmp|trunc|ext)f|'
                        r'arith\.(?:maximumf|minimumf|truncf|extf|sitofp|uitofp)|math\.[a-z_.]+|llvm\.f[a-z]+|'
                        r'llvm\.intr\.(?:fma|fmuladd)|vector\.(?:fma|reduction))"')
-
-
-def say(line: str) -> None:
-    print(f"[{time.time() - T0:6.1f} s] {line}", flush=True)
 
 
 def residual_kinds(d: str):
@@ -159,7 +153,7 @@ def check_on_gpu(c, x, w, r, want, budget: float) -> str:
     got = got if r is not None else (got,)
     diffs = [d for d in (first_diff(k, g, e, x, r) for k, g, e in zip(("out", "new_residual"), got, want)) if d]
     note = "== reference"
-    if c["triton"] and time.time() - T0 < 0.6 * budget:  # each Pallas-Triton compile costs about a second
+    if c["triton"] and elapsed() < 0.6 * budget:  # each Pallas-Triton compile costs about a second
         tri = jax.jit(lambda x, w: bi_jax.rms_norm(x, w, c["eps"], mode=c["mode"], weight_offset=c["off"],
                                                    interpret=False))(dev[0], dev[1])
         d = first_diff("vs pallas-triton out", got[0], tri, x, r)
@@ -171,7 +165,7 @@ def check_on_gpu(c, x, w, r, want, budget: float) -> str:
 def bits_section(budget: float):
     counts = collections.Counter()
     for c in case_list():
-        if time.time() - T0 > budget:
+        if elapsed() > budget:
             counts["skipped (budget)"] += 1
             continue
         try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -28,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax_fp8_helpers import expected, fp8_rows, fp8_weight, quant_kwargs  # noqa: E402  (tests/)
-from probe_timing import seconds  # noqa: E402  (scripts/probes/, on sys.path when run as a script)
+from probe_timing import say, seconds  # noqa: E402  (scripts/probes/, on sys.path when run as a script)
 
 import bi_jax  # noqa: E402
 from bi_jax import mosaic_kernel as mk  # noqa: E402
@@ -36,16 +35,11 @@ from bi_jax.pallas_fp8 import Quant  # noqa: E402
 from bridge.verify.compare import first_mismatch  # noqa: E402
 
 GPU = jax.default_backend() == "gpu"
-T0 = time.time()
 NS = (64, 128, 1024, 4096, 5120, 8192, 16384, 20480)
 DTYPES = ("bfloat16", "float16", "float32")
 QUANTS = ("static", "group64", "group128")
 SPEED_SHAPES = ((16384, 4096), (4096, 8192))
 STATIC = ("eps", "mode", "weight_offset", "out_dtype", "group_size")
-
-
-def say(line: str) -> None:
-    print(f"[{time.time() - T0:6.1f} s] {line}", flush=True)
 
 
 def cases():
