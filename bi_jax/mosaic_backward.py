@@ -58,7 +58,8 @@ def _backward_row(ops, lay: RowLayout, raw, step, refs, sink, *, dtype: str, z_d
         # B1: xhat in float32; B3: a = g * w.
         xh = [ops.mul(e, inv) for e in vz]
         g = [ops.widen(e, dtype) for e in ops.unpack(g_raw)]
-        return xh, g, [ops.mul(ge, effective_weight(ops, e, dtype, weight_offset)) for ge, e in zip(g, ops.load(w_ref, reg))]
+        ws = ops.load(w_ref, reg)
+        return xh, g, [ops.mul(ge, effective_weight(ops, e, dtype, weight_offset)) for ge, e in zip(g, ws)]
 
     p, held, b = [], [], []
     for reg in range(regs):
