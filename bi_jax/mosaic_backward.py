@@ -35,9 +35,9 @@ from bridge.numerics.tiling import mosaic_backward_steps, mosaic_backward_varian
 
 from . import mosaic_call
 from .mosaic_backward_ops import MosaicBackwardOps, NumpyBackwardOps, exact_row_tree
-from .mosaic_backward_pairs import MosaicPairOps, NumpyPairOps, pair_regs
+from .mosaic_backward_pairs import MosaicPairOps, NumpyPairOps, level_floats
 from .mosaic_kernel import MAX_N, SEMANTICS, effective_weight, inverse_rms
-from .mosaic_ops import NUMPY_DTYPES, THREADS, WARPS, RowLayout, row_layout
+from .mosaic_ops import NUMPY_DTYPES, WARPS, RowLayout, row_layout
 from .pallas_kernel import encode
 
 
@@ -59,7 +59,8 @@ def _backward_row(ops, lay: RowLayout, raw, step, refs, sink, *, dtype: str, z_d
         # B1: xhat in float32; B3: a = g * w.
         xh = [ops.mul(e, inv) for e in vz]
         g = [ops.widen(e, dtype) for e in ops.unpack(g_raw)]
-        return xh, g, [ops.mul(ge, effective_weight(ops, e, dtype, weight_offset)) for ge, e in zip(g, ops.load(w_ref, reg))]
+        ws = ops.load(w_ref, reg)
+        return xh, g, [ops.mul(ge, effective_weight(ops, e, dtype, weight_offset)) for ge, e in zip(g, ws)]
 
     p, held, b = [], [], []
     for reg in range(regs):
@@ -160,13 +161,14 @@ def _plan(n_rows: int, n: int, z_itemsize: int, steps: Optional[int], reload: Op
     """(layout, steps, blocks, reload, warpgroups); None: tiling's rule. The layout follows z's
     dtype (x's, or the residual's), the widest loads."""
     lay = row_layout(n, z_itemsize)
-    level_floats = {1: lay.regs * THREADS * lay.vec, 2: pair_regs(lay) * THREADS * lay.vec}
-    rule_reload, rule_wgs = mosaic_backward_variant(n_rows, lay.regs * lay.vec, level_floats[2])
+    rule_reload, rule_wgs = mosaic_backward_variant(n_rows, lay.regs * lay.vec, level_floats(lay, 2))
     reload = rule_reload if reload is None else reload
     warpgroups = warpgroups or rule_wgs
-    steps = steps or mosaic_backward_steps(n_rows, level_floats.get(warpgroups, 1), warpgroups)
-    if warpgroups not in (1, 2) or steps < warpgroups:
-        raise ValueError(f"warpgroups: 1, or 2 with a pair of rows and room for them; got {warpgroups}, steps {steps}")
+    if warpgroups not in (1, 2):
+        raise ValueError(f"warpgroups: 1 or 2; got {warpgroups}")
+    steps = steps or mosaic_backward_steps(n_rows, level_floats(lay, warpgroups), warpgroups)
+    if steps < warpgroups:
+        raise ValueError(f"warpgroups: 2 need a pair of rows and room for them; got steps {steps}")
     if steps & (steps - 1) or steps > next_power_of_two(n_rows):
         raise ValueError(f"steps: a power of two up to the row count's ({next_power_of_two(n_rows)}); got {steps}")
     return lay, steps, -(-n_rows // steps), reload, warpgroups
@@ -197,7 +199,7 @@ def _kernel(n_rows: int, n: int, dtype: str, z_dtype: str, has_residual: bool, h
     row_args = dict(dtype=dtype, z_dtype=z_dtype, has_residual=has_residual, has_gr=has_gr, eps=eps,
                     weight_offset=weight_offset, llama=llama, width=next_power_of_two(n), reload=reload)
     pairs = warpgroups == 2
-    level_floats = (pair_regs(lay) if pairs else lay.regs) * THREADS * lay.vec
+    floats = level_floats(lay, warpgroups)
 
     def body(*refs):
         @plgpu.inline_mgpu(arg_types=(plgpu.RefType(),) * len(refs), return_type=None)
@@ -217,9 +219,9 @@ def _kernel(n_rows: int, n: int, dtype: str, z_dtype: str, has_residual: bool, h
     # Per warpgroup: its row trees' exchange (one float32 per warp and register).
     tree = plgpu.SMEM((warpgroups, WARPS * lay.regs) if pairs else (WARPS * lay.regs,), jnp.float32)
     # The counter's levels: one float32 per padded column each (at least one float: no empty scratch).
-    scratch = [tree, tree, plgpu.SMEM((max(1, levels * level_floats),), jnp.float32)]
+    scratch = [tree, tree, plgpu.SMEM((max(1, levels * floats),), jnp.float32)]
     if pairs:  # the pair's leaves, two rows used in turn
-        scratch.append(plgpu.SMEM((2, level_floats), jnp.float32))
+        scratch.append(plgpu.SMEM((2, floats), jnp.float32))
     params = plgpu.CompilerParams(lowering_semantics=getattr(plgpu.LoweringSemantics, semantics))
     if pairs:  # plgpu.kernel has num_threads, but no aliases: grad_x and grad_residual in new buffers
         return plgpu.kernel(body, out_type=out_type, grid=(blocks,), grid_names=("blocks",), compiler_params=params,

@@ -25,6 +25,11 @@ def pair_regs(lay: RowLayout) -> int:
     return lay.regs + lay.regs % 2
 
 
+def level_floats(lay: RowLayout, warpgroups: int) -> int:
+    """The floats of one counter level (a row of the pair exchange too) for 1 or 2 warpgroups."""
+    return (pair_regs(lay) if warpgroups == 2 else lay.regs) * THREADS * lay.vec
+
+
 def _pair_leaves(ops, p: List, step) -> List:
     """Slot h: p0 + p1 (the left row's leaf first) of register 2h + warpgroup, one vector per slot."""
     zero = [ops.f32(0.0)] * ops.lay.vec

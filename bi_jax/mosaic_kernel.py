@@ -211,7 +211,8 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float = 1e-6, residual: Optio
                         quant)
     kernel = _kernel(rows, n, _name(x.dtype), res_dtype, as_float32(eps), as_float32(weight_offset),
                      mode == "llama", semantics=semantics, quant=quant)
-    inputs = [x, weight] + ([] if residual is None else [residual]) + ([] if scale is None else [jnp.reshape(scale, (1,))])
+    inputs = [x, weight] + ([] if residual is None else [residual])
+    inputs += [] if scale is None else [jnp.reshape(scale, (1,))]
     return _results(kernel(*inputs), quant)
 
 

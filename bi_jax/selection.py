@@ -12,8 +12,8 @@ else "auto".
 - "triton": Pallas-Triton.
 
 The forward (issue 26, stage 1), its FP8 output (stage 3, bi_jax/mosaic_fp8.py) and the
-backward (stage 2) have Mosaic GPU kernels, chosen by the same rule. Interpret mode (the CPU) is always the Pallas-Triton body: Mosaic GPU's interpreter has no rule
-for inline_mgpu.
+backward (stage 2) have Mosaic GPU kernels, chosen by the same rule. Interpret mode (the CPU) is
+always the Pallas-Triton body: Mosaic GPU's interpreter has no rule for inline_mgpu.
 """
 
 from __future__ import annotations

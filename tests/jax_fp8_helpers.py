@@ -62,6 +62,10 @@ def fp8_rows(rng: np.random.Generator, shape, dtype: str, specials: bool = True)
 
 
 HUGE_WEIGHT_COLUMN = 3
+# The GPU tests' static scales: FP8's normal range, its subnormals, 2**-126 (t overflows) and
+# 2**-127, a float32 subnormal whose reciprocal is finite: the GPU keeps subnormals (XLA:CPU would
+# read it as 0, hence not in the CPU tests).
+GPU_STATIC_SCALES = (np.float32(0.0123), np.float32(150.0), np.float32(2.0**-126), np.float32(2.0**-127))
 
 
 def fp8_weight(rng: np.random.Generator, n: int, dtype: str) -> np.ndarray:

@@ -27,8 +27,8 @@ from bi_jax.pallas_fp8 import clamp_fp8, encode_fp8, quotient, to_fp8  # noqa: E
 from bi_jax.pallas_kernel import ExactOps  # noqa: E402
 
 from fp8_helpers import FP8_CASE_NAMES, QUOTIENT_SCALES  # noqa: E402
-from jax_fp8_helpers import (COMBOS, E4M3, HUGE_WEIGHT_COLUMN, QUANTS, assert_fp8_result, call,  # noqa: E402
-                             check_fp8_corpus_case, expected, fp8_rows, fp8_weight, quant_kwargs)
+from jax_fp8_helpers import (COMBOS, E4M3, GPU_STATIC_SCALES, HUGE_WEIGHT_COLUMN, QUANTS,  # noqa: E402
+                             assert_fp8_result, call, check_fp8_corpus_case, expected, fp8_rows, fp8_weight, quant_kwargs)
 from jax_gpu_marks import JAX_GPU_MARKS  # noqa: E402
 from jax_helpers import _seed, residual_dtype  # noqa: E402
 
@@ -40,10 +40,6 @@ STATIC = ("eps", "mode", "weight_offset", "out_dtype", "group_size")
 COMPILED = jax.jit(functools.partial(bi_jax.rms_norm, interpret=False, pallas_backend="triton"),
                    static_argnames=STATIC)
 INTERPRETED = jax.jit(functools.partial(bi_jax.rms_norm, interpret=True), static_argnames=STATIC)
-
-# FP8's normal range, its subnormals, 2**-126 (t overflows) and 2**-127, a float32 subnormal whose
-# reciprocal is finite: the GPU keeps subnormals (XLA:CPU would read it as 0, hence not in the CPU tests).
-STATIC_SCALES = (np.float32(0.0123), np.float32(150.0), np.float32(2.0**-126), np.float32(2.0**-127))
 
 
 @pytest.mark.parametrize("name", FP8_CASE_NAMES)
@@ -62,7 +58,7 @@ def test_compiled_matches_reference(dtype, kind, mode, offset, quant, n):
     x[-2, :128] = 0.0  # a zero group
     w = fp8_weight(rng, n, dtype)
     r = None if kind == "none" else fp8_rows(rng, (rows, n), residual_dtype(dtype, kind), specials=False)
-    for scale in STATIC_SCALES if quant == "static" else (None,):
+    for scale in GPU_STATIC_SCALES if quant == "static" else (None,):
         kwargs = quant_kwargs(quant, scale)
         got = call(COMPILED, x, w, r, mode=mode, weight_offset=offset, **kwargs)
         assert_fp8_result(expected(x, w, r, mode=mode, weight_offset=offset, **kwargs), got,

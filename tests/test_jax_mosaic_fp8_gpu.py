@@ -19,8 +19,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from fp8_helpers import FP8_CASE_NAMES  # noqa: E402
-from jax_fp8_helpers import (COMBOS, HUGE_WEIGHT_COLUMN, QUANTS, assert_fp8_result, call,  # noqa: E402
-                             check_fp8_corpus_case, expected, fp8_rows, fp8_weight, quant_kwargs)
+from jax_fp8_helpers import (COMBOS, GPU_STATIC_SCALES, HUGE_WEIGHT_COLUMN, QUANTS,  # noqa: E402
+                             assert_fp8_result, call, check_fp8_corpus_case, expected, fp8_rows, fp8_weight, quant_kwargs)
 from jax_gpu_marks import JAX_GPU_MARKS, jax_gpu  # noqa: E402
 from jax_helpers import _seed, residual_dtype  # noqa: E402
 
@@ -33,8 +33,6 @@ pytestmark = JAX_GPU_MARKS + [pytest.mark.skipif(_WHY_NOT is not None, reason=f"
 STATIC = ("eps", "mode", "weight_offset", "out_dtype", "group_size")
 MOSAIC = jax.jit(functools.partial(bi_jax.rms_norm, interpret=False, pallas_backend="mosaic"), static_argnames=STATIC)
 TRITON = jax.jit(functools.partial(bi_jax.rms_norm, interpret=False, pallas_backend="triton"), static_argnames=STATIC)
-# As test_jax_fp8_gpu.py's: FP8's normal range, its subnormals, 2**-126 (t overflows), 2**-127 (a float32 subnormal).
-STATIC_SCALES = (np.float32(0.0123), np.float32(150.0), np.float32(2.0**-126), np.float32(2.0**-127))
 SIZES = (1, 2, 3, 7, 8, 32, 255, 256, 300, 1024, 4096)
 
 
@@ -62,7 +60,7 @@ def _inputs(tag, rows: int, n: int, dtype: str, kind: str):
 @pytest.mark.parametrize("dtype,kind,mode,offset,quant", COMBOS)
 def test_mosaic_matches_reference_and_triton(dtype, kind, mode, offset, quant, n):
     x, w, r = _inputs("ref", 64 if n <= 5120 else 4, n, dtype, kind)
-    for scale in STATIC_SCALES if quant == "static" else (None,):
+    for scale in GPU_STATIC_SCALES if quant == "static" else (None,):
         kwargs = quant_kwargs(quant, scale)
         got = call(MOSAIC, x, w, r, mode=mode, weight_offset=offset, **kwargs)
         what = f"{dtype} {kind} {mode} {offset} {quant} n={n} scale={scale}"

@@ -40,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bi_jax import backward, mosaic_backward  # noqa: E402
-from bi_jax.mosaic_backward_pairs import pair_regs  # noqa: E402
+from bi_jax.mosaic_backward_pairs import level_floats  # noqa: E402
 from bi_jax.mosaic_ops import row_layout  # noqa: E402
 from bridge.golden.forward import PATTERNS, as_dtype, pattern_row, random_weight  # noqa: E402
 from bridge.numerics import reference as ref  # noqa: E402
@@ -192,8 +192,7 @@ def ptxas_section():
 
 def smem_bytes(n: int, steps: int, warpgroups: int) -> int:
     """The counter's levels and, with two warpgroups, the pair exchange's two rows (bf16 layout)."""
-    lay = row_layout(n, 2)
-    floats = (pair_regs(lay) if warpgroups == 2 else lay.regs) * 128 * lay.vec
+    floats = level_floats(row_layout(n, 2), warpgroups)
     return 4 * floats * ((steps // warpgroups).bit_length() - 1 + (2 if warpgroups == 2 else 0))
 
 
