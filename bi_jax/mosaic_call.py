@@ -24,6 +24,9 @@ def kernel(body: Callable, out_type: Sequence[jax.ShapeDtypeStruct], *, aliases:
     aliases {input index: output index}, as pallas_call's."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
+    # jax 0.11.2's pallas_call looks the Mosaic GPU rule up by CompilerParams type and asserts it is
+    # there; only this module registers it, and plgpu.kernel's path no longer imports it.
+    from jax._src.pallas.mosaic_gpu import pallas_call_registration  # noqa: F401
 
     gmem = pl.BlockSpec(memory_space=plgpu.GMEM)
 

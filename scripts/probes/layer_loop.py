@@ -1,7 +1,7 @@
 """bi_jax inside a loop over layers, Mosaic GPU vs Pallas-Triton: the array copies XLA keeps and the time.
 
 Both kernel bodies write the residual and grad_x in place (the Mosaic GPU one through
-bi_jax/mosaic_call.py's refs). This times jax.grad of a
+bi_jax/mosaic_call.py's input_output_aliases). This times jax.grad of a
 jax.lax.scan over LAYERS layers of `x, r = rms_norm(x, w, residual=r)` (the usual pre-norm
 residual stream), jitted, and counts the copies of whole arrays in the optimized HLO.
 Run: python3 scripts/probes/layer_loop.py   (a GPU of compute capability 9.0 or later)
