@@ -190,3 +190,14 @@ def test_jax_lacks_a_mosaic_gpu_pallas(monkeypatch):
     monkeypatch.setitem(sys.modules, "jax.experimental.pallas.mosaic_gpu", None)  # a jax without it
     reason = selection.jax_lacks()
     assert reason is not None and reason.startswith(f"jax {jax.__version__} has no Mosaic GPU Pallas"), reason
+
+
+def test_jax_lacks_pallas_calls_mosaic_gpu_lowering(monkeypatch):
+    import sys
+
+    import jax._src.pallas.mosaic_gpu as mosaic_gpu_src
+
+    monkeypatch.delattr(mosaic_gpu_src, "pallas_call_registration", raising=False)
+    monkeypatch.setitem(sys.modules, "jax._src.pallas.mosaic_gpu.pallas_call_registration", None)
+    reason = selection.jax_lacks()
+    assert reason is not None and "jax._src.pallas.mosaic_gpu.pallas_call_registration" in reason, reason
