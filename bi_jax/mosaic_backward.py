@@ -223,14 +223,13 @@ def _kernel(n_rows: int, n: int, dtype: str, z_dtype: str, has_residual: bool, h
     if pairs:  # the pair's leaves, two rows used in turn
         scratch.append(plgpu.SMEM((2, floats), jnp.float32))
     params = plgpu.CompilerParams(lowering_semantics=getattr(plgpu.LoweringSemantics, semantics))
-    if pairs:  # plgpu.kernel has num_threads, but no aliases: grad_x and grad_residual in new buffers
-        return plgpu.kernel(body, out_type=out_type, grid=(blocks,), grid_names=("blocks",), compiler_params=params,
-                            scratch_types=scratch, num_threads=2, thread_name="warpgroup")
+    threads = dict(num_threads=2, thread_name="warpgroup") if pairs else {}
     # The Pallas-Triton backward's aliases (bi_jax.backward): grad_x over g, grad_residual over
     # g_r; every stored element is computed from the one loaded at its address.
     aliases = {1: 0} | ({2: 1} if has_gr else {})
-    return mosaic_call.kernel(body, out_type, aliases=aliases, grid=(blocks,), scratch_types=scratch,
-                              compiler_params=params, name="bi_norm_rms_norm_backward")
+    return mosaic_call.kernel(body, out_type, aliases=aliases, grid=(blocks,), grid_names=("blocks",),
+                              scratch_types=scratch, compiler_params=params, name="bi_norm_rms_norm_backward",
+                              **threads)
 
 
 def rms_norm_backward(z: jax.Array, weight: jax.Array, g: jax.Array, gr: Optional[jax.Array] = None, *,

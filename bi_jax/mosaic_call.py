@@ -1,39 +1,39 @@
 """A Mosaic GPU kernel call whose chosen outputs are written over inputs, as pallas_call's
 input_output_aliases do for the Pallas-Triton kernels.
 
-plgpu.kernel takes no aliases. pl.kernel aliases the jax Refs it is passed, but inside lax.scan
-those calls gave wrong gradients on the H100 (jax 0.11.2; tests/test_jax_layer_stack.py), so this
-uses pl.pallas_call with Mosaic GPU's CompilerParams, GMEM operands and input_output_aliases: the
-same kernel module as plgpu.kernel's (byte for byte, but for its name), with XLA passing an
-aliased pair the same buffer. JAX 0.11 deprecates pallas_call for Mosaic GPU
-("jax-pallas-call-mgpu"); bi_jax.deprecation keeps that warning out of bi_jax's own calls.
+plgpu.kernel takes no aliases, so XLA copied the Mosaic kernels' new buffers into a scan's carry
+(README, "Which Pallas backend"). Two public routes failed on the H100 (jax 0.11.2): pl.kernel
+with jax.new_ref operands aliases them, but inside lax.scan gave wrong gradients
+(tests/test_jax_layer_stack.py); pl.pallas_call no longer lowers Mosaic GPU kernels at all
+(its GPU rule asserts the Triton one). So this builds what plgpu.kernel builds (a Mesh, the
+scratch in run_scoped, the mpmd_map primitive it lowers through) and hands the primitive the
+aliases plgpu.kernel leaves empty: the same kernel module, with XLA passing an aliased pair one
+buffer. mpmd_map's binder is private (jax._src.pallas.mpmd._mpmd_map); bi_jax.selection
+checks it is there.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence
+import functools
+from typing import Callable, Dict, Optional, Sequence
 
 import jax
 
-from .deprecation import quiet_call
-
 
 def kernel(body: Callable, out_type: Sequence[jax.ShapeDtypeStruct], *, aliases: Dict[int, int], grid: tuple,
-           scratch_types: Sequence, compiler_params, name: str) -> Callable:
-    """body(*input_refs, *output_refs, *scratch_refs), one program per grid point (pl.program_id);
-    aliases {input index: output index}, as pallas_call's."""
+           grid_names: tuple, scratch_types: Sequence, compiler_params, name: str, num_threads: Optional[int] = None,
+           thread_name: Optional[str] = None) -> Callable:
+    """plgpu.kernel's call with aliases {input index: output index}, as pallas_call's:
+    body(*input_refs, *output_refs, *scratch_refs), one program per grid point (lax.axis_index)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
-    # jax 0.11.2's pallas_call looks the Mosaic GPU rule up by CompilerParams type and asserts it is
-    # there; only this module registers it, and plgpu.kernel's path no longer imports it.
-    from jax._src.pallas.mosaic_gpu import pallas_call_registration  # noqa: F401
+    from jax._src.pallas.mpmd import _mpmd_map
 
-    gmem = pl.BlockSpec(memory_space=plgpu.GMEM)
+    mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=num_threads, thread_name=thread_name)
 
-    def call(*operands):
-        fn = pl.pallas_call(body, out_shape=list(out_type), grid=grid, in_specs=[gmem] * len(operands),
-                            out_specs=[gmem] * len(out_type), input_output_aliases=aliases,
-                            compiler_params=compiler_params, scratch_shapes=list(scratch_types), name=name)
-        return quiet_call(fn, *operands)
+    def kernel_body(*refs):  # scratch through run_scoped, as plgpu.kernel: mpmd_map's GPU lowering takes none
+        pl.run_scoped(functools.partial(body, *refs), *scratch_types,
+                      collective_axes=thread_name if thread_name is not None else ())
 
-    return call
+    return _mpmd_map([(mesh, kernel_body)], tuple(out_type), input_output_aliases=aliases,
+                     compiler_params=compiler_params, name=name)

@@ -156,7 +156,6 @@ def _kernel(rows: int, n: int, dtype: str, res_dtype: Optional[str], eps: float,
 
     semantics: "Warpgroup" or "Lane"; quant: the FP8 output, if any.
     """
-    from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     lay = row_layout(n, NUMPY_DTYPES[dtype].itemsize)
@@ -165,7 +164,7 @@ def _kernel(rows: int, n: int, dtype: str, res_dtype: Optional[str], eps: float,
     outs = ["out"] + ["scales"] * (quant.kind == "group") + ["new_res"] * (res_dtype is not None)
 
     def body(*refs):
-        row = pl.program_id(0)
+        row = lax.axis_index("rows")
         # The row's refs are sliced here (memrefs with the row's offset); the weight and scale are whole.
         args = [ref if name in ("w", "scale") else ref.at[row] for name, ref in zip(ins + outs, refs)] + [refs[-1]]
 
@@ -185,7 +184,7 @@ def _kernel(rows: int, n: int, dtype: str, res_dtype: Optional[str], eps: float,
         aliases[ins.index("x")] = outs.index("out")
     params = plgpu.CompilerParams(lowering_semantics=getattr(plgpu.LoweringSemantics, semantics))
     # Shared memory: one float32 per warp and register (the tree's levels above a warp).
-    return mosaic_call.kernel(body, out_type, aliases=aliases, grid=(rows,),
+    return mosaic_call.kernel(body, out_type, aliases=aliases, grid=(rows,), grid_names=("rows",),
                               scratch_types=[plgpu.SMEM((WARPS * lay.regs,), jnp.float32)], compiler_params=params,
                               name="bi_norm_rms_norm")
 

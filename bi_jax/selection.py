@@ -67,10 +67,13 @@ def jax_lacks() -> Optional[str]:
         missing += [f"plgpu.kernel({p}=)" for p in ("out_type", "scratch_types", "grid_names") if p not in params]
     missing += [f"mosaic.gpu.utils.{name}" for name in ("shfl_bfly", "when", "warpgroup_barrier")
                 if not hasattr(utils, name)]
-    try:  # pallas_call's Mosaic GPU lowering, which bi_jax.mosaic_call's in-place calls need
-        from jax._src.pallas.mosaic_gpu import pallas_call_registration  # noqa: F401
+    try:  # the primitive plgpu.kernel lowers through, which bi_jax.mosaic_call hands its aliases
+        from jax._src.pallas.mpmd import _mpmd_map
     except ImportError:
-        missing.append("jax._src.pallas.mosaic_gpu.pallas_call_registration")
+        missing.append("jax._src.pallas.mpmd._mpmd_map")
+    else:
+        if "input_output_aliases" not in inspect.signature(_mpmd_map).parameters:
+            missing.append("jax._src.pallas.mpmd._mpmd_map(input_output_aliases=)")
     if missing:
         return f"jax {jax.__version__} lacks {', '.join(missing)} (the Mosaic GPU kernel needs jax 0.10.2 or later)"
     return None

@@ -132,21 +132,3 @@ def test_bi_jax_on_this_cpu_warns_nothing():
     bi_jax.rms_norm(x, w)
     jax.jit(lambda a, b: bi_jax.rms_norm(a, b, mode="fp32"))(x, w)
     jax.grad(lambda a: jnp.sum(bi_jax.rms_norm(a, w, weight_offset=1.0)))(x)
-
-
-def test_bi_jax_mosaic_calls_lower_without_the_pallas_call_warning(monkeypatch):
-    """bi_jax.mosaic_call's pallas_call (for its input_output_aliases) meets JAX's Mosaic GPU
-    pallas_call deprecation at lowering; bi_jax's own calls do not show it."""
-    from bi_jax import selection
-
-    monkeypatch.setattr(selection, "gpu_lacks", lambda: None)  # lower for CUDA as on a Hopper GPU
-    x, w, r = jnp.zeros((64, 256), jnp.bfloat16), jnp.ones(256, jnp.bfloat16), jnp.zeros((64, 256), jnp.float32)
-
-    def loss(a, b, c):
-        out, new_r = bi_jax.rms_norm(a, b, 1e-6, c, interpret=False, pallas_backend="mosaic")
-        return jnp.sum(out.astype(jnp.float32)) + jnp.sum(new_r)
-
-    text = _lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), x, w, r).as_text()
-    assert text.count("mosaic_gpu") >= 2 and "output_operand_alias" in text, "no aliased Mosaic GPU calls lowered"
-    _lower_for_cuda(lambda a, b: bi_jax.rms_norm(a, b, out_dtype=jnp.float8_e4m3fn, group_size=128,
-                                                 interpret=False, pallas_backend="mosaic"), x, w)

@@ -192,12 +192,14 @@ def test_jax_lacks_a_mosaic_gpu_pallas(monkeypatch):
     assert reason is not None and reason.startswith(f"jax {jax.__version__} has no Mosaic GPU Pallas"), reason
 
 
-def test_jax_lacks_pallas_calls_mosaic_gpu_lowering(monkeypatch):
-    import sys
 
-    import jax._src.pallas.mosaic_gpu as mosaic_gpu_src
+def test_jax_lacks_the_mpmd_map_primitive_with_aliases(monkeypatch):
+    import jax._src.pallas.mpmd as mpmd
 
-    monkeypatch.delattr(mosaic_gpu_src, "pallas_call_registration", raising=False)
-    monkeypatch.setitem(sys.modules, "jax._src.pallas.mosaic_gpu.pallas_call_registration", None)
+    monkeypatch.setattr(mpmd, "_mpmd_map", lambda meshes_and_fns, out_types=(), *, scratch_types=(): None)
     reason = selection.jax_lacks()
-    assert reason is not None and "jax._src.pallas.mosaic_gpu.pallas_call_registration" in reason, reason
+    assert reason is not None and "jax._src.pallas.mpmd._mpmd_map(input_output_aliases=)" in reason, reason
+    monkeypatch.delattr(mpmd, "_mpmd_map")
+    selection.jax_lacks.cache_clear()
+    reason = selection.jax_lacks()
+    assert reason is not None and "jax._src.pallas.mpmd._mpmd_map" in reason, reason
