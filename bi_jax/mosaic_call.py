@@ -15,16 +15,18 @@ checks it is there.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import jax
 
 
 def kernel(body: Callable, out_type: Sequence[jax.ShapeDtypeStruct], *, aliases: Dict[int, int], grid: tuple,
            grid_names: tuple, scratch_types: Sequence, compiler_params, name: str, num_threads: Optional[int] = None,
-           thread_name: Optional[str] = None) -> Callable:
+           thread_name: Optional[str] = None, interpret: Any = False) -> Callable:
     """plgpu.kernel's call with aliases {input index: output index}, as pallas_call's:
-    body(*input_refs, *output_refs, *scratch_refs), one program per grid point (lax.axis_index)."""
+    body(*input_refs, *output_refs, *scratch_refs), one program per grid point (lax.axis_index).
+    interpret: Mosaic GPU's interpreter params, as plgpu.kernel's (a CPU test of the call's
+    transformations; the interpreter has no rule for inline_mgpu, so not for bi_jax's bodies)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from jax._src.pallas.mpmd import _mpmd_map
@@ -36,4 +38,4 @@ def kernel(body: Callable, out_type: Sequence[jax.ShapeDtypeStruct], *, aliases:
                       collective_axes=thread_name if thread_name is not None else ())
 
     return _mpmd_map([(mesh, kernel_body)], tuple(out_type), input_output_aliases=aliases,
-                     compiler_params=compiler_params, name=name)
+                     compiler_params=compiler_params, name=name, interpret=interpret)

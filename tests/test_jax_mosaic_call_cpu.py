@@ -90,3 +90,48 @@ def test_backward_writes_over_the_gradients(monkeypatch, warpgroups, has_gr, exp
     _fresh(monkeypatch)
     pairs = {(int(o), int(i)) for o, i in ALIAS.findall(_backward("bfloat16", has_gr, warpgroups).as_text())}
     assert pairs == expected  # grad_x over g, grad_residual over g_r
+
+
+def test_aliased_call_in_a_scan_under_grad_on_the_interpreter():
+    """The call's transformations (scan, custom_vjp, grad, XLA's buffer reuse) on Mosaic GPU's
+    interpreter: a body of plain Pallas ops, the in-place pattern of bi_jax's kernels (forward
+    over its second input, backward over the cotangent); values against jnp, exactly."""
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import lax
+
+    interp = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params").InterpretGPUParams
+    rows, n = 8, 128
+    f32 = jax.ShapeDtypeStruct((rows, n), jnp.float32)
+
+    def call(body, aliases, *operands):
+        return mosaic_call.kernel(body, [f32], aliases=aliases, grid=(rows,), grid_names=("rows",), scratch_types=[],
+                                  compiler_params=None, name="t", interpret=interp())(*operands)[0]
+
+    def fwd_body(x_ref, c_ref, o_ref):
+        i = lax.axis_index("rows")
+        o_ref[i] = c_ref[i] * 2.0 + x_ref[i]
+
+    def bwd_body(c_ref, o_ref):
+        i = lax.axis_index("rows")
+        o_ref[i] = c_ref[i] * 2.0
+
+    @jax.custom_vjp
+    def step(x, c):
+        return call(fwd_body, {1: 0}, x, c)
+
+    step.defvjp(lambda x, c: (step(x, c), None), lambda _, ct: (ct, call(bwd_body, {0: 0}, ct)))
+
+    def loss(f):
+        def fn(x, c0):
+            c, _ = lax.scan(lambda c, _: (f(x, c) * 1.5, None), c0, None, length=4)
+            return jnp.sum(c * c)
+        return jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+
+    rng = np.random.RandomState(0)
+    x, c = (jnp.asarray(rng.randn(rows, n), jnp.float32) for _ in range(2))
+    (want, want_grads), (got, got_grads) = loss(lambda x, c: c * 2.0 + x)(x, c), loss(step)(x, c)
+    for name, a, b in [("loss", want, got), ("grad x", *[g[0] for g in (want_grads, got_grads)]),
+                       ("grad c", *[g[1] for g in (want_grads, got_grads)])]:
+        bad = np.argwhere(np.asarray(a) != np.asarray(b))
+        assert not len(bad), f"{name}: {len(bad)} differ, first at {tuple(bad[0])}"
