@@ -37,8 +37,9 @@ from .pallas_fp8 import NO_QUANT, Quant
 # Every thread keeps its whole share of the row in registers (n / 128 floats, plus the weight's):
 # past this the row needs chunks (a later stage), as the Pallas-Triton kernel's num_chunks > 1.
 MAX_N = 32768
-# Floats per thread up to which the weight is loaded before the reduction (normalize_row).
-EARLY_WEIGHT = 64
+# Floats per thread up to which a row is short (step6_values): its loads are issued together, the
+# row's and the residual's before the first store, the weight's before the reduction.
+SHORT_ROW = 64
 # Mosaic GPU's lowering semantics, named explicitly: jax 0.10 defaults to Lane, 0.11 to Warpgroup.
 # The kernel passes only refs to inline_mgpu, so its MLIR is the same under both (both lower on a CPU).
 SEMANTICS = "Warpgroup"
@@ -87,23 +88,32 @@ def step6_values(ops, lay: RowLayout, x, w, res, new_res, *, dtype: str, res_dty
                  weight_offset: float, llama: bool) -> Iterator[Tuple[int, List]]:
     """Steps 1-5 and step 6 up to its final rnD (Q1's u): (reg, u values) per register, in order."""
     # 1. z = rnR(x + residual), stored as the new residual; v = f32(z).
+    # A store may alias a later load (the new residual may be written over the residual), so no
+    # compiler moves a load above one. A short row issues all its loads (x, the residual, the
+    # weight) before the first store rather than waiting on memory once per register, and the
+    # weight's latency hides behind the tree; a long one keeps fewer values live (fewer spills),
+    # and loads the weight after the tree, when the row's floats no longer need their registers.
+    short = lay.regs * lay.vec <= SHORT_ROW
+
+    def row_loads(reg: int):
+        return ops.load(x, reg), None if res is None else ops.load(res, reg)
+
+    loaded = [row_loads(reg) for reg in range(lay.regs)] if short else None
+    ws = [ops.load(w, reg) for reg in range(lay.regs)] if short else None
     v = []
     for reg in range(lay.regs):
-        xs = [ops.widen(e, dtype) for e in ops.load(x, reg)]
+        x_elems, res_elems = loaded[reg] if short else row_loads(reg)
+        xs = [ops.widen(e, dtype) for e in x_elems]
         if res is not None:
-            rs = [ops.widen(e, res_dtype) for e in ops.load(res, reg)]
+            rs = [ops.widen(e, res_dtype) for e in res_elems]
             zs = [ops.encode(ops.add(a, b), res_dtype) for a, b in zip(xs, rs)]
             ops.store(new_res, reg, zs)
             xs = [ops.widen(z, res_dtype) for z in zs]
         v.append(xs)
-    # Short rows read the weight before the reduction, so that its latency hides behind the tree;
-    # long ones after it, when the row's floats no longer need their registers (fewer spills).
-    early = lay.regs * lay.vec <= EARLY_WEIGHT
-    ws = [ops.load(w, reg) for reg in range(lay.regs)] if early else None
     inv = inverse_rms(ops, lay, v, eps)
     for reg in range(lay.regs):
         us = []
-        for a, e in zip(v[reg], ws[reg] if early else ops.load(w, reg)):
+        for a, e in zip(v[reg], ws[reg] if short else ops.load(w, reg)):
             wf = effective_weight(ops, e, dtype, weight_offset)
             # 6. llama: y = rnD(v * inv), u = f32(y) * w; fp32: u = (v * inv) * w; out = rnD(u).
             y = ops.mul(a, inv)
