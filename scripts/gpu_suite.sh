@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU suite in one call (for the lent H100/H200): environment, `bi-norm verify` on every
 # backend, the GPU-marked tests, then the benchmark; a short table last. Logs go to $OUT if set.
-# Usage: bash scripts/gpu_suite.sh [verify|tests|bench|tune|profile|probe]...   (default: the first three)
+# Usage: bash scripts/gpu_suite.sh [verify|tests|bench|tune|profile|probe|mosaic]...   (default: the first three)
 #   tune: the backward's and the forward's launch sweeps (scripts/tune_backward.py, tune_launch.py);
 #   profile: ncu of both kernels' forward and backward at 16384 x 4096 bf16; probe: the Mosaic GPU
-#   probe (scripts/probes/probe_mosaic.py).
+#   probe (scripts/probes/probe_mosaic.py); mosaic: bi_jax's Mosaic GPU path alone, in about 4 minutes
+#   (the loop over layers, the forward's probe, its GPU tests and in-place ones, verify's Mosaic row).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -23,6 +24,11 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $py -c "import sys, torch, triton, jax; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'jax', jax.__version__, jax.devices())"
 
+# pytest-xdist's worker count: one per $1 MB of free GPU memory, at most $2 (nothing without xdist).
+free=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -n 1)
+xdist() { $py -c "import xdist" 2>/dev/null && echo "-n $(( free / $1 > $2 ? $2 : (free / $1 < 1 ? 1 : free / $1) ))"; }
+opts=(-p no:cacheprovider -v -rfE --tb=short --durations=20)
+
 for step in "${steps[@]}"; do
   case "$step" in
     verify)
@@ -31,9 +37,6 @@ for step in "${steps[@]}"; do
       # Several processes when pytest-xdist is there (compiles dominate a cold run): one per 6 GB of
       # free GPU memory, at most 12. The `bigmem` tests (tests/conftest.py) next: the wide sweeps on a
       # worker per 20 GB, then the ones over 2**31 elements (24-50 GB) one at a time, each in its own process.
-      free=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -n 1)
-      xdist() { $py -c "import xdist" 2>/dev/null && echo "-n $(( free / $1 > $2 ? $2 : (free / $1 < 1 ? 1 : free / $1) ))"; }
-      opts=(-p no:cacheprovider -v -rfE --tb=short --durations=20)
       huge="2_31 or two_to_the_31"
       $py -m pytest -m "(gpu or codegen) and not bigmem" "${opts[@]}" $(xdist 6144 12) tests 2>&1 \
         | tee "$out/gpu-tests.txt" | tail -n 40 || status=1
@@ -70,6 +73,16 @@ for step in "${steps[@]}"; do
       done ;;
     probe)
       $py scripts/probes/probe_mosaic.py 2>&1 | tee "$out/probe-mosaic.txt" || status=1 ;;
+    mosaic)
+      $py scripts/probes/layer_loop.py 2>&1 | tee "$out/layer-loop.txt" || status=1
+      $py scripts/probes/mosaic_forward.py --budget 60 2>&1 | tee "$out/mosaic-forward.txt" || status=1
+      $py -m pytest -m "gpu and not bigmem" "${opts[@]}" $(xdist 6144 12) tests/test_jax_mosaic_gpu.py \
+        tests/test_jax_mosaic_backward_gpu.py tests/test_jax_mosaic_fp8_gpu.py tests/test_jax_layer_stack.py \
+        tests/test_jax_gpu.py::test_donated_residual tests/test_jax_gpu.py::test_residual_in_a_layer_loop_is_not_copied \
+        tests/test_jax_backward_gpu.py::test_train_step_copies_no_array \
+        tests/test_jax_backward_gpu.py::test_layer_loop_backward_copies_no_array 2>&1 \
+        | tee "$out/gpu-tests.txt" | tail -n 25 || status=1
+      $py -m bridge.cli verify --backend pallas-mosaic-gpu 2>&1 | tee "$out/verify.txt" || status=1 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

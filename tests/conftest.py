@@ -74,11 +74,24 @@ def _needs_much_gpu_memory(item) -> bool:
     return "gpu" in item.keywords and ("2_31" in item.name or "two_to_the_31" in item.name or wide_sweep)
 
 
+def longest_first(items: list) -> list:
+    """The GPU batch-invariance sweeps first (gradients before forwards, wide rows before narrow),
+    the rest in collection order. Under pytest-xdist the run lasts as long as its slowest worker:
+    collected last, the JAX sweeps (one compile per batch size) ran one after another on one
+    worker at the end, past a device call's 10 minutes (H100, 2026-12-06b). Sorting is stable."""
+    def key(item):
+        n = getattr(getattr(item, "callspec", None), "params", {}).get("n", 0)
+        sweep = "gpu" in item.keywords and "invariance" in item.name
+        return (not sweep, "grad" not in item.name, -n) if sweep else (True,)
+    return sorted(items, key=key)
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if _needs_much_gpu_memory(item):
             item.add_marker(pytest.mark.bigmem)
     if _cuda_available():
+        items[:] = longest_first(items)
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible on this machine")
     for item in items:

@@ -27,3 +27,21 @@ def test_bigmem_marks_the_huge_tests_and_the_wide_sweeps_only():
     assert not any("[128-" in t or "n128-" in t or "-128]" in t for t in sweeps), "a narrow sweep is marked"
     rest = _collected("(gpu or codegen) and not bigmem")
     assert rest and not set(rest) & set(big)
+
+
+def test_longest_first_puts_the_gpu_sweeps_first_and_keeps_the_rest_in_order():
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import longest_first
+
+    def item(name, n=None, gpu=True):
+        return SimpleNamespace(name=name, keywords={"gpu": True} if gpu else {},
+                               callspec=SimpleNamespace(params={} if n is None else {"n": n}))
+
+    items = [item("test_a"), item("test_batch_invariance_cuda[128]", 128), item("test_b", gpu=False),
+             item("test_batch_invariance_1_to_4096[n8192]", 8192), item("test_invariance_on_cpu", 65536, gpu=False),
+             item("test_grad_x_invariance_1_to_4096[n4096]", 4096), item("test_c", 65536)]
+    got = [i.name for i in longest_first(items)]
+    assert got == ["test_grad_x_invariance_1_to_4096[n4096]", "test_batch_invariance_1_to_4096[n8192]",
+                   "test_batch_invariance_cuda[128]", "test_a", "test_b", "test_invariance_on_cpu", "test_c"], got
