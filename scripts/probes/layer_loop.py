@@ -7,7 +7,6 @@ residual stream), jitted, and counts the copies of whole arrays in the optimized
 Run: python3 scripts/probes/layer_loop.py   (a GPU of compute capability 9.0 or later)
 """
 
-import re
 import sys
 from pathlib import Path
 
@@ -18,10 +17,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import bi_jax  # noqa: E402
-from probe_timing import seconds  # noqa: E402
+from probe_timing import COPY, seconds  # noqa: E402
 
 LAYERS = 8
-COPY = re.compile(r"= \w+\[\d+,\d+\]\{[^}]*\} copy\(")
 
 
 def step(backend: str):
@@ -45,8 +43,8 @@ def main() -> None:
             fn = step(backend)
             copies = len(COPY.findall(fn.lower(x, r, ws).compile().as_text()))
             results[backend] = fn(x, r, ws)
-            print(f"{t}x{n} bf16, {LAYERS} layers, grad of a scan: {backend:6s} {seconds(fn, x, r, ws) * 1e6:8.1f} us, "
-                  f"{copies} array copies in the optimized HLO", flush=True)
+            print(f"{t}x{n} bf16, {LAYERS} layers, grad of a scan: {backend:6s} "
+                  f"{seconds(fn, x, r, ws) * 1e6:8.1f} us, {copies} array copies in the optimized HLO", flush=True)
         same = all(bool(jnp.all(jax.lax.bitcast_convert_type(a, jnp.uint16) == jax.lax.bitcast_convert_type(b, jnp.uint16)))
                    for a, b in zip(results["triton"], results["mosaic"]))
         print(f"{t}x{n}: Mosaic's gradients == Pallas-Triton's bit for bit: {same}", flush=True)

@@ -1,9 +1,13 @@
 """Wall-clock timing and the progress line shared by the one-run probes (probe_mosaic.py, mosaic_*.py)."""
 
+import re
 import time
 
 import jax
 import numpy as np
+
+# A whole-array copy in optimized HLO text, e.g. "%copy.3 = bf16[256,4096]{1,0} copy(%p)".
+COPY = re.compile(r"= \w+\[\d+,\d+\]\{[^}]*\} copy\(")
 
 T0 = time.time()  # when the probe started (its first import of this module)
 
@@ -26,3 +30,19 @@ def seconds(fn, *args, n: int = 20, reps: int = 5) -> float:
         jax.block_until_ready([fn(*args) for _ in range(n)])
         ts.append((time.perf_counter() - t) / n)
     return float(np.median(ts))
+
+
+def chained_seconds(call, carry: tuple, *args, calls: int = 16, reps: int = 5):
+    """(seconds per call, whole-array copies) of `calls` chained calls carry = call(*carry, *args)
+    in one jitted loop with the carry donated: a kernel that writes in place is timed without the
+    copies XLA adds before an un-donated call's aliased inputs (the copy count says if any stayed)."""
+    body = lambda _, c: tuple(call(*c, *args))  # noqa: E731
+    compiled = jax.jit(lambda c: jax.lax.fori_loop(0, calls, body, c), donate_argnums=0).lower(carry).compile()
+    copies = len(COPY.findall(compiled.as_text()))
+    carry = jax.block_until_ready(compiled(carry))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        carry = jax.block_until_ready(compiled(carry))
+        ts.append((time.perf_counter() - t) / calls)
+    return float(np.median(ts)), copies
