@@ -8,8 +8,8 @@ with jax.new_ref operands aliases them, but inside lax.scan gave wrong gradients
 (its GPU rule asserts the Triton one). So this builds what plgpu.kernel builds (a Mesh, the
 scratch in run_scoped, the mpmd_map primitive it lowers through) and hands the primitive the
 aliases plgpu.kernel leaves empty: the same kernel module, with XLA passing an aliased pair one
-buffer. mpmd_map's binder is private (jax._src.pallas.mpmd._mpmd_map); bi_jax.selection
-checks it is there.
+buffer. mpmd_map's binder is private (jax._src.pallas.mpmd._mpmd_map), as is the switch
+plgpu.kernel sets around it (jax._src.config._check_vma); bi_jax.selection checks both are there.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def kernel(body: Callable, out_type: Sequence[jax.ShapeDtypeStruct], *, aliases:
     transformations; the interpreter has no rule for inline_mgpu, so not for bi_jax's bodies)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jax._src import config
     from jax._src.pallas.mpmd import _mpmd_map
 
     mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=num_threads, thread_name=thread_name)
@@ -37,5 +38,11 @@ def kernel(body: Callable, out_type: Sequence[jax.ShapeDtypeStruct], *, aliases:
         pl.run_scoped(functools.partial(body, *refs), *scratch_types,
                       collective_axes=thread_name if thread_name is not None else ())
 
-    return _mpmd_map([(mesh, kernel_body)], tuple(out_type), input_output_aliases=aliases,
-                     compiler_params=compiler_params, name=name, interpret=interpret)
+    def run(*operands):
+        # As plgpu.kernel: the outputs' varying mesh axes are not declared, which jax.shard_map's
+        # check_vma would otherwise refuse when the call's output types are read.
+        with config._check_vma(False):
+            return _mpmd_map([(mesh, kernel_body)], tuple(out_type), input_output_aliases=aliases,
+                             compiler_params=compiler_params, name=name, interpret=interpret)(*operands)
+
+    return run

@@ -74,6 +74,9 @@ def jax_lacks() -> Optional[str]:
     else:
         if "input_output_aliases" not in inspect.signature(_mpmd_map).parameters:
             missing.append("jax._src.pallas.mpmd._mpmd_map(input_output_aliases=)")
+    from jax._src import config  # mosaic_call turns its _check_vma off around the call, as plgpu.kernel does
+    if not hasattr(config, "_check_vma"):
+        missing.append("jax._src.config._check_vma")
     if missing:
         return f"jax {jax.__version__} lacks {', '.join(missing)} (the Mosaic GPU kernel needs jax 0.10.2 or later)"
     return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 import jax
+import numpy as np
 import pytest
 
 from bi_jax import mosaic_backward, mosaic_call
@@ -92,25 +93,41 @@ def test_backward_writes_over_the_gradients(monkeypatch, warpgroups, has_gr, exp
     assert pairs == expected  # grad_x over g, grad_residual over g_r
 
 
+def _interpreted(body, aliases, *operands):
+    """mosaic_call.kernel on Mosaic GPU's interpreter: one program per row, one float32 output."""
+    interp = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params").InterpretGPUParams
+    out = jax.ShapeDtypeStruct(operands[0].shape, operands[0].dtype)
+    return mosaic_call.kernel(body, [out], aliases=aliases, grid=(operands[0].shape[0],), grid_names=("rows",),
+                              scratch_types=[], compiler_params=None, name="t", interpret=interp())(*operands)[0]
+
+
+def _twice_plus(x_ref, c_ref, o_ref):
+    i = jax.lax.axis_index("rows")
+    o_ref[i] = c_ref[i] * 2.0 + x_ref[i]
+
+
+def test_aliased_call_under_shard_map_on_the_interpreter(mesh):
+    """Inside jax.shard_map (check_vma on, its default) as plgpu.kernel's call is: each shard's rows."""
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    x = jnp.arange(4 * 8 * 128, dtype=jnp.float32).reshape(32, 128)
+    c = jnp.full_like(x, 0.5)
+    fn = jax.jit(jax.shard_map(lambda x, c: _interpreted(_twice_plus, {1: 0}, x, c), mesh=mesh,
+                               in_specs=(P("b"), P("b")), out_specs=P("b")))
+    got, want = np.asarray(fn(x, c)), np.asarray(x + 2 * c)
+    bad = np.argwhere(got != want)
+    assert not len(bad), f"{len(bad)} differ, first at {tuple(bad[0])}"
+
+
 def test_aliased_call_in_a_scan_under_grad_on_the_interpreter():
     """The call's transformations (scan, custom_vjp, grad, XLA's buffer reuse) on Mosaic GPU's
     interpreter: a body of plain Pallas ops, the in-place pattern of bi_jax's kernels (forward
     over its second input, backward over the cotangent); values against jnp, exactly."""
     import jax.numpy as jnp
-    import numpy as np
     from jax import lax
 
-    interp = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params").InterpretGPUParams
     rows, n = 8, 128
-    f32 = jax.ShapeDtypeStruct((rows, n), jnp.float32)
-
-    def call(body, aliases, *operands):
-        return mosaic_call.kernel(body, [f32], aliases=aliases, grid=(rows,), grid_names=("rows",), scratch_types=[],
-                                  compiler_params=None, name="t", interpret=interp())(*operands)[0]
-
-    def fwd_body(x_ref, c_ref, o_ref):
-        i = lax.axis_index("rows")
-        o_ref[i] = c_ref[i] * 2.0 + x_ref[i]
 
     def bwd_body(c_ref, o_ref):
         i = lax.axis_index("rows")
@@ -118,9 +135,9 @@ def test_aliased_call_in_a_scan_under_grad_on_the_interpreter():
 
     @jax.custom_vjp
     def step(x, c):
-        return call(fwd_body, {1: 0}, x, c)
+        return _interpreted(_twice_plus, {1: 0}, x, c)
 
-    step.defvjp(lambda x, c: (step(x, c), None), lambda _, ct: (ct, call(bwd_body, {0: 0}, ct)))
+    step.defvjp(lambda x, c: (step(x, c), None), lambda _, ct: (ct, _interpreted(bwd_body, {0: 0}, ct)))
 
     def loss(f):
         def fn(x, c0):

@@ -203,3 +203,11 @@ def test_jax_lacks_the_mpmd_map_primitive_with_aliases(monkeypatch):
     selection.jax_lacks.cache_clear()
     reason = selection.jax_lacks()
     assert reason is not None and "jax._src.pallas.mpmd._mpmd_map" in reason, reason
+
+
+def test_jax_lacks_the_vma_switch(monkeypatch):
+    from jax._src import config
+
+    monkeypatch.delattr(config, "_check_vma")
+    reason = selection.jax_lacks()
+    assert reason is not None and "jax._src.config._check_vma" in reason, reason
