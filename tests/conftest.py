@@ -82,7 +82,7 @@ def longest_first(items: list) -> list:
     def key(item):
         n = getattr(getattr(item, "callspec", None), "params", {}).get("n", 0)
         sweep = "gpu" in item.keywords and "invariance" in item.name
-        return (not sweep, "grad" not in item.name, -n) if sweep else (True,)
+        return (False, "grad" not in item.name, -n) if sweep else (True,)
     return sorted(items, key=key)
 
 

@@ -32,7 +32,6 @@ def test_bigmem_marks_the_huge_tests_and_the_wide_sweeps_only():
 def test_longest_first_puts_the_gpu_sweeps_first_and_keeps_the_rest_in_order():
     from types import SimpleNamespace
 
-    sys.path.insert(0, str(ROOT / "tests"))
     from conftest import longest_first
 
     def item(name, n=None, gpu=True):
