@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch and JAX share the GPU in one process
 out="${OUT:-/tmp/bi-norm-gpu}"; mkdir -p "$out"
-export BI_NORM_TEST_TIMES="$out/test-times"  # each test's time as it ends (tests/conftest.py)
+export BI_NORM_TEST_TIMES="${BI_NORM_TEST_TIMES:-$out/test-times}"  # each test's time as it ends (tests/conftest.py)
 steps=("${@:-verify tests bench}"); steps=(${steps[*]})
 py=python3
 status=0
@@ -91,9 +91,9 @@ echo "==== summary ===="
 [ -f "$out/verify.txt" ] && sed -n '/^backend /,$p' "$out/verify.txt"
 [ -f "$out/gpu-tests.txt" ] && tail -n 3 "$out/gpu-tests.txt"
 for f in gpu-tests-bigmem gpu-tests-huge; do [ -f "$out/$f.txt" ] && tail -n 1 "$out/$f.txt"; done
-if [ -d "$out/test-times" ]; then
-  echo "slowest tests (s), and the seconds per file:"; cat "$out/test-times"/*.tsv | sort -rn | head -n 15
-  cat "$out/test-times"/*.tsv | awk -F'\t' '{split($3, p, "::"); t[p[1]] += $1} END {for (f in t) printf "%8.1f %s\n", t[f], f}' | sort -rn
+if [ -d "$BI_NORM_TEST_TIMES" ]; then
+  echo "slowest tests (s), and the seconds per file:"; cat "$BI_NORM_TEST_TIMES"/*.tsv | sort -rn | head -n 15
+  cat "$BI_NORM_TEST_TIMES"/*.tsv | awk -F'\t' '{split($3, p, "::"); t[p[1]] += $1} END {for (f in t) printf "%8.1f %s\n", t[f], f}' | sort -rn
 fi
 [ -f "$out/bench-table.txt" ] && cat "$out/bench-table.txt"
 exit $status
