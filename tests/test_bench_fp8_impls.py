@@ -180,4 +180,4 @@ def test_jax_fp8_loop_keeps_every_call(phase: str) -> None:
     compiled, _, calls = timing.compile_jax_loop(fp8.fp8_loop_op(peer, case), sets, jnp.ones(128), case)
     text = compiled.as_text()
     assert calls % (2 * k) == 0 and text.count(" rsqrt(") == 2 * k
-    assert not timing._ARRAY_COPY.findall(text)
+    assert not timing.array_copies(text)

@@ -186,3 +186,18 @@ def test_bench_package_imports_go_one_way() -> None:
     cycles = [name for name in graph if name in reaches(name)]
     assert not cycles, f"modules that import one that imports them back: {cycles}"
     assert not (set(Path(bench.__file__).parent.parent.glob("bench*.py"))), "bridge/bench*.py left beside the package"
+
+
+def test_array_copies() -> None:
+    """The HLO lines the bench's loop, the probes and the GPU copy tests count as XLA's extra bytes:
+    a copy of an array, of a tuple or an asynchronous one's start; not a scalar's, nor other ops."""
+    copies = ["%copy.3 = bf16[256,4096]{1,0} copy(bf16[256,4096]{1,0} %p.1)",
+              "%copy.4 = f32[4096]{0} copy(f32[4096]{0} %w)",
+              "%copy.5 = (bf16[8,128]{1,0}, f32[8]{0}) copy((bf16[8,128]{1,0}, f32[8]{0}) %t)",
+              "%copy-start = (f32[64,64]{1,0}, f32[64,64]{1,0}, u32[]) copy-start(f32[64,64]{1,0} %a)"]
+    others = ["%copy.6 = f32[] copy(f32[] %s)",
+              "%copy-done = f32[64,64]{1,0} copy-done((f32[64,64]{1,0}, f32[64,64]{1,0}, u32[]) %copy-start)",
+              "%add.1 = f32[64]{0} add(f32[64]{0} %copy.4, f32[64]{0} %b)",
+              "%fusion = bf16[256,4096]{1,0} fusion(bf16[256,4096]{1,0} %copy.3), kind=kLoop, calls=%copy_fusion"]
+    text = "\n".join("  " + line for line in others[:2] + copies + others[2:])
+    assert bench.timing.array_copies(text) == copies

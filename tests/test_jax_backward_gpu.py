@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import zlib
 
 # torch and JAX may share the GPU in one pytest process (see tests/test_jax_gpu.py).
@@ -27,6 +26,7 @@ from jax_backward_helpers import (assert_bits, assert_grads, expected, grads, no
 
 import bi_jax  # noqa: E402
 from bridge import golden  # noqa: E402
+from bridge.bench.timing import array_copies  # noqa: E402
 
 from jax_gpu_marks import JAX_GPU_MARKS  # noqa: E402
 
@@ -153,10 +153,6 @@ def test_compiled_matches_interpret(dtype, kind, mode, offset, n, rows):
     assert_grads(expected(x, w, g, 1e-6, r, gr, mode=mode, offset=offset), compiled, "compiled vs reference")
 
 
-def _array_copies(hlo_text: str) -> list:
-    """The lines of compiled HLO text that copy an array (as tests/test_jax_gpu.py searches)."""
-    return [line.strip() for line in hlo_text.splitlines() if re.search(r"= \w+\[[0-9,]+\]\S* copy\(", line)]
-
 
 @pytest.mark.parametrize("n,backend", [(4096, "triton"), (4096, "mosaic"), (65536, "triton")])  # Mosaic: n <= 32768
 def test_train_step_copies_no_array(n, backend):
@@ -181,7 +177,7 @@ def test_train_step_copies_no_array(n, backend):
         return value, (w_.astype(jnp.float32) - 0.01 * grads_[0].astype(jnp.float32)).astype(w_.dtype), grads_[1:]
 
     donating = jax.jit(step, donate_argnums=0)
-    copies = _array_copies(donating.lower(w, inp, r_in, g_out, g_res).compile().as_text())
+    copies = array_copies(donating.lower(w, inp, r_in, g_out, g_res).compile().as_text())
     assert not copies, copies
     want = jax.jit(step)(w, inp, r_in, g_out, g_res)
     got = donating(jnp.copy(w), inp, r_in, g_out, g_res)
@@ -212,7 +208,7 @@ def test_layer_loop_backward_copies_no_array(backend):
         return jnp.sum(carry[0].astype(jnp.float32) * g_)
 
     f = jax.jit(jax.grad(functools.partial(loss, unrolled=False), argnums=(0, 1, 2)))
-    copies = _array_copies(f.lower(h, r, ws, g).compile().as_text())
+    copies = array_copies(f.lower(h, r, ws, g).compile().as_text())
     assert not copies, copies
     want = jax.jit(jax.grad(functools.partial(loss, unrolled=True), argnums=(0, 1, 2)))(h, r, ws, g)
     for a, b, name in zip(want, f(h, r, ws, g), ("grad_h", "grad_residual", "grad_weights")):

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import bi_jax  # noqa: E402
 from bridge import golden, reference  # noqa: E402
+from bridge.bench.timing import array_copies  # noqa: E402
 from bridge.verify.compare import assert_bitwise_equal  # noqa: E402
 
 from jax_gpu_marks import JAX_GPU_MARKS  # noqa: E402
@@ -194,10 +195,6 @@ def test_compiled_matches_interpret(dtype, kind, mode, offset, n):
 # either kernel body (the Mosaic GPU one aliases through bi_jax.mosaic_call).
 # --------------------------------------------------------------------------------------------
 
-def _array_copies(hlo_text: str) -> list:
-    """The lines of compiled HLO text that copy an array."""
-    return [line.strip() for line in hlo_text.splitlines() if re.search(r"= \w+\[[0-9,]+\]\S* copy\(", line)]
-
 
 DONATE = [("bfloat16", "float32", 4096), ("bfloat16", "float32", 65536), ("bfloat16", "bfloat16", 4096),
           ("float32", "float32", 4096)]
@@ -225,7 +222,7 @@ def test_donated_residual(dtype, rdtype, n, backend):
     assert [g.unsafe_buffer_pointer() for g in got] == pointers, f"aliases {aliases and aliases.group(1)}"
     assert aliases and re.search(r"\{1\}: \(2, \{\}, (may|must)-alias\)", aliases.group(1)), aliases
     # No copy of x or the residual: the kernel writes both outputs in place.
-    copies = _array_copies(text)
+    copies = array_copies(text)
     assert not copies, copies
 
 
@@ -244,7 +241,7 @@ def test_residual_in_a_layer_loop_is_not_copied(dtype, rdtype, backend):
 
     looped = jax.jit(lambda c, w: lax.scan(step, c, w)[0], donate_argnums=0)
     text = looped.lower((h, r), ws).compile().as_text()
-    copies = _array_copies(text)
+    copies = array_copies(text)
     assert not copies, copies
     expected = (h, r)
     for i in range(layers):

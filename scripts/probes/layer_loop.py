@@ -17,7 +17,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import bi_jax  # noqa: E402
-from probe_timing import COPY, seconds  # noqa: E402
+from bridge.bench.timing import array_copies  # noqa: E402
+from probe_timing import seconds  # noqa: E402
 
 LAYERS = 8
 
@@ -41,7 +42,7 @@ def main() -> None:
         results = {}
         for backend in ("triton", "mosaic"):
             fn = step(backend)
-            copies = len(COPY.findall(fn.lower(x, r, ws).compile().as_text()))
+            copies = len(array_copies(fn.lower(x, r, ws).compile().as_text()))
             results[backend] = fn(x, r, ws)
             print(f"{t}x{n} bf16, {LAYERS} layers, grad of a scan: {backend:6s} "
                   f"{seconds(fn, x, r, ws) * 1e6:8.1f} us, {copies} array copies in the optimized HLO", flush=True)

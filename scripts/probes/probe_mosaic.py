@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # bridge, for probe_timing
 from probe_timing import seconds  # scripts/probes/, on sys.path when run as a script
 
 GPU = jax.default_backend() == "gpu"

@@ -1,13 +1,11 @@
 """Wall-clock timing and the progress line shared by the one-run probes (probe_mosaic.py, mosaic_*.py)."""
 
-import re
 import time
 
 import jax
 import numpy as np
 
-# A whole-array copy in optimized HLO text, e.g. "%copy.3 = bf16[256,4096]{1,0} copy(%p)".
-COPY = re.compile(r"= \w+\[\d+,\d+\]\{[^}]*\} copy\(")
+from bridge.bench.timing import array_copies
 
 T0 = time.time()  # when the probe started (its first import of this module)
 
@@ -38,7 +36,7 @@ def chained_seconds(call, carry: tuple, *args, calls: int = 16, reps: int = 5):
     copies XLA adds before an un-donated call's aliased inputs (the copy count says if any stayed)."""
     body = lambda _, c: tuple(call(*c, *args))  # noqa: E731
     compiled = jax.jit(lambda c: jax.lax.fori_loop(0, calls, body, c), donate_argnums=0).lower(carry).compile()
-    copies = len(COPY.findall(compiled.as_text()))
+    copies = len(array_copies(compiled.as_text()))
     carry = jax.block_until_ready(compiled(carry))
     ts = []
     for _ in range(reps):
