@@ -2,6 +2,8 @@
 # The GPU suite in one call (for the lent H100/H200): environment, `bi-norm verify` on every
 # backend, the GPU-marked tests, then the benchmark; a short table last. Logs go to $OUT if set.
 # Usage: bash scripts/gpu_suite.sh [verify|tests|bench|tune|profile|probe|mosaic]...   (default: the first three)
+#   tests runs three phases; tests-main (the many-worker phase) and tests-big (the bigmem and the
+#   2**31-element ones) are the same phases split for two device calls of at most 10 minutes each;
 #   tune: the backward's and the forward's launch sweeps (scripts/tune_backward.py, tune_launch.py);
 #   profile: ncu of both kernels' forward and backward at 16384 x 4096 bf16; probe: the Mosaic GPU
 #   probe (scripts/probes/probe_mosaic.py); mosaic: bi_jax's Mosaic GPU path alone, in about 4 minutes
@@ -33,13 +35,16 @@ for step in "${steps[@]}"; do
   case "$step" in
     verify)
       $py -m bridge.cli verify 2>&1 | tee "$out/verify.txt" || status=1 ;;
-    tests)
+    tests|tests-main|tests-big)
       # Several processes when pytest-xdist is there (compiles dominate a cold run): one per 6 GB of
       # free GPU memory, at most 12. The `bigmem` tests (tests/conftest.py) next: the wide sweeps on a
       # worker per 20 GB, then the ones over 2**31 elements (24-50 GB) one at a time, each in its own process.
       huge="2_31 or two_to_the_31"
-      $py -m pytest -m "(gpu or codegen) and not bigmem" "${opts[@]}" $(xdist 6144 12) tests 2>&1 \
-        | tee "$out/gpu-tests.txt" | tail -n 40 || status=1
+      if [ "$step" != tests-big ]; then
+        $py -m pytest -m "(gpu or codegen) and not bigmem" "${opts[@]}" $(xdist 6144 12) tests 2>&1 \
+          | tee "$out/gpu-tests.txt" | tail -n 40 || status=1
+      fi
+      [ "$step" = tests-main ] && continue
       $py -m pytest -m "gpu and bigmem" -k "not ($huge)" "${opts[@]}" $(xdist 20480 4) tests 2>&1 \
         | tee "$out/gpu-tests-bigmem.txt" | tail -n 20 || status=1
       # One process each: memory a finished test's framework keeps pooled (JAX's allocator holds
