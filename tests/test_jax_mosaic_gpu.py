@@ -228,8 +228,8 @@ def test_grad_through_the_mosaic_forward(kind):
 
 
 def test_donated_and_looped_calls_keep_their_bits():
-    """No in-place writes here (plgpu.kernel has no input_output_aliases): donation and a layer loop
-    only have to give the same bits."""
+    """The calls write in place (bi_jax/mosaic_call.py): donated and in a layer loop, they give the
+    unrolled calls' bits (tests/test_jax_gpu.py counts the copies)."""
     keys = jax.random.split(jax.random.key(_seed("mosaic-donate")), 3)
     h, r = gpu_rows(keys[0], (64, 4096), "bfloat16"), gpu_rows(keys[1], (64, 4096), "float32")
     ws = jnp.stack([gpu_rows(k, (4096,), "bfloat16") for k in jax.random.split(keys[2], 3)])
