@@ -153,7 +153,6 @@ def test_compiled_matches_interpret(dtype, kind, mode, offset, n, rows):
     assert_grads(expected(x, w, g, 1e-6, r, gr, mode=mode, offset=offset), compiled, "compiled vs reference")
 
 
-
 @pytest.mark.parametrize("n,backend", [(4096, "triton"), (4096, "mosaic"), (65536, "triton")])  # Mosaic: n <= 32768
 def test_train_step_copies_no_array(n, backend):
     """Forward and backward in one jitted step with the weight donated: out is written over x, the new

@@ -192,7 +192,6 @@ def test_jax_lacks_a_mosaic_gpu_pallas(monkeypatch):
     assert reason is not None and reason.startswith(f"jax {jax.__version__} has no Mosaic GPU Pallas"), reason
 
 
-
 def test_jax_lacks_the_mpmd_map_primitive_with_aliases(monkeypatch):
     import jax._src.pallas.mpmd as mpmd
 
