@@ -39,10 +39,17 @@ def kernel(body: Callable, out_type: Sequence[jax.ShapeDtypeStruct], *, aliases:
                       collective_axes=thread_name if thread_name is not None else ())
 
     def run(*operands):
+        # XLA's dynamic-slice fusion moves a typed-FFI custom call whose operand is a dynamic slice or
+        # whose result feeds a dynamic-update-slice (a scan's stacked weights, the residuals it saves
+        # for the backward) into a fusion of its own; on jax 0.11.2 it also kept the original call,
+        # so the kernel ran twice and its in-place operands were copied (H200: 3 copies in the
+        # layer-loop gradient test). Barriers on both sides keep the slices apart from the call.
+        operands = jax.lax.optimization_barrier(operands)
         # As plgpu.kernel: the outputs' varying mesh axes are not declared, which jax.shard_map's
         # check_vma would otherwise refuse when the call's output types are read.
         with config._check_vma(False):
-            return _mpmd_map([(mesh, kernel_body)], tuple(out_type), input_output_aliases=aliases,
+            outs = _mpmd_map([(mesh, kernel_body)], tuple(out_type), input_output_aliases=aliases,
                              compiler_params=compiler_params, name=name, interpret=interpret)(*operands)
+        return jax.lax.optimization_barrier(outs)
 
     return run

@@ -184,14 +184,7 @@ def test_train_step_copies_no_array(n, backend):
         assert_bits(a, b, f"donated vs not: {name}")
 
 
-# Mosaic GPU: XLA's dynamic-slice fusion copies the forward's call into a fusion of its own (fed by
-# the scan's weight slice, feeding the saved residuals) and keeps the original, whose in-place
-# operands it then copies: 3 copies, and the kernel runs twice (H100 and H200, jax 0.11.2; branch
-# mosaic-barriers). Strict: the day it passes, this mark must go.
-_SCAN_COPIES = pytest.mark.xfail(strict=True, reason="XLA's dynamic-slice fusion duplicates the Mosaic GPU call")
-
-
-@pytest.mark.parametrize("backend", ["triton", pytest.param("mosaic", marks=_SCAN_COPIES)])
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
 def test_layer_loop_backward_copies_no_array(backend):
     """jax.grad through lax.scan over layers: each layer's grad_x and grad_residual are written over
     the loop's carried gradients, in place (either kernel body, as above)."""
