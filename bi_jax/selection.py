@@ -57,7 +57,7 @@ def jax_lacks() -> Optional[str]:
         from jax.experimental.pallas import mosaic_gpu as plgpu
     except ImportError as e:
         return f"jax {jax.__version__} has no Mosaic GPU Pallas ({e})"
-    missing = [f"plgpu.{name}" for name in ("inline_mgpu", "RefType", "kernel", "GMEM", "SMEM", "CompilerParams")
+    missing = [f"plgpu.{name}" for name in ("inline_mgpu", "RefType", "kernel", "Mesh", "SMEM", "CompilerParams")
                if not hasattr(plgpu, name)]
     if not hasattr(getattr(plgpu, "LoweringSemantics", None), SEMANTICS):
         missing.append(f"plgpu.LoweringSemantics.{SEMANTICS}")
