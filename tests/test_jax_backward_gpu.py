@@ -25,6 +25,7 @@ from jax_backward_helpers import (assert_bits, assert_grads, expected, grads, no
                                   random_weight)
 
 import bi_jax  # noqa: E402
+from bi_jax.mosaic_kernel import MAX_N  # noqa: E402
 from bridge import golden  # noqa: E402
 from bridge.bench.timing import array_copies  # noqa: E402
 
@@ -153,7 +154,8 @@ def test_compiled_matches_interpret(dtype, kind, mode, offset, n, rows):
     assert_grads(expected(x, w, g, 1e-6, r, gr, mode=mode, offset=offset), compiled, "compiled vs reference")
 
 
-@pytest.mark.parametrize("n,backend", [(4096, "triton"), (4096, "mosaic"), (65536, "triton")])  # Mosaic: n <= 32768
+@pytest.mark.parametrize("n,backend", [(n, b) for n in (4096, 65536) for b in ("triton", "mosaic")
+                                       if b == "triton" or n <= MAX_N])  # Mosaic's widest row
 def test_train_step_copies_no_array(n, backend):
     """Forward and backward in one jitted step with the weight donated: out is written over x, the new
     residual over the residual, grad_x over the gradient of out, grad_residual over that of the new

@@ -29,6 +29,7 @@ from jax import lax  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import bi_jax  # noqa: E402
+from bi_jax.mosaic_kernel import MAX_N  # noqa: E402
 from bridge import golden, reference  # noqa: E402
 from bridge.bench.timing import array_copies  # noqa: E402
 from bridge.verify.compare import assert_bitwise_equal  # noqa: E402
@@ -201,7 +202,7 @@ DONATE = [("bfloat16", "float32", 4096), ("bfloat16", "float32", 65536), ("bfloa
 
 
 @pytest.mark.parametrize("dtype,rdtype,n,backend", [c + (b,) for c in DONATE for b in ("triton", "mosaic")
-                                                     if b == "triton" or c[2] <= 32768])  # Mosaic's widest row
+                                                     if b == "triton" or c[2] <= MAX_N])  # Mosaic's widest row
 def test_donated_residual(dtype, rdtype, n, backend):
     keys = jax.random.split(jax.random.key(_seed("gpu-donate", dtype, rdtype, n)), 3)
     x, w = gpu_rows(keys[0], (64, n), dtype), gpu_weight(keys[1], n, dtype)
